@@ -1,0 +1,190 @@
+"""The benchmark harness: a recipe over a scenario with a plain Lightning Trainer, one ``fit`` per task.
+
+After each task the model is tested on every task of the stream, which fills one row of the accuracy matrix.
+Results go to ``benchmarks/results/<scenario>/<strategy>.json``; :mod:`bayescl.report` turns the JSON files of a
+scenario into a markdown table and plots.
+
+Protocol defaults (the ones the README's numbers use): Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1];
+models: multi-head MLP 2x256 (task-IL), MLP 2x256 (domain/class-IL), MLP 2x100 (permuted MNIST).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ._checks import as_enum, check_positive_int, check_real
+from .data import Scenario, TaskStream, make_stream
+from .metrics import summarize
+from .models import MLP, MultiHeadMLP, SmallCNN
+from .module import ClassifierModule
+from .recipes import Recipe, load_recipe
+
+MODELS = ("mlp", "cnn")
+
+
+def default_model(stream: TaskStream, kind: str = "mlp") -> nn.Module:
+    """The reference network of a stream's protocol (see the module docstring)."""
+    if kind not in MODELS:
+        raise ValueError(f"model={kind!r} is not valid; allowed: {', '.join(MODELS)}.")
+    if kind == "cnn":
+        if stream.with_task_id:
+            raise ValueError("model='cnn' is single-head; task-incremental scenarios need model='mlp'.")
+        return SmallCNN(num_classes=stream.num_classes)
+    if stream.with_task_id:
+        return MultiHeadMLP(hidden=(256, 256), num_tasks=len(stream), classes_per_task=stream.num_classes)
+    hidden = (100, 100) if stream.name == "permuted-mnist" else (256, 256)
+    return MLP(hidden=hidden, num_classes=stream.num_classes)
+
+
+@dataclass
+class BenchConfig:
+    """Everything one benchmark run depends on (stored in the JSON with the results)."""
+
+    scenario: str
+    strategy: str
+    seeds: int = 1
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    model: str = "mlp"
+    num_tasks: int | None = None
+    limit: int | None = None
+    root: str | None = None
+    first_seed: int = 0
+    progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        as_enum(Scenario, self.scenario, "scenario")
+        check_positive_int(self.seeds, "seeds")
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_real(self.lr, "lr", low=0.0, low_open=True)
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} is not valid; allowed: {', '.join(MODELS)}.")
+        if self.num_tasks is not None:
+            check_positive_int(self.num_tasks, "num_tasks")
+        if self.limit is not None:
+            check_positive_int(self.limit, "limit")
+
+
+def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
+    kwargs: dict[str, Any] = {"seed": seed}
+    sc = as_enum(Scenario, cfg.scenario, "scenario")
+    if sc.needs_files:
+        kwargs.update(root=cfg.root, limit=cfg.limit)
+    if cfg.num_tasks is not None:
+        if sc in (Scenario.PERMUTED_MNIST, Scenario.SYNTHETIC):
+            kwargs["num_tasks"] = cfg.num_tasks
+        else:
+            from .data import SPLIT_PAIRS
+
+            kwargs["pairs"] = SPLIT_PAIRS[: cfg.num_tasks]
+    return make_stream(sc, **kwargs)
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+
+
+def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str, Any]:
+    """Run one seed of a recipe over a stream; returns its accuracy matrix and timings."""
+    pl.seed_everything(seed, verbose=False)
+    stream = _stream(cfg, seed)
+    module = ClassifierModule(default_model(stream, cfg.model), num_tasks=len(stream), lr=cfg.lr,
+                              **recipe.module)
+    callbacks = recipe.build_callbacks()
+    test_loaders = [t.test_dataloader() for t in stream]
+    fit_seconds = 0.0
+    steps = 0
+    t0 = time.perf_counter()
+    for i, task in enumerate(stream):
+        data = stream.cumulative_train(i) if recipe.cumulative else task.train
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
+            num_sanity_val_steps=0, **recipe.trainer,
+        )
+        t_fit = time.perf_counter()
+        trainer.fit(module, loader)
+        fit_seconds += time.perf_counter() - t_fit
+        steps += trainer.global_step
+        module.stage = i
+        trainer.test(module, dataloaders=test_loaders, verbose=False)
+        row = module.acc_matrix.compute()[i]
+        seen = row[: i + 1]
+        log(f"  seed {seed} task {i + 1}/{len(stream)}: mean acc on seen tasks {100 * float(seen.mean()):.2f} "
+            f"[{' '.join(f'{100 * float(a):.1f}' for a in seen)}]")
+    R = module.acc_matrix.compute()
+    return {
+        "seed": seed,
+        "accuracy_matrix": R.tolist(),
+        **summarize(R),
+        "wall_seconds": time.perf_counter() - t0,
+        "fit_seconds": fit_seconds,
+        "optimizer_steps": steps,
+    }
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
+
+
+def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/results", log=print,
+                  command: str | None = None) -> dict[str, Any]:
+    """Run ``cfg.seeds`` seeds, write the JSON (updated after every finished seed) and return the results."""
+    cfg.validate()
+    recipe = load_recipe(cfg.strategy)
+    _quiet_lightning()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path = None
+    if out_dir is not None:
+        path = Path(out_dir) / cfg.scenario / f"{recipe.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "scenario": cfg.scenario,
+        "strategy": recipe.name,
+        "description": recipe.description,
+        "command": command or "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress",)},
+        "seeds": [],
+        "per_seed": [],
+    }
+    log(f"{recipe.name} on {cfg.scenario}: {cfg.seeds} seed(s), {cfg.epochs} epoch(s) per task, "
+        f"batch {cfg.batch_size}")
+    for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
+        run = run_seed(cfg, recipe, s, log=log)
+        result["seeds"].append(s)
+        result["per_seed"].append(run)
+        runs = result["per_seed"]
+        result["accuracy_matrix"] = [r["accuracy_matrix"] for r in runs]
+        for key in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds"):
+            result[key] = _mean_std([r[key] for r in runs])
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if path is not None:
+            path.write_text(json.dumps(result, indent=1))
+        log(f"  seed {s}: avg accuracy {100 * run['avg_accuracy']:.2f}, BWT {100 * run['bwt']:.2f}, "
+            f"{run['wall_seconds']:.1f} s")
+    result["json_path"] = str(path) if path else None
+    return result

@@ -1,0 +1,347 @@
+"""Continual-learning task streams that a Lightning user hands to ``trainer.fit`` one task at a time.
+
+Scenarios (van de Ven & Tolias 2019; Hsu et al. 2018):
+
+* ``split-mnist-task`` / ``split-fashion-task`` – task-incremental: 5 tasks of two classes (0/1 … 8/9); a batch is
+  ``(x, y, task_id)`` with ``y`` local to the task (0 or 1), for a multi-head network.
+* ``split-mnist-domain`` / ``split-fashion-domain`` – domain-incremental: the same tasks, batches ``(x, y)`` with
+  ``y`` in {0, 1} on one shared 2-way head.
+* ``split-mnist-class`` / ``split-fashion-class`` – class-incremental: batches ``(x, y)`` with global labels 0–9.
+* ``permuted-mnist`` – ``num_tasks`` seeded pixel permutations of MNIST (first one optionally the identity),
+  batches ``(x, y)`` with labels 0–9 on one head.
+
+Pixels are in [0, 1] by default (the VCL protocol); ``normalize=True`` standardises with the dataset's mean/std.
+The data root is the ``root`` argument, else ``$BAYESCL_DATA``, else ``./data``; files follow torchvision's
+layout ``<root>/MNIST/raw/train-images-idx3-ubyte`` etc. Missing files are fetched (see :mod:`bayescl.fetch`).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+
+from ._checks import as_enum, check_positive_int, check_real
+
+DATASET_STATS = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530)}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLIT_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+
+
+class Scenario(str, enum.Enum):
+    """The named scenarios that :func:`make_stream` builds."""
+
+    SPLIT_MNIST_TASK = "split-mnist-task"
+    SPLIT_MNIST_DOMAIN = "split-mnist-domain"
+    SPLIT_MNIST_CLASS = "split-mnist-class"
+    SPLIT_FASHION_TASK = "split-fashion-task"
+    SPLIT_FASHION_DOMAIN = "split-fashion-domain"
+    SPLIT_FASHION_CLASS = "split-fashion-class"
+    PERMUTED_MNIST = "permuted-mnist"
+    SYNTHETIC = "synthetic"
+
+    @property
+    def needs_files(self) -> bool:
+        return self is not Scenario.SYNTHETIC
+
+    @property
+    def dataset(self) -> str:
+        return "FashionMNIST" if "fashion" in self.value else "MNIST"
+
+    @property
+    def setting(self) -> str:
+        """``task``, ``domain`` or ``class`` incremental."""
+        if self is Scenario.SYNTHETIC:
+            return "task"
+        return "domain" if self is Scenario.PERMUTED_MNIST else self.value.rsplit("-", 1)[1]
+
+
+def data_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The data root: ``root`` if given, else ``$BAYESCL_DATA``, else ``./data``."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("BAYESCL_DATA", "data"))
+
+
+# --------------------------------------------------------------------------------------------------- IDX files
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an uncompressed IDX file (``ubyte`` data only), checking its magic number and size.
+
+    Raises:
+        ValueError: the magic number is not that of a ubyte IDX file, or the file's size disagrees with its
+            header (a truncated or corrupt download); the message names the file.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] not in (1, 3):
+        raise ValueError(
+            f"{path} is not a ubyte IDX file: magic number {raw[:4].hex() or '(empty)'}, expected 00000801 "
+            "(labels) or 00000803 (images)."
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte header.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path} has {len(raw)} bytes but its header {shape} says {expected}; the file is corrupt or truncated."
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_split(dataset: str, split: str, root: str | os.PathLike[str] | None = None) -> tuple[Tensor, Tensor]:
+    """Load ``(images uint8 (N, 28, 28), labels int64 (N,))`` of MNIST / FashionMNIST ``train`` or ``test``.
+
+    Missing files are fetched through :func:`bayescl.fetch.ensure_dataset` first.
+    """
+    from .fetch import ensure_dataset
+
+    if dataset not in DATASET_STATS:
+        raise ValueError(f"dataset={dataset!r} is not known; allowed: {', '.join(DATASET_STATS)}.")
+    if split not in IDX_FILES:
+        raise ValueError(f"split={split!r} is not valid; allowed: 'train', 'test'.")
+    raw = ensure_dataset(dataset, data_root(root))
+    img_name, lab_name = IDX_FILES[split]
+    key = (str((raw / img_name).resolve()), (raw / img_name).stat().st_mtime_ns)
+    if key not in _CACHE:
+        images = read_idx(raw / img_name)
+        labels = read_idx(raw / lab_name)
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{raw}: images {images.shape} and labels {labels.shape} do not match.")
+        _CACHE[key] = (torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+    return _CACHE[key]
+
+
+#: Decoded IDX files, keyed by path and modification time (a stream per seed reads the same files).
+_CACHE: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+@dataclass
+class Task:
+    """One task of a stream: train / validation / test datasets and their dataloaders.
+
+    Attributes:
+        task_id: position of the task in the stream (0-based).
+        classes: the global labels the task contains.
+        train, test: datasets whose items are ``(x, y)`` or ``(x, y, task_id)``.
+        val: a held-out part of the training data (``None`` when ``val_fraction=0``).
+    """
+
+    task_id: int
+    classes: tuple[int, ...]
+    train: Dataset
+    test: Dataset
+    val: Dataset | None = None
+
+    def train_dataloader(self, batch_size: int = 64, shuffle: bool = True, **kwargs) -> DataLoader:
+        return DataLoader(self.train, batch_size=check_positive_int(batch_size, "batch_size"), shuffle=shuffle,
+                          **kwargs)
+
+    def val_dataloader(self, batch_size: int = 1000, **kwargs) -> DataLoader | None:
+        if self.val is None:
+            return None
+        return DataLoader(self.val, batch_size=check_positive_int(batch_size, "batch_size"), **kwargs)
+
+    def test_dataloader(self, batch_size: int = 1000, **kwargs) -> DataLoader:
+        return DataLoader(self.test, batch_size=check_positive_int(batch_size, "batch_size"), **kwargs)
+
+
+@dataclass
+class TaskStream:
+    """An ordered sequence of :class:`Task`; iterate over it and ``fit`` once per task.
+
+    Attributes:
+        name: the scenario's name.
+        setting: ``task``, ``domain`` or ``class`` incremental.
+        num_classes: outputs per head (2 for task/domain split, 10 otherwise).
+        with_task_id: batches carry the task id (task-incremental).
+    """
+
+    name: str
+    setting: str
+    num_classes: int
+    tasks: list[Task] = field(default_factory=list)
+
+    @property
+    def with_task_id(self) -> bool:
+        return self.setting == "task"
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.tasks[i]
+
+    def cumulative_train(self, upto: int) -> Dataset:
+        """Training data of tasks ``0..upto`` together (the joint / upper-bound baseline)."""
+        return ConcatDataset([t.train for t in self.tasks[: upto + 1]])
+
+
+def _to_float(images: Tensor, normalize: bool, dataset: str) -> Tensor:
+    x = images.float().div_(255.0).unsqueeze(1)
+    if normalize:
+        mean, std = DATASET_STATS[dataset]
+        x = (x - mean) / std
+    return x
+
+
+def _tensor_dataset(x: Tensor, y: Tensor, task_id: int | None) -> TensorDataset:
+    if task_id is None:
+        return TensorDataset(x, y)
+    return TensorDataset(x, y, torch.full_like(y, task_id))
+
+
+def _split_val(ds: TensorDataset, val_fraction: float, generator: torch.Generator) -> tuple[Dataset, Dataset | None]:
+    if val_fraction == 0:
+        return ds, None
+    n = len(ds)
+    perm = torch.randperm(n, generator=generator)
+    n_val = max(1, int(round(val_fraction * n)))
+    return Subset(ds, perm[n_val:].tolist()), Subset(ds, perm[:n_val].tolist())
+
+
+def split_stream(
+    dataset: str = "MNIST",
+    setting: str = "task",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    normalize: bool = False,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    pairs: Sequence[tuple[int, ...]] = SPLIT_PAIRS,
+    limit: int | None = None,
+) -> TaskStream:
+    """Split MNIST / Fashion-MNIST: one task per class group (default 0/1, 2/3, 4/5, 6/7, 8/9).
+
+    Args:
+        dataset: ``"MNIST"`` or ``"FashionMNIST"``.
+        setting: ``"task"`` (local labels, batches carry the task id), ``"domain"`` (local labels, one head) or
+            ``"class"`` (global labels).
+        root: data root (see :func:`data_root`).
+        normalize: standardise pixels instead of keeping them in [0, 1].
+        val_fraction: fraction of each task's training data held out for validation (0 = none).
+        seed: seeds the validation split.
+        pairs: the class groups, one per task.
+        limit: keep only the first ``limit`` training and test examples of each task (quick runs, tests).
+    """
+    if setting not in ("task", "domain", "class"):
+        raise ValueError(f"setting={setting!r} is not valid; allowed: 'task', 'domain', 'class'.")
+    check_real(val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
+    if limit is not None:
+        check_positive_int(limit, "limit")
+    g = torch.Generator().manual_seed(seed)
+    splits = {s: load_split(dataset, s, root) for s in ("train", "test")}
+    stream = TaskStream(
+        name=f"split-{'mnist' if dataset == 'MNIST' else 'fashion'}-{setting}",
+        setting=setting,
+        num_classes=10 if setting == "class" else len(pairs[0]),
+    )
+    for t, group in enumerate(pairs):
+        parts = {}
+        for s, (images, labels) in splits.items():
+            mask = torch.zeros_like(labels, dtype=torch.bool)
+            for c in group:
+                mask |= labels == c
+            x, y = images[mask], labels[mask]
+            if limit is not None:
+                x, y = x[:limit], y[:limit]
+            if setting != "class":
+                y = torch.searchsorted(torch.tensor(sorted(group)), y)
+            parts[s] = _tensor_dataset(_to_float(x, normalize, dataset), y, t if setting == "task" else None)
+        train, val = _split_val(parts["train"], val_fraction, g)
+        stream.tasks.append(Task(task_id=t, classes=tuple(group), train=train, val=val, test=parts["test"]))
+    return stream
+
+
+def permutations(num_tasks: int, seed: int = 0, first_identity: bool = True, size: int = 784) -> list[Tensor]:
+    """The pixel permutations of permuted MNIST: fixed by ``seed``, different per task."""
+    check_positive_int(num_tasks, "num_tasks")
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(size, generator=g) for _ in range(num_tasks)]
+    if first_identity:
+        perms[0] = torch.arange(size)
+    return perms
+
+
+def permuted_stream(
+    num_tasks: int = 10,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    first_identity: bool = True,
+    normalize: bool = False,
+    val_fraction: float = 0.0,
+    limit: int | None = None,
+) -> TaskStream:
+    """Permuted MNIST: ``num_tasks`` tasks, each MNIST under its own seeded pixel permutation (10 classes)."""
+    check_real(val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
+    if limit is not None:
+        check_positive_int(limit, "limit")
+    perms = permutations(num_tasks, seed, first_identity)
+    g = torch.Generator().manual_seed(seed + 1)
+    splits = {s: load_split("MNIST", s, root) for s in ("train", "test")}
+    if limit is not None:
+        splits = {s: (x[:limit], y[:limit]) for s, (x, y) in splits.items()}
+    stream = TaskStream(name="permuted-mnist", setting="domain", num_classes=10)
+    for t, perm in enumerate(perms):
+        parts = {}
+        for s, (images, labels) in splits.items():
+            x = _to_float(images, normalize, "MNIST").flatten(1)[:, perm].view(-1, 1, 28, 28)
+            parts[s] = _tensor_dataset(x, labels, None)
+        train, val = _split_val(parts["train"], val_fraction, g)
+        stream.tasks.append(Task(task_id=t, classes=tuple(range(10)), train=train, val=val, test=parts["test"]))
+    return stream
+
+
+def synthetic_stream(
+    num_tasks: int = 3, n_train: int = 256, n_test: int = 128, *, seed: int = 0, setting: str = "task"
+) -> TaskStream:
+    """A tiny task-incremental stream of MNIST-shaped Gaussian blobs (2 classes per task), for tests and demos.
+
+    Class ``c`` of task ``t`` is a random 28x28 template plus noise; a 2x256 MLP separates them in one epoch.
+    """
+    check_positive_int(num_tasks, "num_tasks")
+    check_positive_int(n_train, "n_train")
+    check_positive_int(n_test, "n_test")
+    g = torch.Generator().manual_seed(seed)
+    stream = TaskStream(name="synthetic", setting=setting, num_classes=2)
+    for t in range(num_tasks):
+        templates = torch.rand(2, 1, 28, 28, generator=g)
+        parts = []
+        for n in (n_train, n_test):
+            y = torch.randint(0, 2, (n,), generator=g)
+            x = (templates[y] + 0.3 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0, 1)
+            parts.append(_tensor_dataset(x, y, t if setting == "task" else None))
+        stream.tasks.append(Task(task_id=t, classes=(2 * t, 2 * t + 1), train=parts[0], test=parts[1]))
+    return stream
+
+
+def make_stream(scenario: str | Scenario, **kwargs) -> TaskStream:
+    """Build a named scenario's stream (see :class:`Scenario`); ``kwargs`` go to the builder.
+
+    ``permuted-mnist`` takes ``num_tasks`` (default 10); the split scenarios take ``pairs``.
+    """
+    sc = as_enum(Scenario, scenario, "scenario")
+    if sc is Scenario.PERMUTED_MNIST:
+        return permuted_stream(**kwargs)
+    if sc is Scenario.SYNTHETIC:
+        kwargs.pop("root", None)
+        kwargs.pop("limit", None)
+        return synthetic_stream(**kwargs)
+    return split_stream(sc.dataset, sc.setting, **kwargs)

@@ -1,0 +1,67 @@
+"""A plain classification LightningModule: what a user already has before adding a bayescl callback.
+
+The benchmark harness wraps its reference networks in it; nothing Bayesian happens here. It follows the batch
+convention of :mod:`bayescl.batches` and fills an :class:`~bayescl.metrics.AccuracyMatrix` at test time, with
+one test dataloader per task (``dataloader_idx`` is the task index) and :attr:`stage` set to the index of the
+last task trained on.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_positive_int, check_real
+from .batches import split_batch
+from .metrics import AccuracyMatrix
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training of ``model`` with Adam; per-task test accuracy.
+
+    A new optimizer is built at every ``fit`` (Lightning calls ``configure_optimizers`` each time), so Adam's
+    moment estimates do not carry over from one task to the next.
+
+    Args:
+        model: called as ``model(x)`` or ``model(x, task_id)``.
+        num_tasks: tasks in the stream (size of the accuracy matrix).
+        lr: Adam's learning rate.
+    """
+
+    def __init__(self, model: nn.Module, num_tasks: int, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = check_real(lr, "lr", low=0.0, low_open=True)
+        self.num_tasks = check_positive_int(num_tasks, "num_tasks")
+        self.stage = 0
+        self.acc_matrix = AccuracyMatrix(num_tasks)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model(*inputs)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        inputs, y = split_batch(batch)
+        loss = F.cross_entropy(self(*inputs), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        inputs, y = split_batch(batch)
+        logits = self(*inputs)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(y), add_dataloader_idx=True)
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        inputs, y = split_batch(batch)
+        logits = self(*inputs)
+        self.acc_matrix.update(logits, y, stage=self.stage, task=dataloader_idx)
+        self.log("test/acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        inputs, _ = split_batch(batch)
+        return torch.softmax(self(*inputs), dim=-1)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)

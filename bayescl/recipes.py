@@ -1,0 +1,115 @@
+"""Named continual-learning recipes: one YAML file per strategy under ``strategies/``.
+
+A recipe is what LightningCLI users already read, ``class_path`` / ``init_args``::
+
+    name: laplace-kron
+    description: Online Kronecker-factored Laplace (Ritter et al. 2018).
+    callbacks:
+      - class_path: bayescl.LaplaceCallback
+        init_args: {structure: kron}
+    trainer: {}            # extra pl.Trainer arguments
+    data: {cumulative: false}   # true: train on every task seen so far (the joint upper bound)
+
+Recipes are looked up by name in ``$BAYESCL_STRATEGIES``, then ``./strategies``, then the ``strategies/`` folder
+beside the installed package; a path to a ``.yaml`` file works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALLOWED_KEYS = {"name", "description", "callbacks", "trainer", "data", "module"}
+
+
+def recipe_dirs() -> list[Path]:
+    dirs = []
+    if env := os.environ.get("BAYESCL_STRATEGIES"):
+        dirs.append(Path(env))
+    dirs += [Path.cwd() / "strategies", Path(__file__).resolve().parent.parent / "strategies"]
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.append(d.resolve())
+    return seen
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes found in :func:`recipe_dirs`."""
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.yaml")})
+
+
+def instantiate(spec: dict[str, Any], where: str = "spec") -> Any:
+    """Build ``class_path(**init_args)`` from a LightningCLI-style dict."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{where} must be a mapping with 'class_path' (and optional 'init_args'); got {spec!r}.")
+    extra = set(spec) - {"class_path", "init_args"}
+    if extra:
+        raise ValueError(f"{where} has unknown keys {sorted(extra)}; allowed: 'class_path', 'init_args'.")
+    module_name, _, attr = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{where}: class_path {spec['class_path']!r} cannot be imported ({exc}).") from exc
+    return cls(**(spec.get("init_args") or {}))
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe; :meth:`build_callbacks` gives fresh callback instances each call."""
+
+    name: str
+    description: str = ""
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    module: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def cumulative(self) -> bool:
+        return bool(self.data.get("cumulative", False))
+
+    def build_callbacks(self) -> list[Any]:
+        return [instantiate(spec, f"recipe {self.name!r} callbacks[{i}]") for i, spec in enumerate(self.callbacks)]
+
+
+def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
+    """Load a recipe by name (``"naive"``) or path (``"strategies/naive.yaml"``).
+
+    Raises:
+        ValueError: unknown name (the message lists the recipes found) or a malformed file.
+    """
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        candidates = [d / f"{name_or_path}.yaml" for d in recipe_dirs()]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ValueError(
+                f"strategy={str(name_or_path)!r} is not a known recipe; allowed: "
+                f"{', '.join(available_recipes()) or '(none found)'} or a path to a .yaml file."
+            )
+        path = found[0]
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping, got {type(doc).__name__}.")
+    unknown = set(doc) - ALLOWED_KEYS
+    if unknown:
+        raise ValueError(f"recipe {path} has unknown keys {sorted(unknown)}; allowed: {sorted(ALLOWED_KEYS)}.")
+    for key, typ in (("callbacks", list), ("trainer", dict), ("data", dict), ("module", dict)):
+        if doc.get(key) is not None and not isinstance(doc[key], typ):
+            raise ValueError(f"recipe {path}: {key!r} must be a {typ.__name__}, got {type(doc[key]).__name__}.")
+    return Recipe(
+        name=doc.get("name", path.stem),
+        description=doc.get("description", ""),
+        callbacks=doc.get("callbacks") or [],
+        trainer=doc.get("trainer") or {},
+        data=doc.get("data") or {},
+        module=doc.get("module") or {},
+        path=path,
+    )

