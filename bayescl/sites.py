@@ -1,0 +1,194 @@
+"""A posterior server: a prior times one site per source of data, in natural parameters.
+
+Following Hasenclever et al. (2017), the posterior is held as
+
+    q(θ) ∝ p0(θ) Π_k t_k(θ),        η_q = η_0 + Σ_k λ_k,
+
+where each site ``t_k`` (a task, or a worker × task) is a Gaussian of the prior's kind (usually improper:
+zero precision where the task says nothing). Combining, removing (unlearning) a task, damping and the EP cavity
+are then additions of natural parameters:
+
+* ``posterior() = p0 · Π_k t_k`` (cached, invalidated by every change);
+* ``cavity(k) = posterior / t_k``, computed as ``p0 · Π_{j≠k} t_j`` (the same Gaussian without a subtraction);
+* ``update(k, t_new)``: ``t_k ← t_k^(1−δ) · t_new^δ`` with the damping ``δ ∈ (0, 1]``.
+
+>>> import torch
+>>> from bayescl.posterior import DiagGaussian
+>>> prior = DiagGaussian.isotropic({"w": torch.zeros(2)}, precision=1.0)
+>>> server = PosteriorServer(prior)
+>>> server.add("task0", DiagGaussian.from_mean_precision({"w": torch.ones(2)}, {"w": torch.full((2,), 3.0)}))
+>>> server.posterior().mean["w"]
+tensor([0.7500, 0.7500])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ._checks import check_real
+from .kron import KronGaussian
+from .posterior import DiagGaussian, Params, check_same_names
+
+Gaussian = DiagGaussian | KronGaussian
+_KINDS: dict[str, type] = {DiagGaussian.kind: DiagGaussian, KronGaussian.kind: KronGaussian}
+
+
+def gaussian_from_state_dict(state: Mapping[str, Any]) -> Gaussian:
+    """Rebuild a :class:`DiagGaussian` or :class:`KronGaussian` from its ``state_dict`` (by its ``"kind"``)."""
+    kind = state.get("kind") if isinstance(state, Mapping) else None
+    if kind not in _KINDS:
+        raise ValueError(f"state kind={kind!r} is not valid; allowed: {', '.join(map(repr, _KINDS))}.")
+    return _KINDS[kind].from_state_dict(state)
+
+
+class PosteriorServer:
+    """A prior and an ordered set of named sites of the same Gaussian kind.
+
+    Args:
+        prior: a proper :class:`DiagGaussian` or :class:`KronGaussian`.
+        damping: ``δ ∈ (0, 1]`` used by :meth:`update` (1: the new site replaces the old one).
+    """
+
+    def __init__(self, prior: Gaussian, damping: float = 1.0) -> None:
+        if not isinstance(prior, (DiagGaussian, KronGaussian)):
+            raise TypeError(f"prior must be a DiagGaussian or KronGaussian, got {type(prior).__name__}.")
+        self._prior = prior
+        self._sites: dict[str, Gaussian] = {}
+        self.damping = damping
+        self._cache: Gaussian | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def prior(self) -> Gaussian:
+        return self._prior
+
+    @property
+    def damping(self) -> float:
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self._damping = check_real(value, "damping", low=0.0, high=1.0, low_open=True)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._sites)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._sites))
+
+    def items(self) -> list[tuple[str, Gaussian]]:
+        return list(self._sites.items())
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sites
+
+    def __getitem__(self, name: str) -> Gaussian:
+        return self._sites[self._known(name)]
+
+    def __repr__(self) -> str:
+        return f"PosteriorServer({type(self._prior).__name__}, sites={list(self._sites)}, damping={self._damping})"
+
+    # ------------------------------------------------------------------ sites
+    def _known(self, name: str) -> str:
+        if name not in self._sites:
+            raise KeyError(f"site {name!r} is unknown; known sites: {list(self._sites)}.")
+        return name
+
+    def _check_site(self, name: str, site: object) -> Gaussian:
+        if not isinstance(name, str):
+            raise TypeError(f"site name must be a str, got {type(name).__name__} {name!r}.")
+        if type(site) is not type(self._prior):
+            raise TypeError(f"site {name!r} must be a {type(self._prior).__name__} like the prior, "
+                            f"got {type(site).__name__}.")
+        check_same_names(self._prior.eta, site.eta, f"site {name!r}")
+        return site
+
+    def add(self, name: str, site: Gaussian) -> None:
+        """Add a new site; ``KeyError`` if ``name`` exists."""
+        if name in self._sites:
+            raise KeyError(f"site {name!r} exists already; use replace() or update().")
+        self._sites[name] = self._check_site(name, site)
+        self._cache = None
+
+    def replace(self, name: str, site: Gaussian) -> None:
+        """Replace an existing site (``KeyError`` naming an unknown site)."""
+        self._known(name)
+        self._sites[name] = self._check_site(name, site)
+        self._cache = None
+
+    def remove(self, name: str) -> Gaussian:
+        """Remove and return a site: the posterior forgets (unlearns) that source of data."""
+        site = self._sites.pop(self._known(name))
+        self._cache = None
+        return site
+
+    def update(self, name: str, new_site: Gaussian) -> Gaussian:
+        """Damped update ``t ← t^(1−δ) · t_new^δ`` (natural parameters interpolated); returns the new site.
+
+        An unknown ``name`` starts from the empty site, i.e. it is added as ``t_new^δ``.
+        """
+        self._check_site(name, new_site)
+        d = self._damping
+        site = new_site.temper(d) if name not in self._sites or d == 1.0 else \
+            self._sites[name].temper(1.0 - d) * new_site.temper(d)
+        self._sites[name] = site
+        self._cache = None
+        return site
+
+    # ------------------------------------------------------------------ posterior
+    def _product(self, skip: str | None = None) -> Gaussian:
+        q = self._prior
+        for n, site in self._sites.items():
+            if n != skip:
+                q = q * site
+        return q
+
+    def posterior(self) -> Gaussian:
+        """``p0 · Π_k t_k`` (cached until the next change)."""
+        if self._cache is None:
+            self._cache = self._product()
+        return self._cache
+
+    def cavity(self, name: str) -> Gaussian:
+        """``posterior / t_name``, computed exactly as ``p0 · Π_{k ≠ name} t_k``."""
+        return self._product(skip=self._known(name))
+
+    def extend_prior(self, params: Params, precision: float) -> None:
+        """Add parameters not seen so far (heads that appear later): base prior ``precision`` in the prior and
+        zero-precision entries in every site; the prior's mean there is the given tensors."""
+        self._prior = self._prior.extend(params, precision)
+        self._sites = {n: s.extend(params, 0.0) for n, s in self._sites.items()}
+        self._cache = None
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """``{"prior": ..., "sites": {name: ...} (ordered), "damping": δ}``."""
+        return {"prior": self._prior.state_dict(), "sites": {n: s.state_dict() for n, s in self._sites.items()},
+                "damping": self._damping}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load in place; the prior's parameters must match (``ValueError`` naming the first that differs)."""
+        for key in ("prior", "sites", "damping"):
+            if key not in state:
+                raise KeyError(f"state lacks {key!r}; expected keys 'prior', 'sites', 'damping'.")
+        prior = gaussian_from_state_dict(state["prior"])
+        if type(prior) is not type(self._prior):
+            raise ValueError(f"state holds a {type(prior).__name__} prior but this server has a "
+                             f"{type(self._prior).__name__}; kinds must match.")
+        check_same_names(self._prior.eta, prior.eta, "state prior")
+        sites = {n: gaussian_from_state_dict(sd) for n, sd in state["sites"].items()}
+        self._prior, self._sites, self._cache = prior, {}, None
+        self.damping = state["damping"]
+        for n, s in sites.items():
+            self.add(n, s)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> PosteriorServer:
+        server = cls(gaussian_from_state_dict(state["prior"]), damping=state["damping"])
+        server.load_state_dict(state)
+        return server

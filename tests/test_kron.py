@@ -1,0 +1,251 @@
+"""KronGaussian against dense references (float64, tiny layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import MultivariateNormal, kl_divergence
+
+from bayescl.kron import KronGaussian, KronTerm
+
+DT = torch.float64
+
+
+def psd(n: int, g: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    x = torch.randn(n, rank or n + 2, generator=g, dtype=DT)
+    return x @ x.T / x.shape[1]
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2), nn.Linear(2, 2, bias=False)).to(DT)
+
+
+LAYERS = {"0": ("0.weight", "0.bias"), "2": ("2.weight", None)}
+NAMES = ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
+
+
+def vec(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Row-major vec of each block W̃ = [W, b], then the other parameters (the to_dense order)."""
+    return torch.cat([torch.cat([d["0.weight"], d["0.bias"][:, None]], 1).reshape(-1),
+                      d["2.weight"].reshape(-1), d["1.weight"], d["1.bias"]])
+
+
+def unvec(v: torch.Tensor) -> dict[str, torch.Tensor]:
+    b0 = v[:8].reshape(2, 4)
+    return {"0.weight": b0[:, :3], "0.bias": b0[:, 3], "2.weight": v[8:12].reshape(2, 2),
+            "1.weight": v[12:14], "1.bias": v[14:16]}
+
+
+def random_mean(g: torch.Generator) -> dict[str, torch.Tensor]:
+    shapes = {"0.weight": (2, 3), "0.bias": (2,), "1.weight": (2,), "1.bias": (2,), "2.weight": (2, 2)}
+    return {n: torch.randn(s, generator=g, dtype=DT) for n, s in shapes.items()}
+
+
+def dense(terms: dict, diag: dict) -> torch.Tensor:
+    """Dense Λ = Σ s kron(G, A) + diag, built independently from the raw inputs."""
+    d = vec({n: diag.get(n, torch.zeros(())).expand(s) for n, s in
+             zip(NAMES, [(2, 3), (2,), (2,), (2,), (2, 2)], strict=True)})
+    blocks = []
+    for layer, size in (("0", 8), ("2", 4)):
+        blk = torch.zeros(size, size, dtype=DT)
+        for A, G, *s in terms.get(layer, []):
+            blk = blk + (s[0] if s else 1.0) * torch.kron(G, A)
+        blocks.append(blk)
+    blocks.append(torch.zeros(4, 4, dtype=DT))
+    return torch.block_diag(*blocks) + torch.diag(d)
+
+
+def make(seed: int, n_terms: int = 1, iso: bool = True, delta: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    mean = random_mean(g)
+    terms = {"0": [(psd(4, g), psd(2, g), 0.5 + i) for i in range(n_terms)],
+             "2": [(psd(2, g), psd(2, g), 1.0 + i) for i in range(n_terms)]}
+    if iso:
+        diag = {n: torch.tensor(delta, dtype=DT) for n in NAMES}
+    else:
+        diag = {n: delta + torch.rand(mean[n].shape, generator=g, dtype=DT) for n in NAMES}
+    return KronGaussian(mean, LAYERS, terms, diag), mean, dense(terms, diag)
+
+
+def test_quadratic_and_grad_match_dense_sum_of_kron() -> None:
+    q, mean, lam = make(0, n_terms=3, iso=False)
+    theta = {n: t + 1.0 for n, t in mean.items()}
+    th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    v = vec(theta) - vec(mean)
+    quad = q.quadratic(th)
+    assert quad.item() == pytest.approx(0.5 * (v @ lam @ v).item(), rel=1e-12)
+    quad.backward()
+    ref = unvec(lam @ v)
+    grad = q.quadratic_grad(theta)
+    for n in NAMES:
+        torch.testing.assert_close(grad[n], ref[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(th[n].grad, ref[n], rtol=1e-10, atol=1e-12)
+    _, lam2 = q.to_dense()
+    torch.testing.assert_close(lam2, lam)
+
+
+@pytest.mark.parametrize("n_terms,iso", [(1, True), (2, True), (1, False)])
+def test_product_mean_kl_logprob_against_dense(n_terms: int, iso: bool) -> None:
+    q1, m1, l1 = make(1, n_terms, iso)
+    q2, m2, l2 = make(2, n_terms, iso, delta=0.3)
+    prod = q1 * q2
+    mu = torch.linalg.solve(l1 + l2, l1 @ vec(m1) + l2 @ vec(m2))
+    torch.testing.assert_close(vec(prod.mean), mu, rtol=1e-9, atol=1e-10)
+    assert prod.num_terms == {"0": 2 * n_terms, "2": 2 * n_terms}
+    p1, p2 = MultivariateNormal(vec(m1), precision_matrix=l1), MultivariateNormal(vec(m2), precision_matrix=l2)
+    assert q1.kl(q2).item() == pytest.approx(kl_divergence(p1, p2).item(), rel=1e-9)
+    theta = {n: t * 0.7 for n, t in m2.items()}
+    assert q1.log_prob(theta).item() == pytest.approx(p1.log_prob(vec(theta)).item(), rel=1e-10)
+    assert q1.kl(q1).abs().item() < 1e-10
+
+
+def test_cg_path_matches_dense_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    q1, m1, l1 = make(3, 2, iso=False)
+    q2, m2, l2 = make(4, 1, iso=False)
+    monkeypatch.setattr(KronGaussian, "DENSE_LIMIT", 0)
+    mu = torch.linalg.solve(l1 + l2, l1 @ vec(m1) + l2 @ vec(m2))
+    torch.testing.assert_close(vec((q1 * q2).mean), mu, rtol=1e-8, atol=1e-9)
+
+
+def test_large_block_kl_uses_merged_approximation(monkeypatch: pytest.MonkeyPatch) -> None:
+    q1, _, _ = make(5, 2)
+    q2, _, _ = make(6, 1)
+    exact = q1.kl(q2)
+    monkeypatch.setattr(KronGaussian, "DENSE_LIMIT", 0)
+    approx = q1.kl(q2)
+    # documented approximation: the merged pair, which is what the exact KL of q1.merge() gives
+    merged = KronGaussian._trusted(q1.eta, q1.layers, q1.merge()._terms, q1.diag, q1.mean)
+    monkeypatch.setattr(KronGaussian, "DENSE_LIMIT", 2000)
+    assert approx.item() == pytest.approx(merged.kl(q2).item(), rel=1e-9)
+    assert approx.item() == pytest.approx(exact.item(), rel=0.5)
+
+
+@pytest.mark.parametrize("n_terms", [1, 2])
+def test_sample_moments(n_terms: int) -> None:
+    q, m, lam = make(7, n_terms)
+    s = q.sample(40000, generator=torch.Generator().manual_seed(0))
+    assert s["0.weight"].shape == (40000, 2, 3)
+    v = torch.stack([vec({n: s[n][i] for n in NAMES}) for i in range(0, 40000, 8)])
+    torch.testing.assert_close(v.mean(0), vec(m), atol=0.1, rtol=0)
+    torch.testing.assert_close(torch.cov(v.T), torch.linalg.inv(lam), atol=0.1, rtol=0.1)
+    assert q.sample()["1.bias"].shape == (2,)
+
+
+def test_kl_monte_carlo() -> None:
+    q1, _, _ = make(8, 1)
+    q2, _, _ = make(9, 2)
+    s = q1.sample(4000, generator=torch.Generator().manual_seed(1))
+    lp = torch.stack([q1.log_prob({n: s[n][i] for n in NAMES}) - q2.log_prob({n: s[n][i] for n in NAMES})
+                      for i in range(4000)])
+    assert lp.mean().item() == pytest.approx(q1.kl(q2).item(), rel=0.1)
+
+
+def test_merge_exact_with_shared_factor_and_optimal_otherwise() -> None:
+    g = torch.Generator().manual_seed(10)
+    A, mean = psd(4, g), random_mean(g)
+    G1, G2 = psd(2, g), psd(2, g)
+    q = KronGaussian(mean, LAYERS, {"0": [(A, G1, 1.0), (A, G2, 2.0)]}, {n: 1.0 for n in NAMES})
+    merged = q.merge()
+    assert merged.num_terms["0"] == 1
+    torch.testing.assert_close(merged.to_dense()[1], q.to_dense()[1])
+    # two unrelated terms: the error equals the optimum sqrt(|R|² − σ1²) of the rearranged sum
+    A1, A2 = psd(4, g), psd(4, g)
+    ts = [KronTerm(A1, G1, 1.0), KronTerm(A2, G2, 3.0)]
+    q = KronGaussian(mean, LAYERS, {"0": ts}, {n: 1.0 for n in NAMES})
+    full = sum(t.scale * torch.kron(t.G, t.A) for t in ts)
+    t = q.merge().terms["0"][0]
+    err = (full - t.scale * torch.kron(t.G, t.A)).norm()
+    r = sum(t.scale * torch.outer(t.G.reshape(-1), t.A.reshape(-1)) for t in ts)
+    sv = torch.linalg.svdvals(r)
+    assert err.item() == pytest.approx(((sv[1:] ** 2).sum().sqrt()).item(), rel=1e-6)
+    naive = torch.kron(G1 + 3 * G2, A1 + A2)  # the laplace-torch trap, much worse
+    assert err < (full - naive).norm()
+    assert torch.linalg.eigvalsh(t.A).min() > -1e-12 and torch.linalg.eigvalsh(t.G).min() > -1e-12
+
+
+def test_division_removes_exactly_the_site_terms() -> None:
+    prior = KronGaussian.isotropic(model(), 2.0, mean="current")
+    q, _, _ = make(11, 1)
+    site = KronGaussian(q.mean, LAYERS, q.terms, None)
+    post = prior * site * site
+    back = (post / site) / site
+    assert back.num_terms == {"0": 0, "2": 0}
+    for n in NAMES:
+        torch.testing.assert_close(back.mean[n], prior.mean[n], rtol=1e-9, atol=1e-10)
+    other, _, _ = make(12, 1)
+    with pytest.raises(ValueError, match="term .* of the divisor is not held"):
+        post / other
+    assert (post / site).num_terms == {"0": 1, "2": 1}
+    tempered = site.temper(0.5)
+    assert tempered.terms["0"][0].scale == pytest.approx(0.25)
+    torch.testing.assert_close(tempered.mean["0.weight"], site.mean["0.weight"])
+
+
+def test_from_factors_isotropic_and_structure() -> None:
+    m = model()
+    prior = KronGaussian.isotropic(m, 3.0)
+    assert prior.layers == LAYERS and prior.names == tuple(NAMES)
+    g = torch.Generator().manual_seed(0)
+    mean = {n: p.detach() for n, p in m.named_parameters()}
+    site = KronGaussian.from_factors(mean, {"0": (psd(4, g), psd(2, g))}, prior.layers)
+    assert site.num_terms == {"0": 1, "2": 0} and len(site) == 16
+    assert site.num_floats() == 16 + 5 + 16 + 4 + 16
+    with pytest.raises(ValueError, match="found .*BatchNorm1d"):
+        KronGaussian.isotropic(nn.BatchNorm1d(3), 1.0)
+    with pytest.raises(ValueError, match=r"factors A \(3, 3\)"):
+        KronGaussian.from_factors(mean, {"0": (torch.eye(3, dtype=DT), torch.eye(2, dtype=DT))}, prior.layers)
+    with pytest.raises(KeyError, match="'9'"):
+        KronGaussian.from_factors(mean, {"9": (torch.eye(4, dtype=DT), torch.eye(2, dtype=DT))}, prior.layers)
+    torch.testing.assert_close(site.mean["0.weight"], mean["0.weight"])  # the stored mean of a site
+    with pytest.raises(ValueError, match="parameter '1.weight' has zero precision"):
+        site.temper(0.0).mean  # noqa: B018
+    proper_elsewhere = {n: 1.0 for n in ("1.weight", "1.bias")}
+    s2 = KronGaussian.from_factors(mean, {"0": (psd(4, g), psd(2, g))}, prior.layers, proper_elsewhere)
+    with pytest.raises(ValueError, match="layer '2' has a singular precision"):
+        (s2 * s2).mean  # noqa: B018
+    conv = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(12, 2)).to(DT)
+    qc = KronGaussian.isotropic(conv, 1.0, mean="current")
+    assert qc.layers == {"0": ("0.weight", "0.bias"), "2": ("2.weight", "2.bias")}
+    qc2 = qc * KronGaussian.from_factors(qc.mean, {"0": (psd(9, g), psd(3, g))}, qc.layers)
+    assert qc2.mean["0.weight"].shape == (3, 2, 2, 2)
+
+
+def test_extend_restrict_state_dict() -> None:
+    m = model()
+    prior = KronGaussian.isotropic(m, 2.0)
+    m.add_module("3", nn.Linear(2, 4).to(DT))
+    ext = prior.extend(m, 2.0)
+    assert "3.weight" in ext and ext.layers["3"] == ("3.weight", "3.bias")
+    torch.testing.assert_close(ext.mean["3.weight"], m[3].weight.detach())
+    assert ext.kl(KronGaussian.isotropic(m, 2.0, mean="current")).item() > 0
+    r = ext.restrict(["0.weight", "0.bias"])
+    assert r.layers == {"0": LAYERS["0"]}
+    with pytest.raises(ValueError, match="split layer '0'"):
+        ext.restrict(["0.weight"])
+    q, _, _ = make(13, 2)
+    sd = q.state_dict()
+    assert sd["kind"] == "kron"
+    q2 = KronGaussian.from_state_dict(sd)
+    torch.testing.assert_close(vec(q2.mean), vec(q.mean))
+    with pytest.raises(ValueError, match="parameter '3.weight' is in state"):
+        prior.load_state_dict(ext.state_dict())
+    prior.load_state_dict(KronGaussian.isotropic(model(), 5.0).state_dict())
+    assert float(prior.diag["0.weight"]) == 5.0
+    assert q.to(dtype=torch.float32).mean["0.weight"].dtype == torch.float32
+
+
+def test_mismatch_errors() -> None:
+    q, mean, _ = make(14, 1)
+    other = KronGaussian({**mean, "extra": torch.zeros(2, dtype=DT)}, LAYERS, None, {n: 1.0 for n in NAMES})
+    with pytest.raises(ValueError, match="parameter 'extra' is in other but not in self"):
+        q * other
+    with pytest.raises(TypeError, match="needs another KronGaussian"):
+        q.kl(1.0)
+    with pytest.raises(ValueError, match=r"diag\['1.bias'\] has negative"):
+        KronGaussian(mean, LAYERS, None, {"1.bias": -1.0})
+    with pytest.raises(ValueError, match="dtype"):
+        KronGaussian({**mean, "x": torch.zeros(1, dtype=torch.float32)}, LAYERS)
+    with pytest.raises(ValueError, match="alpha=-1"):
+        q.temper(-1)
