@@ -1,11 +1,19 @@
 """bayescl: Bayesian continual learning for PyTorch Lightning."""
 
+from .callbacks.laplace import LaplaceCallback, Structure
 from .data import Scenario, Task, TaskStream, make_stream, permuted_stream, split_stream, synthetic_stream
 from .metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
 from .models import MLP, MultiHeadMLP, SmallCNN
 from .module import ClassifierModule
+from .posterior import DiagGaussian
+from .kron import KronGaussian
+from .sites import PosteriorServer
 
 __all__ = [
+    # callbacks
+    "LaplaceCallback", "Structure",
+    # posterior core
+    "DiagGaussian", "KronGaussian", "PosteriorServer",
     # data
     "Scenario", "Task", "TaskStream", "make_stream", "permuted_stream", "split_stream", "synthetic_stream",
     # metrics

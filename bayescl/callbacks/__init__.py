@@ -1,0 +1,6 @@
+"""Lightning callbacks: each adapts the posterior core to a Trainer."""
+
+from .base import PosteriorCallback
+from .laplace import LaplaceCallback, Structure
+
+__all__ = ["PosteriorCallback", "LaplaceCallback", "Structure"]

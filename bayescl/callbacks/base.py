@@ -1,0 +1,185 @@
+"""What every bayescl callback shares: a :class:`~bayescl.sites.PosteriorServer` as its state, task
+boundaries, unlearning, checkpoints, and the one mechanism that adds a prior term to the gradients.
+
+The prior term. For task ``t`` with ``N_t`` training examples the MAP objective is
+``−log p(D_t | θ) − log q_{t−1}(θ)``; divided by ``N_t`` (Lightning losses are batch means) it is
+
+.. math::  \\ell(\\theta) + \\frac{1}{2N_t} (\\theta-\\mu)^\\top \\Lambda (\\theta-\\mu),
+
+so after ``backward`` each gradient gets ``(Λθ − η) / N_t`` added, in ``on_before_optimizer_step``: once per
+optimizer step whatever ``accumulate_grad_batches`` is, after AMP unscaling and before gradient clipping.
+The user's LightningModule is never edited.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_real
+from ..sites import Gaussian, PosteriorServer
+
+
+def _dataset_size(dataloader: Any) -> int | None:
+    ds = getattr(dataloader, "dataset", None)
+    try:
+        return len(ds) if ds is not None else None
+    except TypeError:
+        return None
+
+
+class PosteriorCallback(pl.Callback):
+    """Base class: holds the posterior server and the task bookkeeping; subclasses say how a task ends.
+
+    Args:
+        prior_precision: precision of the isotropic zero-mean base prior ``N(0, I / prior_precision)``; also
+            given to parameters that appear later (new heads).
+        params: regular expressions (``re.search`` on the LightningModule's parameter names) selecting the
+            parameters that carry a posterior; ``None`` = every trainable parameter.
+        state_key_suffix: distinguishes two instances of the same class on one Trainer.
+    """
+
+    prefix = "bayescl"
+
+    def __init__(self, prior_precision: float = 1e-4, params: Sequence[str] | None = None,
+                 state_key_suffix: str = "") -> None:
+        self.prior_precision = check_real(prior_precision, "prior_precision", low=0.0, low_open=True)
+        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
+            raise TypeError(f"params must be a list of regular expressions (str) or None, got {params!r}.")
+        self.param_patterns = None if params is None else [re.compile(p) for p in params]
+        self._suffix = state_key_suffix
+        self.server: PosteriorServer | None = None
+        self.tasks_seen = 0
+        self.num_examples: int | None = None
+        self._grad_cache: tuple[Gaussian, dict[str, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ identity and parameters
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(suffix=self._suffix)
+
+    def selected_params(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
+        """The trainable parameters that carry a posterior, by name."""
+        out = {}
+        for n, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.param_patterns is None or any(r.search(n) for r in self.param_patterns):
+                out[n] = p
+        if not out:
+            pats = [r.pattern for r in self.param_patterns or []]
+            raise ValueError(f"params={pats} selects no trainable parameter of {type(pl_module).__name__}.")
+        return out
+
+    def make_prior(self, pl_module: nn.Module) -> Gaussian:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ensure_server(self, pl_module: nn.Module) -> PosteriorServer:
+        """Create the server on first use; give parameters that appeared since then the base prior."""
+        params = self.selected_params(pl_module)
+        if self.server is None:
+            self.server = PosteriorServer(self.make_prior(pl_module))
+        new = {n: p.detach() for n, p in params.items() if n not in self.server.prior}
+        if new:
+            self.server.extend_prior(new, self.prior_precision)
+        return self.server
+
+    def posterior(self) -> Gaussian:
+        """The current posterior (the prior of the next task)."""
+        if self.server is None:
+            raise RuntimeError("no posterior yet: the callback has not been attached to a fit.")
+        return self.server.posterior()
+
+    # ------------------------------------------------------------------ unlearning and reset
+    def forget(self, task: int | str) -> Gaussian:
+        """Remove a task's site (``task`` is its index or the site name); returns the removed site."""
+        if self.server is None:
+            raise KeyError(f"task {task!r} is unknown: no task has ended yet.")
+        name = task if isinstance(task, str) else f"task-{task}"
+        site = self.server.remove(name)
+        self._grad_cache = None
+        return site
+
+    def reset(self) -> None:
+        """Forget everything: the next fit starts from the base prior again."""
+        self.server, self.tasks_seen, self.num_examples, self._grad_cache = None, 0, None, None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.ensure_server(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ensure_server(pl_module)
+        n = _dataset_size(trainer.train_dataloader)
+        if n is None:
+            n = int(trainer.num_training_batches) * int(getattr(trainer.train_dataloader, "batch_size", 1) or 1)
+        self.num_examples = max(1, n)
+        self._grad_cache = None
+
+    def prior_term_scale(self) -> float:
+        """Multiplier of ``Λθ − η`` added to the gradients (``1 / N_t`` by default)."""
+        return 1.0 / float(self.num_examples or 1)
+
+    @torch.no_grad()
+    def add_prior_grad(self, pl_module: nn.Module) -> None:
+        """``p.grad += (Λθ − η) / N_t`` for every selected parameter (the documented mechanism)."""
+        if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
+            return
+        params = self.selected_params(pl_module)
+        grads = self.posterior().quadratic_grad({n: p.detach() for n, p in params.items()})
+        scale = self.prior_term_scale()
+        for n, p in params.items():
+            g = grads[n].to(p.dtype)
+            if p.grad is None:
+                p.grad = g * scale
+            else:
+                p.grad.add_(g, alpha=scale)
+
+    #: apply the base prior's term on the very first task too (a weak weight decay by default: off).
+    penalise_prior_alone = False
+
+    def penalty(self, pl_module: nn.Module) -> Tensor:
+        """The prior term ``½ (θ−μ)ᵀ Λ (θ−μ) / N_t`` at the current weights (for logging)."""
+        params = self.selected_params(pl_module)
+        with torch.no_grad():
+            q = self.posterior().quadratic({n: p.detach() for n, p in params.items()})
+        return q * self.prior_term_scale()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self.add_prior_grad(pl_module)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks_seen": self.tasks_seen, "num_examples": self.num_examples,
+                "sites": list(self.server.names) if self.server is not None else []}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tasks_seen = int(state_dict.get("tasks_seen", 0))
+        self.num_examples = state_dict.get("num_examples")
+
+    def _ckpt_key(self) -> str:
+        return f"{self.prefix}/{self.state_key}"
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.server is not None:
+            checkpoint[self._ckpt_key()] = self.server.state_dict()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(self._ckpt_key())
+        if state is None:
+            return
+        server = self.ensure_server(pl_module)
+        server.load_state_dict(state)
+        self._grad_cache = None
+
+
+def named_subset(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
+    named = dict(model.named_parameters())
+    return {n: named[n].detach() for n in names}

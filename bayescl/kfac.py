@@ -1,0 +1,227 @@
+r"""Kronecker-factored curvature (KFAC) of ``nn.Linear`` / ``nn.Conv2d`` layers, through curvlinops.
+
+For a layer with weight :math:`W` of shape ``(out, in_flat)`` (a convolution's weight is flattened to
+``(out, in·kh·kw)``) and bias :math:`b`, let :math:`\tilde W = [W, b]` of shape ``(out, in_flat + 1)`` and
+:math:`\operatorname{vec}` the **row-major** flattening (``W̃.reshape(-1)``). With :math:`\tilde a_n = [a_n; 1]`
+the layer input of example ``n`` and :math:`g_n` the gradient of its loss (at a label drawn as ``fisher`` says)
+with respect to the layer output, the Fisher block is
+
+.. math::
+    \sum_n (g_n g_n^\top) \otimes (\tilde a_n \tilde a_n^\top)
+    \;\approx\; G \otimes A, \qquad
+    A = \frac1N \sum_n \tilde a_n \tilde a_n^\top, \quad G = \sum_n g_n g_n^\top,
+
+so ``kron(G, A)`` multiplies ``vec(W̃)`` as :math:`\operatorname{vec}(G\tilde W A)` and approximates the **sum**
+over the ``N`` examples (``N·F``, the scale of :func:`bayescl.curvature.diag_fisher`). It is exact when the
+:math:`g_n g_n^\top` are equal for all ``n`` (a single example; a linear model with Gaussian likelihood) and
+otherwise the usual KFAC independence approximation. ``fisher="mc"`` averages ``mc_samples`` sampled labels;
+``"exact"`` back-propagates the columns of the square root of the loss Hessian (curvlinops' type-2 Fisher).
+For convolutions, ``kfac_approx`` picks KFAC-expand or KFAC-reduce (Eschenhagen et al. 2023); for linear layers
+on 2-D inputs both coincide. The factors are computed by ``curvlinops.KFACLinearOperator`` with a sum-reduced
+loss (``separate_weight_and_bias=False``: the bias is the last input column) in one pass over the data; ``A``
+is rescaled by the number of examples counted during that pass.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import as_enum, check_positive_int
+from .curvature import FisherType, LossType, _prepare, diag_fisher, eval_mode, iter_batches, select_params
+
+_SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+class KFACApprox(str, enum.Enum):
+    """KFAC-expand or KFAC-reduce for weight-sharing layers (convolutions)."""
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+def kfac_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, tuple[str, str | None]]:
+    """Supported layers with a trainable weight: ``{layer_name: (weight_name, bias_name or None)}``.
+
+    The bias name is ``None`` when the layer has no bias or the bias is frozen. ``layers`` restricts to the named
+    modules. Raises ``ValueError`` naming the module types found if no supported layer is left.
+    """
+    modules = dict(model.named_modules())
+    if layers is not None:
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        bad = [n for n in wanted if n not in modules or not isinstance(modules[n], _SUPPORTED)]
+        if bad:
+            allowed = [n for n, m in modules.items() if isinstance(m, _SUPPORTED)]
+            raise ValueError(f"layers names {bad}, which are not nn.Linear/nn.Conv2d modules; allowed: {allowed}.")
+        modules = {n: modules[n] for n in wanted}
+    out: dict[str, tuple[str, str | None]] = {}
+    for name, mod in modules.items():
+        if isinstance(mod, _SUPPORTED) and mod.weight.requires_grad:
+            prefix = f"{name}." if name else ""
+            has_bias = mod.bias is not None and mod.bias.requires_grad
+            out[name] = (prefix + "weight", prefix + "bias" if has_bias else None)
+    if not out:
+        types = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"the model has no trainable nn.Linear or nn.Conv2d layer for KFAC; module types found: {types}."
+        )
+    return out
+
+
+class _Wrapped(nn.Module):
+    """Calls ``model(*inputs)`` and adds ``0·Σθ`` so that layers the data does not use (other tasks' heads) stay in
+    the graph: curvlinops differentiates all given parameters and would fail on unused ones."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.model = model
+        self._params = params
+
+    def forward(self, X: Any) -> Tensor:
+        out = self.model(*X["inputs"]) if isinstance(X, dict) else self.model(X)
+        return out + 0.0 * sum(p.sum() for p in self._params)
+
+
+class _Data:
+    """Re-iterable ``(X, y)`` view of a bayescl dataloader that counts the examples of its last full pass."""
+
+    def __init__(self, dataloader: Iterable[Any], max_batches: int | None, progress: bool, ref: Tensor) -> None:
+        self.dataloader, self.max_batches, self.progress, self.ref = dataloader, max_batches, progress, ref
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        self.count = 0
+        for batch in iter_batches(self.dataloader, self.max_batches, self.progress, "KFAC"):
+            inputs, y = _prepare(batch, self.ref)
+            self.count += inputs[0].shape[0]
+            yield (inputs[0] if len(inputs) == 1 else {"inputs": inputs}), y
+
+
+def kfac(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    fisher: str | FisherType = FisherType.MC,
+    loss: str | LossType = LossType.CE,
+    kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
+    mc_samples: int = 1,
+    layers: Iterable[str] | None = None,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    r"""KFAC factors ``{layer_name: (A, G)}`` with ``kron(G, A)`` ≈ the summed Fisher block of ``[W, b]``.
+
+    Args:
+        model: Called as ``model(*inputs)`` (see :func:`bayescl.batches.split_batch`); put in ``eval()`` mode for
+            the pass and restored.
+        dataloader: Yields ``(x, y)`` or ``(x, y, task_id)``.
+        fisher: ``"mc"``, ``"exact"`` (type-2) or ``"empirical"``.
+        loss: ``"ce"`` or ``"mse"`` (:math:`\sum_c (f_c - y_c)^2` per example).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (matters for convolutions only).
+        mc_samples: Sampled labels per example for ``"mc"``.
+        layers: Module names to include; ``None`` = every :func:`kfac_layers` layer.
+        generator: Seeds the label sampling of ``"mc"`` (one integer is drawn from it).
+        max_batches: Use only the first ``max_batches`` batches.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        ``A`` of shape ``(in_flat + 1, in_flat + 1)`` (``in_flat`` without a trainable bias) and ``G`` of shape
+        ``(out, out)``, in the weight's dtype and device. Layers the data never reaches have zero factors.
+    """
+    try:
+        from curvlinops import KFACLinearOperator
+    except ImportError as err:  # pragma: no cover - optional dependency
+        raise ImportError("kfac needs curvlinops: pip install 'bayescl[kfac]'.") from err
+    fisher = as_enum(FisherType, fisher, "fisher")
+    if fisher is FisherType.BATCH_SQUARED:
+        raise ValueError("fisher='batch_squared' is not available for kfac; allowed: 'mc', 'exact', 'empirical'.")
+    loss = as_enum(LossType, loss, "loss")
+    kfac_approx = as_enum(KFACApprox, kfac_approx, "kfac_approx")
+    check_positive_int(mc_samples, "mc_samples")
+    if fisher is not FisherType.MC and mc_samples != 1:
+        raise ValueError(f"mc_samples={mc_samples} is only allowed with fisher='mc'; use 1 for {fisher.value!r}.")
+    mapping = kfac_layers(model, layers)
+    named = dict(model.named_parameters())
+    params = [named[n] for pair in mapping.values() for n in pair if n is not None]
+    seed = 2147483647 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))
+    data = _Data(dataloader, max_batches, progress, params[0])
+    wrapped = _Wrapped(model, params)
+    loss_func = nn.CrossEntropyLoss(reduction="sum") if loss is LossType.CE else nn.MSELoss(reduction="sum")
+    curvlinops_fisher = {FisherType.EXACT: "type-2", FisherType.MC: "mc", FisherType.EMPIRICAL: "empirical"}
+    with eval_mode(model):
+        op = KFACLinearOperator(
+            wrapped,
+            loss_func,
+            params,
+            data,
+            check_deterministic=False,
+            seed=seed,
+            fisher_type=curvlinops_fisher[fisher],
+            mc_samples=mc_samples,
+            kfac_approx=kfac_approx.value,
+            num_per_example_loss_terms=1,
+            separate_weight_and_bias=False,
+            num_data=1,  # A is divided by the true count below
+            batch_size_fn=lambda X: (X["inputs"][0] if isinstance(X, dict) else X).shape[0],
+        )
+        op.compute_kronecker_factors()
+    state = op.state_dict()
+    A_all, G_all = state["input_covariances"], state["gradient_covariances"]
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for layer, (w_name, b_name) in mapping.items():
+        w = named[w_name]
+        n_in = w[0].numel() + (b_name is not None)
+        key = f"model.{layer}" if layer else "model"
+        A = A_all.get(key)
+        G = G_all.get(key)
+        A = torch.zeros(n_in, n_in, dtype=w.dtype, device=w.device) if A is None else A / data.count
+        G = torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype, device=w.device) if G is None else G
+        for what, t in (("A", A), ("G", G)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the KFAC factor {what} of layer {layer!r} is not finite (NaN/inf in model or data).")
+        out[layer] = (A, G)
+    return out
+
+
+def kron_site(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    fisher: str | FisherType = FisherType.MC,
+    loss: str | LossType = LossType.CE,
+    kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
+    mc_samples: int = 1,
+    layers: Iterable[str] | None = None,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> Any:
+    r"""Laplace site with Kronecker-factored precision :math:`G\otimes A` per supported layer at the current
+    weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other trainable parameter.
+
+    Arguments as for :func:`kfac`. Returns a :class:`bayescl.kron.KronGaussian`.
+    """
+    from .kron import KronGaussian
+
+    factors = kfac(
+        model, dataloader, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples, layers=layers,
+        generator=generator, max_batches=max_batches, progress=progress,
+    )
+    mapping = kfac_layers(model, layers)
+    covered = {n for pair in mapping.values() for n in pair if n is not None}
+    names = list(select_params(model, None))  # model order
+    rest = [n for n in names if n not in covered]
+    diag = None
+    if rest:
+        diag = diag_fisher(
+            model, dataloader, fisher=fisher, loss=loss, mc_samples=mc_samples, params=rest, generator=generator,
+            max_batches=max_batches, progress=progress,
+        )
+    named = dict(model.named_parameters())
+    mean = {n: named[n].detach().clone() for n in names}
+    return KronGaussian.from_factors(mean, factors, mapping, diag)
