@@ -213,6 +213,8 @@ def kron_site(
         generator=generator, max_batches=max_batches, progress=progress,
     )
     mapping = kfac_layers(model, layers)
+    # a layer the data never reached (another task's head) has zero factors: it gets no term at all
+    factors = {k: (A, G) for k, (A, G) in factors.items() if bool(A.abs().max() > 0) and bool(G.abs().max() > 0)}
     covered = {n for pair in mapping.values() for n in pair if n is not None}
     names = list(select_params(model, None))  # model order
     rest = [n for n in names if n not in covered]

@@ -457,8 +457,10 @@ class KronGaussian:
         """
         if method != "frobenius":
             raise ValueError(f"method={method!r} is not valid; allowed: 'frobenius'.")
-        terms = {layer: (dict(ts) if len(ts) <= 1 else {(m := _merge_terms(list(ts.values()))).tag: m})
-                 for layer, ts in self._terms.items()}
+        terms = {}
+        for layer, ts in self._terms.items():
+            m = _merge_terms(list(ts.values())) if len(ts) > 1 else None
+            terms[layer] = dict(ts) if len(ts) <= 1 else ({} if m is None else {m.tag: m})
         return KronGaussian._trusted(dict(self._eta), dict(self._layers), terms, dict(self._diag))
 
     # ------------------------------------------------------------------ densities
@@ -676,8 +678,17 @@ def _trace(f: _Factor, q: KronGaussian, layer: str, spec) -> Tensor:
     return total
 
 
-def _merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm:
-    """Nearest Kronecker pair (Frobenius) to ``Σ s_i G_i ⊗ A_i`` by power iteration on the Gram matrices."""
+def _merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm | None:
+    """Nearest Kronecker pair (Frobenius) to ``Σ s_i G_i ⊗ A_i`` by power iteration on the Gram matrices.
+
+    Zero terms (a layer the data never reached: ``G = 0``) are dropped first; ``None`` when all are zero.
+    """
+    ts = [t for t in ts if t.scale > 0 and bool(t.A.abs().max() > 0) and bool(t.G.abs().max() > 0)]
+    if not ts:
+        return None
+    if len(ts) == 1:
+        return ts[0]
+    tiny = torch.finfo(ts[0].A.dtype).tiny
     s = torch.tensor([t.scale for t in ts], dtype=ts[0].A.dtype, device=ts[0].A.device)
     A = torch.stack([t.A for t in ts])
     G = torch.stack([t.G for t in ts])
@@ -686,9 +697,9 @@ def _merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm:
     alpha = s.clone()
     for _ in range(iters):
         gamma = s * (ka @ alpha)
-        gamma = gamma / gamma.norm().clamp_min(1e-300)
+        gamma = gamma / gamma.norm().clamp_min(tiny)
         alpha_new = s * (kg @ gamma)
-        alpha_new = alpha_new / alpha_new.norm().clamp_min(1e-300)
+        alpha_new = alpha_new / alpha_new.norm().clamp_min(tiny)
         if torch.allclose(alpha_new, alpha, rtol=0, atol=1e-14):
             alpha = alpha_new
             break
