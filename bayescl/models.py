@@ -74,7 +74,11 @@ class MultiHeadMLP(nn.Module):
             return self.heads[t](h)
         task_id = task_id.to(h.device).long()
         bad = (task_id < 0) | (task_id >= len(self.heads))
-        if bool(bad.any()):
+        try:
+            invalid = bool(bad.any())
+        except RuntimeError:  # inside torch.func transforms (vmap) a data-dependent check is not possible
+            invalid = False
+        if invalid:
             raise ValueError(
                 f"task_id contains {int(task_id[bad][0])}, out of range; allowed: 0..{len(self.heads) - 1}."
             )
