@@ -136,6 +136,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
         log(f"  seed {seed} task {i + 1}/{len(stream)}: mean acc on seen tasks {100 * float(seen.mean()):.2f} "
             f"[{' '.join(f'{100 * float(a):.1f}' for a in seen)}]")
     R = module.acc_matrix.compute()
+    end_task = sum(float(getattr(cb, "end_task_seconds", 0.0)) for cb in callbacks)
     return {
         "seed": seed,
         "accuracy_matrix": R.tolist(),
@@ -143,6 +144,9 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
         "wall_seconds": time.perf_counter() - t0,
         "fit_seconds": fit_seconds,
         "optimizer_steps": steps,
+        # time inside fit spent closing tasks (curvature passes); the rest is training steps
+        "end_task_seconds": end_task,
+        "step_ms": 1000 * (fit_seconds - end_task) / max(1, steps),
     }
 
 
@@ -179,7 +183,8 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
         result["per_seed"].append(run)
         runs = result["per_seed"]
         result["accuracy_matrix"] = [r["accuracy_matrix"] for r in runs]
-        for key in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds"):
+        for key in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds", "end_task_seconds",
+                    "step_ms"):
             result[key] = _mean_std([r[key] for r in runs])
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if path is not None:

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_real
+from .._checks import check_positive_int, check_real
 from ..sites import Gaussian, PosteriorServer
 
 
@@ -57,6 +57,8 @@ class PosteriorCallback(pl.Callback):
         self.tasks_seen = 0
         self.num_examples: int | None = None
         self._grad_cache: tuple[Gaussian, dict[str, Tensor]] | None = None
+        #: seconds spent closing tasks (curvature passes, variational updates): benchmarks report it apart
+        self.end_task_seconds = 0.0
 
     # ------------------------------------------------------------------ identity and parameters
     @property
@@ -118,7 +120,13 @@ class PosteriorCallback(pl.Callback):
         n = _dataset_size(trainer.train_dataloader)
         if n is None:
             n = int(trainer.num_training_batches) * int(getattr(trainer.train_dataloader, "batch_size", 1) or 1)
-        self.num_examples = max(1, n)
+        self.set_num_examples(max(1, n))
+
+    def set_num_examples(self, num_examples: int) -> None:
+        """Set :math:`N_t`, the training-set size of the task being fitted (the prior term is scaled by
+        ``1 / N_t``). ``on_train_start`` does it for a Trainer; integrations without one (the Avalanche plugins)
+        call it at the start of every task."""
+        self.num_examples = check_positive_int(num_examples, "num_examples")
         self._grad_cache = None
 
     def prior_term_scale(self) -> float:

@@ -26,6 +26,7 @@ constant memory and cost) — the recipes say which they use.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -154,8 +155,10 @@ class LaplaceCallback(PosteriorCallback):
             raise ValueError("end_task needs a dataloader (none given and the trainer has no train_dataloader).")
         params = self.selected_params(pl_module)
         theta = {n: p.detach().clone() for n, p in params.items()}
+        t0 = time.perf_counter()
         with torch.enable_grad(), torch.inference_mode(False):
             curv = self.curvature_site(pl_module, data)
+        self.end_task_seconds += time.perf_counter() - t0
         if (bad := _is_finite(curv)) is not None:
             raise ValueError(f"the curvature of parameter {bad!r} is not finite; the site is refused and the "
                              "previous posterior kept.")

@@ -1,0 +1,528 @@
+r"""Variational continual learning (Nguyen, Li, Bui & Turner 2018) for an existing Lightning Trainer.
+
+Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without a rewrite:
+
+* **Module swap.** At ``setup`` (before ``configure_optimizers``, so the optimizer sees the new parameters) every
+  ``nn.Linear`` / ``nn.Conv2d`` of the LightningModule becomes a mean-field Gaussian layer
+  (:mod:`bayescl.variational`, local reparameterisation). ``setup`` runs at every ``fit``; the swap is
+  idempotent. In ``eval()`` mode the LightningModule's call returns the log of the softmax probabilities averaged
+  over ``test_samples`` samples, so a plain ``test_step`` (``argmax`` of the output) gets the MC-averaged
+  prediction.
+* **ELBO.** For task :math:`t` with :math:`N_t` training examples the objective per example is
+
+  .. math::  -\frac{1}{N_t}\mathrm{ELBO} = \mathbb E_q[\ell(\theta)] + \frac{1}{N_t}\mathrm{KL}(q \,\|\, q_{t-1}).
+
+  The user's loss (a batch mean) is the first term, one Monte Carlo sample per forward pass (``train_samples > 1``
+  averages the training-step loss over that many forward passes). The KL term is added through the same mechanism
+  as the Laplace prior term: in ``on_before_optimizer_step`` (once per optimizer step whatever
+  ``accumulate_grad_batches`` is, after AMP unscaling, before clipping) the KL is computed with autograd w.r.t.
+  the variational parameters and ``∇KL / N_t`` is added to their ``.grad``. It is logged as ``vcl/kl``.
+  Only layers that receive a data gradient in the step get the KL term: a layer no task has used (the head of a
+  future task) keeps its initialisation, and its posterior stays exactly the base prior.
+* **Maximum-likelihood start** (``ml_init=True``, the VCL protocol): during the first task's first ``ml_epochs``
+  epochs (``trainer.current_epoch < ml_epochs``) the layers use their means only, without noise and without
+  KL, i.e. an ordinary ML fit that initialises the means.
+* **Task end** (``on_train_end`` or :meth:`end_task`): the layers' ``q_t`` becomes the prior of the next task.
+  In the posterior server the task's site is ``q_t / q_{t−1}`` (natural parameters), so ``prior × sites = q_t``.
+  Where the fitted variance of a weight exceeds that of ``q_{t−1}`` (the KL alone is minimised at the previous
+  variance; stochastic optimisation can overshoot) it is clamped to the previous variance, so that sites have
+  non-negative precision; the clamped ``q_t`` is loaded back into the layers. At the start of the next task the
+  layers are initialised at ``q_t`` (layers with no site keep their values). Base prior ``N(0, I/prior_precision)``,
+  ``N(0, 1)`` by default as in the paper; parameters that appear later get it too.
+* **Coresets** (``coreset_size > 0``): :meth:`prepare_task_data` splits a task's dataset into
+  ``(train_without_coreset, coreset)``, keeps the coreset and returns the rest to train on (as in the paper the
+  coreset is held out). Before ``trainer.test`` / ``trainer.predict`` the variational parameters are fine-tuned on
+  the union of the coresets (``coreset_epochs`` epochs of Adam, cross-entropy on the module's logits plus
+  ``KL(q || q̃)/|C|`` to the pre-coreset posterior ``q̃``) and used for prediction only; at the end of the test the
+  pre-coreset parameters are restored, nothing is carried forward. Validation inside ``fit`` uses ``q̃``.
+
+Checkpoints hold the server (tensors), the coresets and the bookkeeping (``tasks_seen``, whether a task is open,
+which layers it has touched); the layers' parameters are in the module's ``state_dict``. Resuming mid-task with
+``ckpt_path`` continues the task without re-initialising the layers.
+
+Other trainable parameters (BatchNorm, embeddings) stay point estimates without a prior term.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .._checks import as_enum, check_positive_int, check_real
+from ..batches import move_inputs, split_batch
+from ..coresets import CoresetMethod, split_coreset, stack_dataset
+from ..posterior import DiagGaussian
+from ..variational import (
+    BayesLayer,
+    convert,
+    enable_predictive,
+    gaussian_kl,
+    layer_posterior,
+    load_posterior,
+    predictive_samples,
+    set_stochastic,
+    variational_layers,
+)
+from .base import PosteriorCallback
+
+_WRAP_ATTR = "_bayescl_mc_wrapped"
+
+
+def _mc_training_step(orig: Callable[..., Any], k: int) -> Callable[..., Any]:
+    """``training_step`` run ``k`` times (fresh noise each) with the returned losses averaged."""
+
+    @functools.wraps(orig)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        outs = [orig(*args, **kwargs) for _ in range(k)]
+        if any(o is None for o in outs):
+            return None
+        if isinstance(outs[0], Tensor):
+            return sum(outs) / k
+        if isinstance(outs[0], dict) and "loss" in outs[0]:
+            return {**outs[-1], "loss": sum(o["loss"] for o in outs) / k}
+        raise TypeError(f"train_samples > 1 needs training_step to return a Tensor or a dict with 'loss', "
+                        f"got {type(outs[0]).__name__}.")
+
+    setattr(step, _WRAP_ATTR, orig)
+    return step
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (FNV-1a over their 64-bit values)."""
+    h = 0xCBF29CE484222325
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def _layer_names(path: str, layer: BayesLayer) -> list[str]:
+    return [f"{path}.{k}" if path else k for k, _, _ in layer.variational_params()]
+
+
+def _has_data_grad(layer: BayesLayer) -> bool:
+    for _, mu, lv in layer.variational_params():
+        for p in (mu, lv):
+            if p.grad is not None and bool(p.grad.ne(0).any()):
+                return True
+    return False
+
+
+class VCLCallback(PosteriorCallback):
+    """Variational continual learning with mean-field Gaussian weights (see the module docstring).
+
+    Args:
+        prior_precision: precision of the base prior ``N(0, I/prior_precision)`` (1: the paper's ``N(0, 1)``).
+        logvar_init: initial log-variance of the swapped-in layers (finite).
+        train_samples: forward passes per training step, their losses averaged (1: one sample per step;
+            local reparameterisation keeps its variance low).
+        test_samples: samples averaged (in probability) by every eval-mode call of the module.
+        ml_init: start the first task with ``ml_epochs`` epochs of a deterministic maximum-likelihood fit.
+        ml_epochs: epochs of that fit (counted by ``trainer.current_epoch``).
+        coreset_size: examples kept per task (0: no coreset).
+        coreset_method: ``"random"`` or ``"kcenter"``.
+        coreset_epochs, coreset_batch_size, coreset_lr: the fine-tune on the coresets before testing.
+        params: regular expressions (``re.search`` on logical names such as ``model.trunk.1.weight``) selecting
+            the layers to make variational; ``None`` = every Linear/Conv2d.
+        auto_end_task: close the task at the end of every ``fit`` (else call :meth:`end_task`).
+        seed: seeds coreset selection and the coreset fine-tune's shuffling.
+        state_key_suffix: distinguishes two instances on one Trainer.
+    """
+
+    prefix = "bayescl-vcl"
+    penalise_prior_alone = True
+
+    def __init__(
+        self,
+        prior_precision: float = 1.0,
+        logvar_init: float = -6.0,
+        train_samples: int = 1,
+        test_samples: int = 100,
+        ml_init: bool = True,
+        ml_epochs: int = 1,
+        coreset_size: int = 0,
+        coreset_method: str | CoresetMethod = CoresetMethod.RANDOM,
+        coreset_epochs: int = 5,
+        coreset_batch_size: int = 64,
+        coreset_lr: float = 1e-3,
+        params: Sequence[str] | None = None,
+        auto_end_task: bool = True,
+        seed: int = 0,
+        state_key_suffix: str = "",
+    ) -> None:
+        super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix)
+        if isinstance(logvar_init, bool) or not isinstance(logvar_init, (int, float)):
+            raise TypeError(f"logvar_init must be a real number, got {type(logvar_init).__name__} {logvar_init!r}.")
+        if not math.isfinite(float(logvar_init)):
+            raise ValueError(f"logvar_init={logvar_init!r} is not allowed; it must be a finite real number.")
+        self.logvar_init = float(logvar_init)
+        self.train_samples = check_positive_int(train_samples, "train_samples")
+        self.test_samples = check_positive_int(test_samples, "test_samples")
+        self.ml_init = bool(ml_init)
+        self.ml_epochs = check_positive_int(ml_epochs, "ml_epochs", allow_zero=True)
+        self.coreset_size = check_positive_int(coreset_size, "coreset_size", allow_zero=True)
+        self.coreset_method = as_enum(CoresetMethod, coreset_method, "coreset_method")
+        self.coreset_epochs = check_positive_int(coreset_epochs, "coreset_epochs", allow_zero=True)
+        self.coreset_batch_size = check_positive_int(coreset_batch_size, "coreset_batch_size")
+        self.coreset_lr = check_real(coreset_lr, "coreset_lr", low=0.0, low_open=True)
+        self.auto_end_task = bool(auto_end_task)
+        self.seed = int(seed)
+        self.coreset_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+        #: task index -> the coreset's stacked tensors ``(x, y[, task_id])`` (CPU).
+        self.coresets: dict[int, tuple[Tensor, ...]] = {}
+        self.task_open = False
+        self._touched: set[str] = set()
+        self._backup: dict[str, Tensor] | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # ------------------------------------------------------------------ layers and names
+    def _include(self, path: str) -> bool:
+        if self.param_patterns is None:
+            return True
+        return any(r.search(f"{path}.{k}" if path else k) for r in self.param_patterns for k in ("weight", "bias"))
+
+    def layers(self, pl_module: nn.Module) -> dict[str, BayesLayer]:
+        """The variational layers that carry the posterior, by module path."""
+        return {p: m for p, m in variational_layers(pl_module).items() if self._include(p)}
+
+    def selected_params(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
+        """Logical name (``<path>.weight`` / ``.bias``) -> the layer's mean parameter."""
+        out = {}
+        for path, layer in self.layers(pl_module).items():
+            for name, (_, mu, _) in zip(_layer_names(path, layer), layer.variational_params()):
+                out[name] = mu
+        if not out:
+            raise ValueError(f"VCLCallback found no variational layer in {type(pl_module).__name__}; "
+                             "attach it to a Trainer (setup converts the layers) or call convert() first.")
+        return out
+
+    def make_prior(self, pl_module: nn.Module) -> DiagGaussian:
+        zeros = {n: torch.zeros_like(p.detach()) for n, p in self.selected_params(pl_module).items()}
+        return DiagGaussian.isotropic(zeros, self.prior_precision)
+
+    def ensure_server(self, pl_module: nn.Module):
+        """Create the server on first use; logical parameters that appeared since get the base prior N(0, 1/p)."""
+        params = self.selected_params(pl_module)
+        if self.server is None:
+            from ..sites import PosteriorServer
+
+            self.server = PosteriorServer(self.make_prior(pl_module))
+        new = {n: torch.zeros_like(p.detach()) for n, p in params.items() if n not in self.server.prior}
+        if new:
+            self.server.extend_prior(new, self.prior_precision)
+            self._grad_cache = None
+        return self.server
+
+    def informed_names(self) -> set[str]:
+        """Logical names on which some site is not empty (the data has said something about them)."""
+        if self.server is None:
+            return set()
+        out = set()
+        for _, site in self.server.items():
+            prec, eta = site.precision, site.eta
+            out |= {n for n in prec if bool(prec[n].ne(0).any()) or bool(eta[n].ne(0).any())}
+        return out
+
+    @torch.no_grad()
+    def apply_posterior(self, pl_module: nn.Module, names: Sequence[str] | None = None) -> None:
+        """Load the current posterior into the layers (default: on the parameters some site informs)."""
+        names = sorted(self.informed_names()) if names is None else list(names)
+        if names:
+            load_posterior(pl_module, self.posterior(), names)
+
+    def seed_noise(self, pl_module: nn.Module, *key: int) -> None:
+        """Seed the layers' noise from ``(seed, *key)``: the same step draws the same noise, also after a resume."""
+        layers = self.layers(pl_module)
+        if not layers:
+            return
+        device = next(iter(layers.values())).weight_mu.device
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+        g.manual_seed(_mix(self.seed, *key))
+        for layer in layers.values():
+            layer.generator = g
+
+    # ------------------------------------------------------------------ the KL term
+    def _prior_tensors(self, ref: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        q = self.posterior()
+        if self._grad_cache is None or self._grad_cache[0] is not q:
+            mean, prec = q.mean, q.precision
+            self._grad_cache = (q, {n: (mean[n].to(ref), prec[n].to(ref)) for n in q.names})
+        return self._grad_cache[1]
+
+    def kl(self, pl_module: nn.Module, paths: Sequence[str] | None = None,
+           prior: DiagGaussian | None = None) -> Tensor:
+        """``KL(q || prior)`` over the given layers (default: all), differentiable; prior default: the posterior."""
+        layers = self.layers(pl_module)
+        paths = list(layers) if paths is None else list(paths)
+        ref = next(iter(layers.values())).weight_mu
+        if prior is None:
+            tensors = self._prior_tensors(ref)
+        else:
+            mean, prec = prior.mean, prior.precision
+            tensors = {n: (mean[n].to(ref), prec[n].to(ref)) for n in prior.names}
+        total = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        for path in paths:
+            layer = layers[path]
+            for name, (_, mu, lv) in zip(_layer_names(path, layer), layer.variational_params()):
+                pm, pp = tensors[name]
+                total = total + gaussian_kl(mu, lv, pm, pp)
+        return total
+
+    def _add_kl_grad(self, pl_module: nn.Module, scale: float, prior: DiagGaussian | None = None,
+                     touched: set[str] | None = None) -> Tensor | None:
+        """Add ``scale · ∇KL`` to the .grad of the layers that got a data gradient; returns the KL (detached)."""
+        layers = self.layers(pl_module)
+        paths = [p for p, layer in layers.items() if _has_data_grad(layer)]
+        if touched is not None:
+            for p in paths:
+                touched.update(_layer_names(p, layers[p]))
+        if not paths:
+            return None
+        with torch.enable_grad():
+            kl = self.kl(pl_module, paths, prior)
+            if not bool(torch.isfinite(kl)):
+                bad = [n for p in paths for n, (_, mu, lv) in zip(_layer_names(p, layers[p]),
+                                                                    layers[p].variational_params())
+                       if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(lv).all()))]
+                raise ValueError(f"the VCL KL term is not finite ({float(kl.detach())}); non-finite variational parameters: "
+                                 f"{bad or 'none (overflow in exp(logvar))'}. The posterior of the last finished "
+                                 "task is kept (callback.posterior(); apply_posterior() loads it into the layers).")
+            params = [t for p in paths for _, mu, lv in layers[p].variational_params() for t in (mu, lv)]
+            grads = torch.autograd.grad(kl, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if p.grad is None:
+                    p.grad = g * scale
+                else:
+                    p.grad.add_(g, alpha=scale)
+        return kl.detach()
+
+    @torch.no_grad()
+    def add_prior_grad(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> Tensor | None:
+        """``.grad += ∇KL(q || q_{t−1}) / N_t`` on the layers with a data gradient (the documented mechanism)."""
+        self.ensure_server(pl_module)
+        if trainer is not None and self._ml_phase(trainer):
+            for path, layer in self.layers(pl_module).items():
+                if _has_data_grad(layer):
+                    self._touched.update(_layer_names(path, layer))
+            return None
+        return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched)
+
+    def _ml_phase(self, trainer: pl.Trainer) -> bool:
+        return self.ml_init and self.tasks_seen == 0 and trainer.current_epoch < self.ml_epochs
+
+    # ------------------------------------------------------------------ task boundaries
+    @torch.no_grad()
+    def end_task(self, trainer: pl.Trainer | None, pl_module: nn.Module, name: str | None = None) -> DiagGaussian:
+        """Close a task: the layers' ``q_t`` becomes the posterior (site ``q_t / q_{t−1}``); returns it.
+
+        Layers no step of this task touched keep ``q_{t−1}`` (an empty site). Raises ``ValueError`` naming the
+        parameter if ``q_t`` is not finite; the previous posterior is kept.
+        """
+        server = self.ensure_server(pl_module)
+        names = list(server.prior.names)
+        q_prev = server.posterior()
+        q_layers = layer_posterior(pl_module, names)
+        touched = self._touched
+        for n in touched:
+            mu, prec = q_layers.mean[n], q_layers.precision[n]
+            if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(prec).all()) and bool((prec > 0).all())):
+                raise ValueError(f"the variational posterior of parameter {n!r} is not finite; the task is not "
+                                 "closed and the previous posterior is kept.")
+        pm, pp = q_prev.mean, q_prev.precision
+        lm, lp = q_layers.mean, q_layers.precision
+        mean = {n: lm[n] if n in touched else pm[n] for n in names}
+        prec = {n: torch.maximum(lp[n], pp[n]) if n in touched else pp[n] for n in names}
+        q_new = DiagGaussian.from_mean_precision(mean, prec)
+        site = q_new.divide(q_prev, allow_improper=True)
+        server.add(name or f"task-{self.tasks_seen}", site)
+        self._grad_cache = None
+        informed = self.informed_names()
+        self.apply_posterior(pl_module, [n for n in names if n in touched or n in informed])
+        self.tasks_seen += 1
+        self.task_open = False
+        self._touched = set()
+        return server.posterior()
+
+    def forget(self, task: int | str, pl_module: nn.Module | None = None) -> DiagGaussian:
+        """Remove a task's site and its coreset; with ``pl_module`` the layers are set to the new posterior."""
+        site = super().forget(task)
+        if isinstance(task, int):
+            self.coresets.pop(task, None)
+        elif task.startswith("task-") and task[5:].isdigit():
+            self.coresets.pop(int(task[5:]), None)
+        if pl_module is not None:
+            self.apply_posterior(pl_module, list(self.server.prior.names))
+        return site
+
+    def reset(self) -> None:
+        super().reset()
+        self.coresets, self.task_open, self._touched, self._backup = {}, False, set(), None
+
+    # ------------------------------------------------------------------ coresets
+    def prepare_task_data(self, dataset: Dataset, task: int | None = None) -> Dataset:
+        """Hold a coreset out of a task's training data: keep it, return the rest to train on.
+
+        ``task`` defaults to the index of the next task (``tasks_seen``, or the open one). Without a coreset
+        (``coreset_size=0``) the dataset is returned unchanged. Raises ``ValueError`` if ``coreset_size`` is not
+        smaller than the dataset.
+        """
+        if self.coreset_size == 0:
+            return dataset
+        t = self.tasks_seen if task is None else int(task)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+        train, core = split_coreset(dataset, self.coreset_size, self.coreset_method, g)
+        self.coresets[t] = tuple(x.detach().cpu().clone() for x in stack_dataset(core))
+        return train
+
+    def coreset_dataset(self) -> TensorDataset | None:
+        """The union of the stored coresets (``None`` if there is none)."""
+        if not self.coresets:
+            return None
+        parts = [self.coresets[t] for t in sorted(self.coresets)]
+        if len({len(p) for p in parts}) != 1:
+            raise ValueError("the coresets of different tasks have items of different lengths; use one batch "
+                             "convention ((x, y) or (x, y, task_id)) for the whole stream.")
+        return TensorDataset(*[torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))])
+
+    def _var_params(self, pl_module: nn.Module) -> dict[str, Tensor]:
+        return {f"{path}.{k}_{s}": t for path, layer in self.layers(pl_module).items()
+                for k, mu, lv in layer.variational_params() for s, t in (("mu", mu), ("logvar", lv))}
+
+    def coreset_finetune(self, pl_module: nn.Module) -> bool:
+        """Back up the variational parameters and fine-tune them on the coresets (prediction only).
+
+        Returns ``False`` (nothing done) without coresets. :meth:`restore_pre_coreset` undoes it.
+        """
+        data = self.coreset_dataset()
+        if data is None or self.coreset_epochs == 0 or self._backup is not None:
+            return False
+        with torch.inference_mode(False), torch.enable_grad():
+            params = self._var_params(pl_module)
+            self._backup = {n: p.detach().clone() for n, p in params.items()}
+            prior = layer_posterior(pl_module, list(self.selected_params(pl_module)))
+            device = next(iter(params.values())).device
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (self.tasks_seen + 1))
+            loader = DataLoader(data, batch_size=self.coreset_batch_size, shuffle=True, generator=g)
+            opt = torch.optim.Adam(list(params.values()), lr=self.coreset_lr)
+            scale = 1.0 / len(data)
+            stochastic = {p: layer.stochastic for p, layer in self.layers(pl_module).items()}
+            set_stochastic(pl_module, True)
+            self.seed_noise(pl_module, 2, self.tasks_seen)
+            try:
+                with predictive_samples(pl_module, 1):
+                    for _ in range(self.coreset_epochs):
+                        for batch in loader:
+                            inputs, y = split_batch(batch)
+                            inputs, y = move_inputs(inputs, y, device)
+                            opt.zero_grad(set_to_none=True)
+                            self.coreset_loss(pl_module(*inputs), y).backward()
+                            self._add_kl_grad(pl_module, scale, prior=prior)
+                            opt.step()
+            finally:
+                for p in params.values():
+                    p.grad = None
+                for p, layer in self.layers(pl_module).items():
+                    layer.stochastic = stochastic.get(p, True)
+        return True
+
+    def restore_pre_coreset(self, pl_module: nn.Module) -> None:
+        """Put back the parameters saved by :meth:`coreset_finetune` (no-op if none)."""
+        if self._backup is None:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for n, p in self._var_params(pl_module).items():
+                p.copy_(self._backup[n])
+        self._backup = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        convert(pl_module, self.logvar_init, include=self._include)
+        enable_predictive(pl_module, self.test_samples)
+        if self.train_samples > 1 and not hasattr(pl_module.training_step, _WRAP_ATTR):
+            pl_module.training_step = _mc_training_step(pl_module.training_step, self.train_samples)
+        self.ensure_server(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if hasattr(pl_module.training_step, _WRAP_ATTR) and "training_step" in vars(pl_module):
+            del pl_module.training_step
+        self.restore_pre_coreset(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self.task_open:
+            if self.tasks_seen > 0:
+                self.apply_posterior(pl_module)
+            self.task_open = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_stochastic(pl_module, not self._ml_phase(trainer))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.seed_noise(pl_module, 0, self.tasks_seen, trainer.current_epoch, batch_idx)
+
+    def _eval_batch_start(self, pl_module: nn.Module, batch_idx: int, dataloader_idx: int) -> None:
+        self.seed_noise(pl_module, 1, dataloader_idx, batch_idx)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        kl = self.add_prior_grad(pl_module, trainer)
+        if kl is not None:
+            pl_module.log("vcl/kl", kl, on_step=False, on_epoch=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_stochastic(pl_module, True)
+        if self.auto_end_task:
+            self.end_task(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.coreset_finetune(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restore_pre_coreset(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.coreset_finetune(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restore_pre_coreset(pl_module)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "task_open": self.task_open, "touched": sorted(self._touched),
+                "coreset_tasks": sorted(self.coresets)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.task_open = bool(state_dict.get("task_open", False))
+        self._touched = set(state_dict.get("touched", []))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        checkpoint[f"{self._ckpt_key()}/coresets"] = {int(t): list(c) for t, c in self.coresets.items()}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        cores = checkpoint.get(f"{self._ckpt_key()}/coresets")
+        if cores is not None:
+            self.coresets = {int(t): tuple(c) for t, c in cores.items()}
