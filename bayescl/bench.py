@@ -32,6 +32,7 @@ from .metrics import summarize
 from .models import MLP, MultiHeadMLP, SmallCNN
 from .module import ClassifierModule
 from .recipes import Recipe, load_recipe
+from .uncertainty import evaluate_uncertainty, posterior_for
 
 MODELS = ("mlp", "cnn")
 
@@ -66,6 +67,7 @@ class BenchConfig:
     root: str | None = None
     first_seed: int = 0
     progress: bool = False
+    uncertainty: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -116,6 +118,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
     test_loaders = [t.test_dataloader() for t in stream]
     fit_seconds = 0.0
     steps = 0
+    uncertainty: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for i, task in enumerate(stream):
         data = stream.cumulative_train(i) if recipe.cumulative else task.train
@@ -131,6 +134,9 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
         steps += trainer.global_step
         module.stage = i
         trainer.test(module, dataloaders=test_loaders, verbose=False)
+        if cfg.uncertainty:
+            uncertainty.append(evaluate_uncertainty(module, posterior_for(callbacks, module), test_loaders,
+                                                    stage=i, seed=seed))
         row = module.acc_matrix.compute()[i]
         seen = row[: i + 1]
         log(f"  seed {seed} task {i + 1}/{len(stream)}: mean acc on seen tasks {100 * float(seen.mean()):.2f} "
@@ -147,6 +153,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
         # time inside fit spent closing tasks (curvature passes); the rest is training steps
         "end_task_seconds": end_task,
         "step_ms": 1000 * (fit_seconds - end_task) / max(1, steps),
+        **({"uncertainty": uncertainty} if uncertainty else {}),
     }
 
 

@@ -26,6 +26,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="benchmarks/results", help="results folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                    help="Lightning progress bars (default: on in a terminal)")
+    p.add_argument("--uncertainty", action=argparse.BooleanOptionalAction, default=True,
+                   help="predictive uncertainty and calibration per task after each task (default: on)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite the scenario's table and plots")
 
 
@@ -39,6 +41,7 @@ def _bench(args: argparse.Namespace) -> int:
             scenario=args.scenario, strategy=strategy, seeds=args.seeds, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, model=args.model, num_tasks=args.num_tasks, limit=args.limit,
             root=args.data_root, first_seed=args.first_seed, progress=args.progress,
+            uncertainty=args.uncertainty,
         )
         cfg.validate()  # refuse bad input before any work
     for strategy in args.strategy:

@@ -268,10 +268,13 @@ def _eval_mode(model: nn.Module):
 
 @torch.no_grad()
 def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...], n_samples: int = 16,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, method: str | None = None) -> Tensor:
     """Monte Carlo samples ``(S, B, C)`` of the softmax of ``model(*inputs)`` under the weight posterior.
 
-    * ``posterior`` a :class:`~bayescl.posterior.DiagGaussian` / :class:`~bayescl.kron.KronGaussian` over (some of)
+    * ``method="glm"`` (the default for a :class:`~bayescl.posterior.DiagGaussian`): samples of the linearised
+      predictive, logits drawn from ``N(f(x; μ), diag v)`` (:func:`bayescl.predictive.glm_logit_moments`) — a
+      Laplace posterior sampled through the whole network underfits (Immer et al. 2021).
+    * ``method="mc"`` (the default for a :class:`~bayescl.kron.KronGaussian`), ``posterior`` over (some of)
       ``model``'s parameters (e.g. ``LaplaceCallback.posterior()`` with the LightningModule as ``model``): ``S =
       n_samples`` draws ``θ_s = posterior.sample(generator)``, each run with ``torch.func.functional_call`` (the
       same sampling as :func:`bayescl.predictive.predictive`: with the same generator state, the mean of these
@@ -286,7 +289,17 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
     check_positive_int(n_samples, "n_samples")
     if not isinstance(inputs, tuple):
         raise TypeError(f"inputs must be a tuple of the model's positional inputs, got {type(inputs).__name__}.")
+    from .posterior import DiagGaussian
+    from .predictive import glm_logit_moments, glm_samples
+
+    if method is None:
+        method = "glm" if isinstance(posterior, DiagGaussian) else "mc"
+    if method not in ("glm", "mc"):
+        raise ValueError(f"method={method!r} is not valid; allowed: 'glm', 'mc' (or None for the default).")
     with _eval_mode(model):
+        if method == "glm" and posterior is not None:
+            logits, v = glm_logit_moments(model, posterior, inputs)
+            return glm_samples(logits, v, n_samples, generator)
         weights = None if posterior is None else _draw_weights(model, posterior, n_samples, generator)
         return _probs(model, weights, inputs, n_samples)
 

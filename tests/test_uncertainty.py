@@ -149,9 +149,12 @@ def test_mc_probs_are_the_samples_whose_mean_predictive_returns():
     model = tiny()
     x = torch.randn(5, 4, dtype=torch.float64)
     q = DiagGaussian.isotropic(model, precision=10.0, mean="current")
-    s = mc_probs(model, q, (x,), n_samples=6, generator=torch.Generator().manual_seed(1))
-    p = predictive(model, q, (x,), "mc", n_samples=6, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(s.mean(0), p)
+    for method in ("mc", "glm"):
+        s = mc_probs(model, q, (x,), n_samples=6, generator=torch.Generator().manual_seed(1), method=method)
+        p = predictive(model, q, (x,), method, n_samples=6, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(s.mean(0), p)
+    with pytest.raises(ValueError, match="method='exact'"):
+        mc_probs(model, q, (x,), method="exact")
 
 
 def _loaders(T=2, n=40, with_task=False):
