@@ -1,6 +1,8 @@
 """bayescl: Bayesian continual learning for PyTorch Lightning."""
 
 from .callbacks.laplace import LaplaceCallback, Structure
+from .callbacks.vcl import VCLCallback
+from .coresets import split_coreset
 from .data import Scenario, Task, TaskStream, make_stream, permuted_stream, split_stream, synthetic_stream
 from .metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
 from .models import MLP, MultiHeadMLP, SmallCNN
@@ -11,7 +13,7 @@ from .sites import PosteriorServer
 
 __all__ = [
     # callbacks
-    "LaplaceCallback", "Structure",
+    "LaplaceCallback", "Structure", "VCLCallback", "split_coreset",
     # posterior core
     "DiagGaussian", "KronGaussian", "PosteriorServer",
     # data

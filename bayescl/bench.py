@@ -122,6 +122,10 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
     t0 = time.perf_counter()
     for i, task in enumerate(stream):
         data = stream.cumulative_train(i) if recipe.cumulative else task.train
+        if not recipe.cumulative:  # callbacks that hold data out of training (VCL coresets) take it here
+            for cb in callbacks:
+                if hasattr(cb, "prepare_task_data"):
+                    data = cb.prepare_task_data(data, task=i)
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
         trainer = pl.Trainer(
             max_epochs=cfg.epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,

@@ -1,0 +1,356 @@
+r"""Mean-field Gaussian variational layers, the module swap that installs them, and their posterior.
+
+A variational layer holds ``q(W) = Π_j N(W_j; μ_j, exp(ℓ_j))`` with parameters ``weight_mu``,
+``weight_logvar``, ``bias_mu``, ``bias_logvar`` (``ℓ`` is the log-variance, initialised to ``logvar_init = −6`` as
+in VCL). Its forward pass uses the *local reparameterisation trick* (Kingma, Salimans & Welling 2015): instead of
+sampling ``W`` it samples the pre-activations, which are Gaussian given the input,
+
+.. math::  b = x W^\top + c,\quad \mathbb E[b] = x \mu_W^\top + \mu_c,\quad
+           \mathrm{Var}[b] = x^{2} (\sigma^2_W)^\top + \sigma^2_c,
+
+with fresh noise per example and per forward call (one Monte Carlo sample of the network per call, lower variance
+than a shared weight sample). :class:`BayesConv2d` does the same with convolutions
+(``Var = conv(x², σ²_W) + σ²_c``): the marginal of every output is exact, noise is independent across output
+positions.
+
+:func:`convert` swaps ``nn.Linear`` / ``nn.Conv2d`` layers for these in place (idempotent: variational layers are
+left alone); the means start at the layer's current weights. The *logical* parameter of a layer at module path
+``p`` is ``p.weight`` / ``p.bias`` (the name the plain layer had): :func:`layer_posterior` maps the layers to a
+:class:`~bayescl.posterior.DiagGaussian` over logical names (mean ``μ``, variance ``exp(ℓ)``) and
+:func:`load_posterior` maps one back.
+
+Prediction. :func:`enable_predictive` registers a forward hook on a root module: in ``eval()`` mode a call
+returns ``log((1/S) Σ_s softmax(f_s(x)))``, the log of the Monte Carlo average of the *probabilities* over
+``S = test_samples`` forward passes (the root's output must be logits over its last dimension). ``argmax`` of
+that output is the MC-averaged prediction, ``softmax`` of it the averaged probabilities, and
+``cross_entropy`` of it the predictive log-loss, so a plain ``test_step`` gets the Bayesian prediction unchanged.
+In ``train()`` mode a call is one sample. ``set_stochastic(module, False)`` makes every layer use its means only
+(a deterministic network: maximum-likelihood pre-training).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_positive_int
+from .posterior import DiagGaussian
+
+DEFAULT_LOGVAR_INIT = -6.0
+#: Variances below this are clamped before the square root (keeps gradients finite at exactly zero input).
+_MIN_VAR = 1e-30
+
+
+def _check_logvar(logvar_init: object) -> float:
+    if isinstance(logvar_init, bool) or not isinstance(logvar_init, (int, float)):
+        raise TypeError(f"logvar_init must be a real number, got {type(logvar_init).__name__} {logvar_init!r}.")
+    if not math.isfinite(float(logvar_init)):
+        raise ValueError(f"logvar_init={logvar_init!r} is not allowed; it must be a finite real number.")
+    return float(logvar_init)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mean: Tensor, prior_precision: Tensor) -> Tensor:
+    r"""``KL(N(μ, e^ℓ) || N(μ_p, 1/λ_p))`` summed over entries, differentiable in ``μ`` and ``ℓ``:
+    ``½ Σ [λ_p e^ℓ + λ_p (μ − μ_p)² − 1 − log λ_p − ℓ]``."""
+    return 0.5 * (prior_precision * (logvar.exp() + (mu - prior_mean) ** 2) - 1.0
+                  - torch.log(prior_precision) - logvar).sum()
+
+
+class _BayesLayer(nn.Module):
+    """Shared parameters and bookkeeping of :class:`BayesLinear` and :class:`BayesConv2d`."""
+
+    weight_mu: nn.Parameter
+    weight_logvar: nn.Parameter
+    bias_mu: nn.Parameter | None
+    bias_logvar: nn.Parameter | None
+
+    def _init_params(self, weight: Tensor, bias: Tensor | None, logvar_init: float) -> None:
+        lv = _check_logvar(logvar_init)
+        self.logvar_init = lv
+        self.weight_mu = nn.Parameter(weight.detach().clone())
+        self.weight_logvar = nn.Parameter(torch.full_like(weight.detach(), lv))
+        if bias is not None:
+            self.bias_mu = nn.Parameter(bias.detach().clone())
+            self.bias_logvar = nn.Parameter(torch.full_like(bias.detach(), lv))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_logvar", None)
+        #: sample (True) or use the means only (False).
+        self.stochastic = True
+        #: the noise source (a ``torch.Generator`` on the layer's device); ``None``: the global RNG.
+        self.generator: torch.Generator | None = None
+
+    def variational_params(self) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """``(logical name suffix, μ, ℓ)``: ``("weight", weight_mu, weight_logvar)`` and the bias if any."""
+        yield "weight", self.weight_mu, self.weight_logvar
+        if self.bias_mu is not None:
+            yield "bias", self.bias_mu, self.bias_logvar
+
+    def kl(self, prior_mean: dict[str, Tensor], prior_precision: dict[str, Tensor]) -> Tensor:
+        """KL from this layer's ``q`` to a prior given per logical suffix (``"weight"``, ``"bias"``)."""
+        return sum(gaussian_kl(mu, lv, prior_mean[k], prior_precision[k]) for k, mu, lv in self.variational_params())
+
+    def _sample(self, mean: Tensor, var: Tensor) -> Tensor:
+        if self.generator is None:
+            eps = torch.randn_like(mean)
+        else:
+            eps = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype, device=mean.device)
+        return mean + var.clamp_min(_MIN_VAR).sqrt() * eps
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, logvar_init={self.logvar_init}, stochastic={self.stochastic}"
+
+
+class BayesLinear(_BayesLayer):
+    """Mean-field Gaussian ``nn.Linear`` with the local reparameterisation trick.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        logvar_init: initial log-variance of every weight (finite; −6 by default, as in VCL).
+        weight, bias_init: initial means (default: ``nn.Linear``'s initialisation).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 logvar_init: float = DEFAULT_LOGVAR_INIT, weight: Tensor | None = None,
+                 bias_init: Tensor | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        check_positive_int(in_features, "in_features")
+        check_positive_int(out_features, "out_features")
+        _check_logvar(logvar_init)
+        self.in_features, self.out_features = in_features, out_features
+        if weight is None:
+            ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            weight, bias_init = ref.weight, ref.bias
+        self._init_params(weight, bias_init if bias else None, logvar_init)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, logvar_init: float = DEFAULT_LOGVAR_INIT) -> BayesLinear:
+        return cls(layer.in_features, layer.out_features, layer.bias is not None, logvar_init,
+                   weight=layer.weight, bias_init=layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = F.linear(x, self.weight_mu, self.bias_mu)
+        if not self.stochastic:
+            return mean
+        var = F.linear(x * x, self.weight_logvar.exp(), None if self.bias_logvar is None else self.bias_logvar.exp())
+        return self._sample(mean, var)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias_mu is not None}, logvar_init={self.logvar_init}, stochastic={self.stochastic}"
+
+
+class BayesConv2d(_BayesLayer):
+    """Mean-field Gaussian ``nn.Conv2d`` (``padding_mode="zeros"``) with local reparameterisation.
+
+    Built from an ``nn.Conv2d`` by :meth:`from_conv` (or :func:`convert`); stride, padding, dilation and groups are
+    kept. Each output entry is sampled from its exact marginal; noise is independent across output positions.
+    """
+
+    def __init__(self, conv: nn.Conv2d, logvar_init: float = DEFAULT_LOGVAR_INIT) -> None:
+        super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}.")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by BayesConv2d; allowed: 'zeros'.")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._init_params(conv.weight, conv.bias, logvar_init)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, logvar_init: float = DEFAULT_LOGVAR_INIT) -> BayesConv2d:
+        return cls(conv, logvar_init)
+
+    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = self._conv(x, self.weight_mu, self.bias_mu)
+        if not self.stochastic:
+            return mean
+        var = self._conv(x * x, self.weight_logvar.exp(),
+                         None if self.bias_logvar is None else self.bias_logvar.exp())
+        return self._sample(mean, var)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
+               f"padding={self.padding}, bias={self.bias_mu is not None}, logvar_init={self.logvar_init}"
+
+
+BayesLayer = _BayesLayer
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+# --------------------------------------------------------------------------------------------------- the swap
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def convert(module: nn.Module, logvar_init: float = DEFAULT_LOGVAR_INIT,
+            include: Callable[[str], bool] | str | None = None) -> nn.Module:
+    """Swap every ``nn.Linear`` / ``nn.Conv2d`` inside ``module`` for its variational layer, in place.
+
+    Idempotent: layers that are variational already are kept as they are (with their parameters). The new
+    means are the layers' current weights, the log-variances ``logvar_init``.
+
+    Args:
+        module: the model (its own type may be ``nn.Linear``; then a new layer is returned, not swapped).
+        logvar_init: initial log-variance (finite).
+        include: which layers to convert, by module path: a callable ``path -> bool`` or a regular expression
+            (``re.search`` on the *logical weight name* ``"<path>.weight"``); ``None`` converts all.
+
+    Returns:
+        ``module`` (or the new layer when ``module`` itself is a plain layer).
+
+    Raises:
+        ValueError: the module holds no supported layer and no variational one; the message names the layer
+            types found.
+    """
+    lv = _check_logvar(logvar_init)
+    if isinstance(include, str):
+        pattern = re.compile(include)
+        keep: Callable[[str], bool] = lambda path: bool(pattern.search(_join(path, "weight")))  # noqa: E731
+    elif include is None:
+        keep = lambda path: True  # noqa: E731
+    elif callable(include):
+        keep = include
+    else:
+        raise TypeError(f"include must be a callable, a regular expression or None, got {type(include).__name__}.")
+
+    def swap(layer: nn.Module) -> nn.Module:
+        new = BayesLinear.from_linear(layer, lv) if isinstance(layer, nn.Linear) else BayesConv2d(layer, lv)
+        return new.to(device=layer.weight.device, dtype=layer.weight.dtype).train(layer.training)
+
+    if isinstance(module, SUPPORTED) and not isinstance(module, _BayesLayer):
+        return swap(module)
+    found = 0
+    for path, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            child_path = _join(path, name)
+            if isinstance(child, _BayesLayer):
+                found += 1
+            elif isinstance(child, SUPPORTED) and keep(child_path):
+                setattr(parent, name, swap(child))
+                found += 1
+    if found == 0 and not isinstance(module, _BayesLayer):
+        types = sorted({type(m).__name__ for m in module.modules()})
+        raise ValueError(f"convert found no supported layer (nn.Linear, nn.Conv2d) to make variational in "
+                         f"{type(module).__name__}; layer types found: {types}.")
+    return module
+
+
+def variational_layers(module: nn.Module) -> dict[str, _BayesLayer]:
+    """The variational layers of ``module`` by module path (in ``named_modules`` order)."""
+    return {path: m for path, m in module.named_modules() if isinstance(m, _BayesLayer)}
+
+
+def logical_names(module: nn.Module) -> dict[str, tuple[str, str]]:
+    """Logical parameter name -> ``(mean parameter name, log-variance parameter name)``.
+
+    >>> m = convert(nn.Sequential(nn.Linear(2, 3)))
+    >>> logical_names(m)["0.weight"]
+    ('0.weight_mu', '0.weight_logvar')
+    """
+    out = {}
+    for path, layer in variational_layers(module).items():
+        for k, _, _ in layer.variational_params():
+            out[_join(path, k)] = (_join(path, f"{k}_mu"), _join(path, f"{k}_logvar"))
+    return out
+
+
+def _logical_tensors(module: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    return {_join(path, k): (mu, lv) for path, layer in variational_layers(module).items()
+            for k, mu, lv in layer.variational_params()}
+
+
+def layer_posterior(module: nn.Module, names: list[str] | None = None) -> DiagGaussian:
+    """The mean-field ``q`` of the variational layers as a :class:`DiagGaussian` over logical names
+    (mean ``weight_mu``, variance ``exp(weight_logvar)``); ``names`` restricts (and orders) them."""
+    tensors = _logical_tensors(module)
+    if names is None:
+        names = list(tensors)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise KeyError(f"parameter {missing[0]!r} is not a variational parameter of {type(module).__name__}; "
+                       f"known: {', '.join(tensors) or '(none)'}.")
+    return DiagGaussian.from_mean_precision({n: tensors[n][0].detach().clone() for n in names},
+                                            {n: torch.exp(-tensors[n][1].detach()) for n in names})
+
+
+@torch.no_grad()
+def load_posterior(module: nn.Module, q: DiagGaussian, names: list[str] | None = None) -> None:
+    """Set ``μ`` and ``ℓ = log σ²`` of the layers from ``q`` (over logical names; ``names`` restricts)."""
+    tensors = _logical_tensors(module)
+    names = list(q.names) if names is None else list(names)
+    for n in names:
+        if n not in tensors:
+            raise KeyError(f"parameter {n!r} of the posterior is not a variational parameter of "
+                           f"{type(module).__name__}.")
+    mean, prec = q.mean, q.precision
+    for n in names:
+        mu, lv = tensors[n]
+        mu.copy_(mean[n].to(mu))
+        lv.copy_((-torch.log(prec[n])).to(lv))
+
+
+def set_stochastic(module: nn.Module, stochastic: bool) -> None:
+    """Sample (``True``) or use the means only (``False``) in every variational layer of ``module``."""
+    for layer in variational_layers(module).values():
+        layer.stochastic = bool(stochastic)
+
+
+def set_generator(module: nn.Module, generator: torch.Generator | None) -> None:
+    """Draw the noise of every variational layer of ``module`` from ``generator`` (``None``: the global RNG)."""
+    for layer in variational_layers(module).values():
+        layer.generator = generator
+
+
+def is_stochastic(module: nn.Module) -> bool:
+    return any(layer.stochastic for layer in variational_layers(module).values())
+
+
+# --------------------------------------------------------------------------------------------------- prediction
+_SAMPLES_ATTR = "_bayescl_test_samples"
+_HOOK_ATTR = "_bayescl_predictive_hook"
+
+
+def _predictive_hook(module: nn.Module, args, kwargs, output):
+    n = getattr(module, _SAMPLES_ATTR, 1)
+    if module.training or n <= 1 or not isinstance(output, Tensor) or not is_stochastic(module):
+        return None
+    probs = torch.softmax(output, dim=-1)
+    for _ in range(n - 1):
+        probs = probs + torch.softmax(module.forward(*args, **kwargs), dim=-1)
+    return torch.log(probs / n)
+
+
+def enable_predictive(module: nn.Module, test_samples: int) -> nn.Module:
+    """In ``eval()`` mode, make ``module(...)`` return ``log`` of the mean softmax over ``test_samples`` samples.
+
+    Idempotent (one hook per module; a second call only changes the number of samples). ``test_samples=1``
+    makes an eval call a single sample.
+    """
+    check_positive_int(test_samples, "test_samples")
+    setattr(module, _SAMPLES_ATTR, test_samples)
+    if getattr(module, _HOOK_ATTR, None) is None:
+        handle = module.register_forward_hook(_predictive_hook, with_kwargs=True)
+        object.__setattr__(module, _HOOK_ATTR, handle)
+    return module
+
+
+@contextmanager
+def predictive_samples(module: nn.Module, test_samples: int):
+    """Temporarily use ``test_samples`` samples in eval-mode calls (``1``: plain single-sample calls)."""
+    old = getattr(module, _SAMPLES_ATTR, 1)
+    setattr(module, _SAMPLES_ATTR, test_samples)
+    try:
+        yield module
+    finally:
+        setattr(module, _SAMPLES_ATTR, old)

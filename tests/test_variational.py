@@ -1,0 +1,181 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+from bayescl.models import MultiHeadMLP, SmallCNN
+from bayescl.posterior import DiagGaussian
+from bayescl.variational import (
+    BayesConv2d,
+    BayesLinear,
+    convert,
+    enable_predictive,
+    gaussian_kl,
+    layer_posterior,
+    load_posterior,
+    logical_names,
+    predictive_samples,
+    set_stochastic,
+    variational_layers,
+)
+
+
+def _random_linear(seed=0, n_in=4, n_out=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    layer = BayesLinear(n_in, n_out).to(dtype)
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.randn(n_out, n_in, generator=g, dtype=dtype))
+        layer.weight_logvar.copy_(torch.randn(n_out, n_in, generator=g, dtype=dtype) - 1.0)
+        layer.bias_mu.copy_(torch.randn(n_out, generator=g, dtype=dtype))
+        layer.bias_logvar.copy_(torch.randn(n_out, generator=g, dtype=dtype) - 1.0)
+    return layer
+
+
+def _random_prior(names_shapes, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    mean = {n: torch.randn(s, generator=g, dtype=dtype) for n, s in names_shapes.items()}
+    prec = {n: torch.rand(s, generator=g, dtype=dtype) * 3 + 0.2 for n, s in names_shapes.items()}
+    return DiagGaussian.from_mean_precision(mean, prec)
+
+
+def test_kl_matches_diag_gaussian_and_monte_carlo():
+    layer = _random_linear()
+    m = nn.Sequential(layer)
+    q = layer_posterior(m)
+    prior = _random_prior({n: q.mean[n].shape for n in q.names})
+    kl_layer = layer.kl({"weight": prior.mean["0.weight"], "bias": prior.mean["0.bias"]},
+                        {"weight": prior.precision["0.weight"], "bias": prior.precision["0.bias"]})
+    assert torch.allclose(kl_layer, q.kl(prior), rtol=1e-12)
+    # against torch.distributions
+    ref = sum(torch.distributions.kl_divergence(Normal(q.mean[n], q.variance[n].sqrt()),
+                                                Normal(prior.mean[n], prior.variance[n].sqrt())).sum()
+              for n in q.names)
+    assert torch.allclose(kl_layer, ref, rtol=1e-10)
+    # Monte Carlo: E_q[log q - log p]
+    torch.manual_seed(0)
+    s = q.sample(200_000)
+    lq = sum(Normal(q.mean[n], q.variance[n].sqrt()).log_prob(s[n]).flatten(1).sum(1) for n in q.names)
+    lp = sum(Normal(prior.mean[n], prior.variance[n].sqrt()).log_prob(s[n]).flatten(1).sum(1) for n in q.names)
+    diff = lq - lp
+    se = diff.std() / math.sqrt(diff.numel())
+    assert abs(float(diff.mean() - kl_layer.detach())) < 5 * float(se)
+    # gradient of the closed form: d/dmu = lambda_p (mu - mu_p), d/dlogvar = (lambda_p e^l - 1)/2
+    mu, lv = layer.weight_mu, layer.weight_logvar
+    pm, pp = prior.mean["0.weight"], prior.precision["0.weight"]
+    gm, gl = torch.autograd.grad(gaussian_kl(mu, lv, pm, pp), (mu, lv))
+    assert torch.allclose(gm, pp * (mu - pm))
+    assert torch.allclose(gl, 0.5 * (pp * lv.exp() - 1))
+
+
+def test_local_reparameterisation_moments_linear():
+    torch.manual_seed(0)
+    layer = _random_linear(n_in=5, n_out=3)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    n = 40_000
+    with torch.no_grad():
+        out = layer(x.repeat(n, 1)).view(n, 2, 3)
+        # reference: sample whole weights
+        w = layer.weight_mu + layer.weight_logvar.exp().sqrt() * torch.randn(n, 3, 5, dtype=torch.float64)
+        b = layer.bias_mu + layer.bias_logvar.exp().sqrt() * torch.randn(n, 3, dtype=torch.float64)
+        ref = torch.einsum("bi,noi->nbo", x, w) + b[:, None, :]
+        mean = x @ layer.weight_mu.T + layer.bias_mu
+        var = (x ** 2) @ layer.weight_logvar.exp().T + layer.bias_logvar.exp()
+    for sample in (out, ref):
+        assert torch.allclose(sample.mean(0), mean, atol=4 * float((var / n).sqrt().max()))
+        assert torch.allclose(sample.var(0), var, rtol=0.05)
+
+
+def test_local_reparameterisation_moments_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2).double()
+    layer = BayesConv2d(conv, logvar_init=-1.0)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    n = 20_000
+    with torch.no_grad():
+        out = layer(x.repeat(n, 1, 1, 1))
+        mean = F.conv2d(x, layer.weight_mu, layer.bias_mu, stride=2, padding=1)
+        var = F.conv2d(x ** 2, layer.weight_logvar.exp(), layer.bias_logvar.exp(), stride=2, padding=1)
+        w = layer.weight_mu + layer.weight_logvar.exp().sqrt() * torch.randn(n, *layer.weight_mu.shape,
+                                                                            dtype=torch.float64)
+        patches = F.unfold(x, 3, padding=1, stride=2)[0]  # (C*k*k, L): a weight sample per whole output map
+        ref = torch.einsum("nok,kl->nol", w.flatten(2), patches).view(n, 3, 3, 3)
+        ref_var = ref.var(0) + layer.bias_logvar.exp()[:, None, None]
+    assert torch.allclose(out.mean(0, keepdim=True), mean, atol=4 * float((var / n).sqrt().max()))
+    assert torch.allclose(out.var(0, keepdim=True), var, rtol=0.06)
+    assert torch.allclose(ref_var.unsqueeze(0), var, rtol=0.06)
+    set_stochastic(layer, False)
+    assert torch.equal(layer(x), conv(x))
+
+
+def test_convert_idempotent_and_names():
+    m = MultiHeadMLP(hidden=(6, 5), num_tasks=2)
+    w = m.trunk[1].weight.detach().clone()
+    convert(m)
+    layers = variational_layers(m)
+    assert list(layers) == ["trunk.1", "trunk.3", "heads.0", "heads.1"]
+    assert torch.equal(m.trunk[1].weight_mu, w)
+    assert bool((m.trunk[1].weight_logvar == -6.0).all())
+    ids = [id(p) for p in m.parameters()]
+    convert(m, logvar_init=-2.0)
+    assert [id(p) for p in m.parameters()] == ids
+    assert logical_names(m)["heads.1.bias"] == ("heads.1.bias_mu", "heads.1.bias_logvar")
+    # only some layers
+    m2 = convert(MultiHeadMLP(hidden=(6,), num_tasks=2), include=r"^heads\.")
+    assert isinstance(m2.trunk[1], nn.Linear) and isinstance(m2.heads[0], BayesLinear)
+    # conv
+    c = convert(SmallCNN())
+    assert isinstance(c.features[0], BayesConv2d) and isinstance(c.head, BayesLinear)
+    assert c(torch.rand(2, 784)).shape == (2, 10)
+
+
+def test_convert_errors():
+    with pytest.raises(ValueError, match="ReLU"):
+        convert(nn.Sequential(nn.ReLU(), nn.Tanh()))
+    with pytest.raises(ValueError, match="logvar_init"):
+        convert(nn.Sequential(nn.Linear(2, 2)), logvar_init=float("nan"))
+    with pytest.raises(ValueError, match="logvar_init"):
+        BayesLinear(2, 2, logvar_init=float("inf"))
+    with pytest.raises(ValueError, match="padding_mode"):
+        BayesConv2d(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
+
+
+def test_posterior_round_trip():
+    m = convert(nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1, bias=False))).double()
+    q = layer_posterior(m)
+    assert q.names == ("0.weight", "0.bias", "2.weight")
+    assert torch.allclose(q.variance["0.weight"], torch.full((2, 3), math.exp(-6.0), dtype=torch.float64))
+    target = _random_prior({n: q.mean[n].shape for n in q.names})
+    load_posterior(m, target)
+    back = layer_posterior(m)
+    for n in q.names:
+        assert torch.allclose(back.mean[n], target.mean[n])
+        assert torch.allclose(back.precision[n], target.precision[n])
+    with pytest.raises(KeyError, match="nope"):
+        layer_posterior(m, ["nope"])
+
+
+def test_predictive_averages_probabilities():
+    torch.manual_seed(0)
+    m = convert(nn.Sequential(nn.Linear(4, 3))).double()
+    with torch.no_grad():
+        m[0].weight_logvar.fill_(0.0)
+    enable_predictive(m, 7)
+    enable_predictive(m, 7)  # idempotent: one hook
+    assert len(m._forward_hooks) == 1
+    x = torch.randn(5, 4, dtype=torch.float64)
+    m.eval()
+    torch.manual_seed(1)
+    out = m(x)
+    torch.manual_seed(1)
+    with predictive_samples(m, 1):
+        probs = torch.stack([torch.softmax(m(x), -1) for _ in range(7)]).mean(0)
+    assert torch.allclose(out, probs.log())
+    assert torch.allclose(out.exp().sum(-1), torch.ones(5, dtype=torch.float64))
+    m.train()
+    assert not torch.allclose(m(x).exp().sum(-1), torch.ones(5, dtype=torch.float64))  # plain logits
+    set_stochastic(m, False)
+    m.eval()
+    assert torch.allclose(m(x), F.linear(x, m[0].weight_mu, m[0].bias_mu))

@@ -1,0 +1,276 @@
+import logging
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from bayescl import ClassifierModule, MultiHeadMLP, synthetic_stream
+from bayescl.callbacks.vcl import VCLCallback
+from bayescl.variational import BayesLinear, gaussian_kl, layer_posterior
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*val_dataloader.*"),
+              pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*")]
+
+
+def _stream(n_train=48, num_tasks=3):
+    return synthetic_stream(num_tasks, n_train=n_train, n_test=32, seed=0)
+
+
+def _module(num_tasks=3, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return ClassifierModule(MultiHeadMLP(hidden=(8, 8), num_tasks=num_tasks), num_tasks=num_tasks,
+                            lr=1e-2).to(dtype)
+
+
+def _trainer(cb, epochs=1, extra=(), **kw):
+    if kw.pop("double", False):
+        kw["precision"] = "64-true"
+    return pl.Trainer(max_epochs=epochs, callbacks=[cb, *extra], accelerator="cpu", devices=1, logger=False,
+                      enable_checkpointing=bool(kw.pop("enable_checkpointing", False)), enable_model_summary=False,
+                      enable_progress_bar=False, num_sanity_val_steps=0, **kw)
+
+
+def _loader(ds, dtype=torch.float32):
+    return DataLoader(ds, batch_size=16, shuffle=False)
+
+
+def _fit_task(cb, module, task, epochs=1, **kw):
+    data = cb.prepare_task_data(task.train)
+    _trainer(cb, epochs, **kw).fit(module, _loader(data))
+
+
+def _assert_gaussians_close(a, b, names=None, rtol=1e-5, atol=1e-6):
+    for n in names or a.names:
+        assert torch.allclose(a.eta[n], b.eta[n], rtol=rtol, atol=atol), n
+        assert torch.allclose(a.precision[n], b.precision[n], rtol=rtol, atol=atol), n
+
+
+def test_swap_at_setup_idempotent_and_optimizer_sees_new_params():
+    s = _stream()
+    module = _module()
+    cb = VCLCallback(ml_init=False, test_samples=2)
+    _fit_task(cb, module, s[0])
+    layer = module.model.trunk[1]
+    assert isinstance(layer, BayesLinear) and isinstance(module.model.heads[2], BayesLinear)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    ids = [id(p) for p in module.parameters()]
+    _fit_task(cb, module, s[1])
+    assert [id(p) for p in module.parameters()] == ids  # second setup left the layers as they were
+    after = dict(module.named_parameters())
+    assert not torch.equal(before["model.trunk.1.weight_mu"], after["model.trunk.1.weight_mu"])
+    assert not torch.equal(before["model.trunk.1.weight_logvar"], after["model.trunk.1.weight_logvar"])
+    assert not torch.equal(before["model.heads.1.weight_mu"], after["model.heads.1.weight_mu"])
+    # the head of task 2 was never used: untouched, and its posterior is the base prior N(0, 1)
+    assert torch.equal(before["model.heads.2.weight_mu"], after["model.heads.2.weight_mu"])
+    q = cb.posterior()
+    assert torch.equal(q.precision["model.heads.2.weight"], torch.ones(2, 8))
+    assert torch.equal(q.eta["model.heads.2.weight"], torch.zeros(2, 8))
+    assert cb.tasks_seen == 2 and cb.server.names == ("task-0", "task-1")
+
+
+def test_posterior_after_task_is_the_layers_q_and_sites_multiply_to_it():
+    s = _stream()
+    module = _module(dtype=torch.float64)
+    cb = VCLCallback(ml_init=False, auto_end_task=False, test_samples=2)
+    trainer = _trainer(cb, 2, double=True)
+    trainer.fit(module, _loader(s[0].train))
+    assert "vcl/kl" in trainer.callback_metrics
+    q_layers = layer_posterior(module)
+    q = cb.end_task(trainer, module)
+    trained = [n for n in q.names if "heads.1" not in n and "heads.2" not in n]
+    _assert_gaussians_close(q, q_layers, trained, rtol=1e-10, atol=1e-10)
+    prior = cb.server.prior
+    _assert_gaussians_close(q, prior * cb.server["task-0"], rtol=1e-12, atol=1e-12)
+    # the layers hold the posterior after the task
+    _assert_gaussians_close(layer_posterior(module), q, trained, rtol=1e-10, atol=1e-10)
+    # second task: the site is q_1 / q_0
+    trainer = _trainer(cb, 1, double=True)
+    trainer.fit(module, _loader(s[1].train))
+    q0 = cb.posterior()
+    q1 = cb.end_task(trainer, module)
+    _assert_gaussians_close(q1, q0 * cb.server["task-1"], rtol=1e-9, atol=1e-9)
+    assert all(bool((cb.server["task-1"].precision[n] >= 0).all()) for n in q1.names)
+
+
+def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):
+    s = _stream()
+    module = _module(dtype=torch.float64)
+    cb = VCLCallback(ml_init=False)
+    cb.setup(None, module, "fit")
+    cb.num_examples = 48
+    x, y, t = next(iter(_loader(s[0].train)))
+    x = x.double()
+    F.cross_entropy(module(x, t), y).backward()
+    data_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    kl = cb.add_prior_grad(module)
+    prior_mean = torch.zeros(8, 784, dtype=torch.float64)
+    prior_prec = torch.ones(8, 784, dtype=torch.float64)
+    mu, lv = module.model.trunk[1].weight_mu, module.model.trunk[1].weight_logvar
+    gm, gl = torch.autograd.grad(gaussian_kl(mu, lv, prior_mean, prior_prec), (mu, lv))
+    assert torch.allclose(mu.grad - data_grads["model.trunk.1.weight_mu"], gm / 48)
+    assert torch.allclose(lv.grad - data_grads["model.trunk.1.weight_logvar"], gl / 48)
+    # heads 1 and 2 got no data gradient: no KL gradient either
+    assert bool((module.model.heads[1].weight_mu.grad == 0).all())
+    expected = sum(gaussian_kl(m.weight_mu, m.weight_logvar, 0.0 * m.weight_mu, 1.0 + 0 * m.weight_mu)
+                   + gaussian_kl(m.bias_mu, m.bias_logvar, 0.0 * m.bias_mu, 1.0 + 0 * m.bias_mu)
+                   for m in (module.model.trunk[1], module.model.trunk[3], module.model.heads[0]))
+    assert torch.allclose(kl, expected.detach())
+
+
+def test_ml_init_first_epochs_are_deterministic():
+    s = _stream()
+    module = _module()
+    cb = VCLCallback(ml_init=True, ml_epochs=1, test_samples=2)
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(pl_module.model.trunk[1].stochastic)
+
+    trainer = _trainer(cb, 1, extra=[Probe()])
+    trainer.fit(module, _loader(s[0].train))
+    assert seen == [False]
+    assert bool((module.model.trunk[1].weight_logvar == -6.0).all())  # no noise, no KL: log-variances untouched
+    assert "vcl/kl" not in trainer.callback_metrics
+    assert module.model.trunk[1].stochastic  # sampling again after the fit
+    module2 = _module()
+    seen.clear()
+    _trainer(VCLCallback(ml_init=True, ml_epochs=1, test_samples=2), 2, extra=[Probe()]).fit(
+        module2, _loader(s[0].train))
+    assert seen == [False, True]
+    assert not bool((module2.model.trunk[1].weight_logvar == -6.0).all())
+
+
+def test_forget_gives_back_the_earlier_posterior():
+    s = _stream()
+    module = _module(dtype=torch.float64)
+    cb = VCLCallback(ml_init=False, test_samples=2)
+    _fit_task(cb, module, s[0], double=True)
+    q0 = cb.posterior()
+    _fit_task(cb, module, s[1], double=True)
+    assert not torch.allclose(cb.posterior().eta["model.trunk.1.weight"], q0.eta["model.trunk.1.weight"])
+    cb.forget(1, module)
+    _assert_gaussians_close(cb.posterior(), q0, rtol=1e-9, atol=1e-9)
+    _assert_gaussians_close(layer_posterior(module), q0, ["model.trunk.1.weight", "model.heads.0.bias"],
+                            rtol=1e-9, atol=1e-9)
+    with pytest.raises(KeyError, match="task-1"):
+        cb.forget(1)
+
+
+def test_non_finite_kl_raises_and_keeps_posterior():
+    s = _stream()
+    module = _module()
+    cb = VCLCallback(ml_init=False, test_samples=2)
+    _fit_task(cb, module, s[0])
+    q0 = cb.posterior()
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.model.trunk[3].weight_logvar[0, 0] = float("nan")
+
+    with pytest.raises(ValueError, match="not finite.*model.trunk.3.weight"):
+        _trainer(cb, 1, extra=[Poison()]).fit(module, _loader(s[1].train))
+    assert cb.server.names == ("task-0",)
+    _assert_gaussians_close(cb.posterior(), q0, rtol=0, atol=0)
+    # end_task on a non-finite q refuses too
+    cb._touched.add("model.trunk.3.weight")
+    with pytest.raises(ValueError, match="model.trunk.3.weight"):
+        cb.end_task(None, module)
+    assert cb.server.names == ("task-0",)
+    cb.apply_posterior(module)
+    assert bool(torch.isfinite(module.model.trunk[3].weight_logvar).all())
+
+
+def test_train_samples_averages_the_step_and_unwraps():
+    s = _stream()
+    calls = []
+
+    class Counting(ClassifierModule):
+        def training_step(self, batch, batch_idx):
+            calls.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    module = Counting(MultiHeadMLP(hidden=(8,), num_tasks=3), num_tasks=3)
+    _fit_task(VCLCallback(ml_init=False, train_samples=3, test_samples=2), module, s[0])
+    assert calls == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert "training_step" not in vars(module)
+
+
+def test_coreset_held_out_finetuned_for_test_and_restored():
+    s = _stream(n_train=48, num_tasks=2)
+    module = _module(num_tasks=2)
+    cb = VCLCallback(ml_init=False, coreset_size=8, coreset_method="kcenter", coreset_epochs=3, test_samples=3)
+    train = cb.prepare_task_data(s[0].train)
+    assert len(train) == 40 and sorted(cb.coresets) == [0] and cb.coresets[0][0].shape == (8, 1, 28, 28)
+    trainer = _trainer(cb, 1)
+    trainer.fit(module, _loader(train))
+    q = cb.posterior()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["mu"] = pl_module.model.trunk[1].weight_mu.detach().clone()
+
+    _trainer(cb, 1, extra=[Probe()]).test(module, [t.test_dataloader() for t in s], verbose=False)
+    assert not torch.equal(seen["mu"], before["model.trunk.1.weight_mu"])  # fine-tuned copy used for testing
+    for n, p in module.named_parameters():
+        assert torch.equal(p, before[n]), n  # restored after the test
+    _assert_gaussians_close(cb.posterior(), q, rtol=0, atol=0)  # not carried forward
+    with pytest.raises(ValueError, match="coreset_size=8"):
+        cb.prepare_task_data(torch.utils.data.Subset(s[1].train, range(8)))
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    s = _stream(n_train=48)
+
+    def run(stop_in_task=None, ckpt_path=None, tag="full"):
+        torch.manual_seed(0)
+        module = _module()
+        cb = VCLCallback(ml_init=True, ml_epochs=1, coreset_size=4, test_samples=2)
+        for i, task in enumerate(s):
+            if ckpt_path is not None and i < 1:
+                continue
+            data = cb.prepare_task_data(task.train, task=i)
+            ckpt = ModelCheckpoint(dirpath=tmp_path / tag / f"t{i}", save_top_k=-1, every_n_epochs=1,
+                                   filename="{epoch}")
+            epochs = 3 if i == 0 else 2
+            trainer = _trainer(cb, epochs, extra=[ckpt], enable_checkpointing=True)
+            if stop_in_task == i:
+                trainer = _trainer(cb, 1, extra=[ckpt], enable_checkpointing=True)
+                trainer.fit(module, _loader(data))  # "killed" after the first epoch of task i
+                return None
+            trainer.fit(module, _loader(data), ckpt_path=ckpt_path if i == 1 else None)
+        return cb
+
+    full = run()
+    assert run(stop_in_task=1, tag="killed") is None
+    path = tmp_path / "killed" / "t1" / "epoch=0.ckpt"
+    assert path.is_file()
+    resumed = run(ckpt_path=str(path), tag="resumed")
+    assert resumed.server.names == full.server.names == ("task-0", "task-1", "task-2")
+    _assert_gaussians_close(resumed.posterior(), full.posterior(), rtol=1e-6, atol=1e-6)
+    assert sorted(resumed.coresets) == [0, 1, 2]
+    for t in range(3):
+        for a, b in zip(resumed.coresets[t], full.coresets[t]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["vcl", "vcl-coreset"])
+def test_recipes_build_the_callback(name):
+    from bayescl.recipes import load_recipe
+
+    (cb,) = load_recipe(name).build_callbacks()
+    assert isinstance(cb, VCLCallback) and cb.prior_precision == 1.0 and cb.logvar_init == -6.0
+    assert cb.coreset_size == (40 if name == "vcl-coreset" else 0)
+
