@@ -27,16 +27,16 @@ Solves, log-determinants, samples and KL per block are
 from __future__ import annotations
 
 import math
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import as_enum, check_positive_int, check_real
+from ._kron_terms import KronTerm, _discover_layers, _eig_factor, _Factor, _merge_terms, _new_tag
 from .posterior import (
     ROUND_TOL,
     MeanInit,
@@ -48,51 +48,6 @@ from .posterior import (
 )
 
 LayerParams = Mapping[str, tuple[str, str | None]]
-
-
-@dataclass(frozen=True)
-class KronTerm:
-    """One term ``scale · (G ⊗ A)``; terms with the same ``tag`` share their factors."""
-
-    A: Tensor
-    G: Tensor
-    scale: float = 1.0
-    tag: str = ""
-
-
-def _new_tag() -> str:
-    return uuid.uuid4().hex
-
-
-@dataclass
-class _Factor:
-    """Factorised block precision: eigen form ``(U_G ⊗ U_A) diag(lam) (…)ᵀ`` (``U=None`` is ``I``) or dense."""
-
-    lam: Tensor | None = None  # (out, p)
-    ug: Tensor | None = None
-    ua: Tensor | None = None
-    chol: Tensor | None = None  # (n, n) lower Cholesky factor of the dense Λ
-
-    def logdet(self) -> Tensor:
-        if self.chol is not None:
-            return 2.0 * torch.log(torch.diagonal(self.chol)).sum()
-        return torch.log(self.lam).sum()
-
-    def cov_diag(self) -> Tensor:
-        """Diagonal of ``Λ⁻¹`` (block shape for the eigen form, flat for dense)."""
-        if self.chol is not None:
-            return torch.diagonal(torch.cholesky_inverse(self.chol))
-        inv = 1.0 / self.lam
-        if self.ug is None:
-            return inv
-        return (self.ug**2) @ inv @ (self.ua**2).T
-
-    def rot(self, x: Tensor, inverse: bool = False) -> Tensor:
-        if self.ug is None:
-            return x
-        if inverse:  # eigen basis -> block
-            return self.ug @ x @ self.ua.T
-        return self.ug.T @ x @ self.ua
 
 
 class KronGaussian:
@@ -647,24 +602,6 @@ class KronGaussian:
         return order, torch.block_diag(*blocks)
 
 
-def _discover_layers(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, tuple[str, str | None]]:
-    layers = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            w = f"{name}.weight" if name else "weight"
-            b = f"{name}.bias" if name else "bias"
-            if w in params:
-                layers[name] = (w, b if b in params else None)
-    return layers
-
-
-def _eig_factor(t: KronTerm, delta: float) -> _Factor:
-    g, ug = torch.linalg.eigh(t.G)
-    a, ua = torch.linalg.eigh(t.A)
-    g, a = g.clamp_min(0), a.clamp_min(0)  # PSD factors: clip rounding-level negative eigenvalues
-    return _Factor(lam=delta + t.scale * torch.outer(g, a), ug=ug, ua=ua)
-
-
 def _trace(f: _Factor, q: KronGaussian, layer: str, spec) -> Tensor:
     """``tr(Λq Σp)`` for one block, ``Σp`` given by the factor ``f`` of ``Λp``."""
     if f.chol is not None:
@@ -676,38 +613,3 @@ def _trace(f: _Factor, q: KronGaussian, layer: str, spec) -> Tensor:
         ad = torch.diagonal(f.ua.T @ t.A @ f.ua) if f.ua is not None else torch.diagonal(t.A)
         total = total + t.scale * (gd @ inv @ ad)
     return total
-
-
-def _merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm | None:
-    """Nearest Kronecker pair (Frobenius) to ``Σ s_i G_i ⊗ A_i`` by power iteration on the Gram matrices.
-
-    Zero terms (a layer the data never reached: ``G = 0``) are dropped first; ``None`` when all are zero.
-    """
-    ts = [t for t in ts if t.scale > 0 and bool(t.A.abs().max() > 0) and bool(t.G.abs().max() > 0)]
-    if not ts:
-        return None
-    if len(ts) == 1:
-        return ts[0]
-    tiny = torch.finfo(ts[0].A.dtype).tiny
-    s = torch.tensor([t.scale for t in ts], dtype=ts[0].A.dtype, device=ts[0].A.device)
-    A = torch.stack([t.A for t in ts])
-    G = torch.stack([t.G for t in ts])
-    ka = torch.einsum("iab,jab->ij", A, A)
-    kg = torch.einsum("iab,jab->ij", G, G)
-    alpha = s.clone()
-    for _ in range(iters):
-        gamma = s * (ka @ alpha)
-        gamma = gamma / gamma.norm().clamp_min(tiny)
-        alpha_new = s * (kg @ gamma)
-        alpha_new = alpha_new / alpha_new.norm().clamp_min(tiny)
-        if torch.allclose(alpha_new, alpha, rtol=0, atol=1e-14):
-            alpha = alpha_new
-            break
-        alpha = alpha_new
-    gamma = s * (ka @ alpha)
-    # optimal scale c for c·(Σγ G)⊗(Σα A): <M, g aᵀ> / (|g|² |a|²)
-    num = gamma @ kg @ (s * (ka @ alpha))
-    c = num / ((gamma @ kg @ gamma) * (alpha @ ka @ alpha))
-    a_m, g_m = torch.einsum("i,iab->ab", alpha, A), torch.einsum("i,iab->ab", gamma, G)
-    na, ng = a_m.norm(), g_m.norm()  # balance: unit-norm factors, size in the scale
-    return KronTerm(a_m / na, g_m / ng, float(c * na * ng), _new_tag())
