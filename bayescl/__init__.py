@@ -10,10 +10,13 @@ from .module import ClassifierModule
 from .posterior import DiagGaussian
 from .kron import KronGaussian
 from .sites import PosteriorServer
+from .strategy import PosteriorServerStrategy
 
 __all__ = [
     # callbacks
     "LaplaceCallback", "Structure", "VCLCallback", "split_coreset",
+    # distributed training (a Lightning Strategy)
+    "PosteriorServerStrategy",
     # posterior core
     "DiagGaussian", "KronGaussian", "PosteriorServer",
     # data

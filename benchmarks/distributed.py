@@ -1,0 +1,245 @@
+"""PosteriorServerStrategy against Lightning's DDP on split-MNIST task-IL: accuracy, wall time, communication.
+
+Every configuration runs as its own subprocess group (``--worker``; Lightning's ``popen`` launcher re-runs this
+script for rank 1) with a timeout. Protocol: ``MultiHeadMLP`` 2x256, Adam 1e-3, batch 64 *per worker*, the same
+epochs per task for every run, one new Trainer per task, pixels in [0, 1]; the first ``--limit`` training and test
+examples of each task. After each task rank 0 tests the model on the test sets of all tasks (a plain loop), which
+fills the accuracy matrix.
+
+* ``ddp``: ``strategy="ddp"`` (gloo), plain fine-tuning (no continual-learning term): it all-reduces the
+  gradients, ``P`` floats, at every optimizer step.
+* ``posterior_server``: :class:`bayescl.strategy.PosteriorServerStrategy`, ``sync_every=K``, damping 1/W, the
+  next task starts from the previous task's (task, worker) sites (``prior=previous.server``): it all-reduces
+  ``2P`` floats every ``K`` steps and all-gathers ``W x 2P`` floats once per task.
+* ``laplace_1proc``: the single-process ``LaplaceCallback`` (diag, mc Fisher) for reference.
+
+Usage::
+
+    .venv/bin/python benchmarks/distributed.py [--limit 2000] [--epochs 2] [--sync-every 1 10 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------- worker
+def worker(cfg: dict, result_path: Path) -> None:
+    import logging
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.utils.data import DataLoader
+
+    from bayescl import ClassifierModule, MultiHeadMLP, make_stream
+    from bayescl.callbacks.laplace import LaplaceCallback
+    from bayescl.metrics import summarize
+    from bayescl.strategy import PosteriorServerStrategy
+
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    t_start = time.perf_counter()
+    stream = make_stream("split-mnist-task", root=cfg["root"], limit=cfg["limit"])
+    pl.seed_everything(0, verbose=False)
+    torch.manual_seed(0)
+    model = MultiHeadMLP(hidden=(256, 256), num_tasks=len(stream))
+    module = ClassifierModule(model, num_tasks=len(stream), lr=1e-3)
+    n_params = sum(p.numel() for p in model.parameters())
+    kind, W = cfg["kind"], cfg["workers"]
+    timeout = timedelta(seconds=cfg["timeout"])
+    R = torch.full((len(stream), len(stream)), float("nan"))
+    fit_seconds, steps, prev, callbacks, syncs, bytes_sync, bytes_gather = 0.0, 0, None, [], 0, 0, 0
+    if kind == "laplace_1proc":
+        callbacks = [LaplaceCallback(structure="diag", fisher="mc")]
+    rank = 0
+    for i, task in enumerate(stream):
+        if kind == "ddp":
+            strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout)
+        elif kind == "posterior_server":
+            strategy = PosteriorServerStrategy(sync_every=cfg["sync_every"], prior=prev,
+                                               gather_sites=cfg.get("gather_sites", True),
+                                               process_group_backend="gloo", timeout=timeout)
+        else:
+            strategy = "auto"
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=W, max_epochs=cfg["epochs"],
+                             callbacks=callbacks, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        t0 = time.perf_counter()
+        trainer.fit(module, DataLoader(task.train, batch_size=cfg["batch_size"], shuffle=True))
+        fit_seconds += time.perf_counter() - t0
+        steps += trainer.global_step
+        rank = trainer.global_rank
+        if kind == "posterior_server":
+            prev = strategy.server
+            syncs, bytes_sync, bytes_gather = strategy.num_syncs + syncs, bytes_sync + strategy.bytes_communicated, \
+                bytes_gather + strategy.bytes_gathered
+        if rank == 0:
+            module.eval()
+            with torch.no_grad():
+                for j, t in enumerate(stream):
+                    correct = total = 0
+                    for x, y, tid in t.test_dataloader(batch_size=1000):
+                        correct += int((module(x, tid).argmax(-1) == y).sum())
+                        total += len(y)
+                    R[i, j] = correct / total
+            module.train()
+            print(f"[{cfg['name']}] task {i + 1}: acc on seen {100 * float(R[i, :i + 1].mean()):.2f}", flush=True)
+    if rank != 0:
+        return
+    if kind == "ddp" and W > 1:
+        bytes_sync = steps * n_params * 4  # one all-reduce of every gradient per optimizer step
+    epochs_total = len(stream) * cfg["epochs"]
+    res = {**cfg, **summarize(R), "accuracy_matrix": R.tolist(), "fit_seconds": fit_seconds,
+           "process_seconds": time.perf_counter() - t_start, "optimizer_steps_per_worker": steps,
+           "num_params": n_params, "syncs": syncs if kind == "posterior_server" else (steps if kind == "ddp" and W > 1
+                                                                                       else 0),
+           "bytes_allreduce": bytes_sync, "bytes_gather": bytes_gather,
+           "bytes_per_epoch": (bytes_sync + bytes_gather) / epochs_total}
+    result_path.write_text(json.dumps(res, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- orchestrator
+def run_config(cfg: dict, out_dir: Path, timeout: float) -> dict:
+    path = out_dir / f"{cfg['name']}.run.json"
+    path.unlink(missing_ok=True)
+    # one intra-op thread per process in every run: on 2 cores shared with other jobs, a 2-thread OpenMP pool in a
+    # single-worker run spins against the load and was up to 10x slower (Lightning sets cores / processes otherwise)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("MASTER_PORT", None)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg), str(path)],
+                            cwd=ROOT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wall = time.perf_counter() - t0
+    if rc != 0 or not path.exists():
+        return {**cfg, "error": f"exit code {rc}" if rc is not None else f"timed out after {timeout} s",
+                "launch_seconds": wall, "load_avg_before": load}
+    res = json.loads(path.read_text())
+    path.unlink()
+    res["launch_seconds"] = wall
+    res["load_avg_before"] = load  # 1-minute load average of the machine when the run started (2 cores)
+    return res
+
+
+def to_markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        "# Distributed training: posterior server vs DDP (split-MNIST task-IL)", "",
+        f"Command: `{meta['command']}`", "",
+        f"Protocol: {meta['protocol']}", "",
+        f"Machine: {meta['machine']}", "",
+        ("| run | workers | sync every K | avg acc (%) | BWT (%) | fit time (s) | launch+total (s) | load avg "
+         "| steps/worker | syncs (all-reduces) | MB all-reduced | MB gathered | MB per epoch | vs DDP-2 per epoch |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ddp2 = next((r for r in results if r["kind"] == "ddp" and r["workers"] == 2 and "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['workers']} | {r.get('sync_every', '-')} | failed: {r['error']} "
+                         "| | | | | | | | | | |")
+            continue
+        rel = f"{r['bytes_per_epoch'] / ddp2['bytes_per_epoch']:.3f}" if ddp2 and ddp2["bytes_per_epoch"] else "-"
+        lines.append(
+            f"| {r['name']} | {r['workers']} | {r.get('sync_every', '-') if r['kind'] == 'posterior_server' else '-'} "
+            f"| {100 * r['avg_accuracy']:.2f} | {100 * r['bwt']:.2f} | {r['fit_seconds']:.1f} "
+            f"| {r['launch_seconds']:.1f} | {r['load_avg_before']:.1f} | {r['optimizer_steps_per_worker']} "
+            f"| {r['syncs']} "
+            f"| {r['bytes_allreduce'] / 1e6:.1f} | {r['bytes_gather'] / 1e6:.1f} | {r['bytes_per_epoch'] / 1e6:.2f} "
+            f"| {rel} |")
+    lines += ["", *meta["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--limit", type=int, default=2000, help="training and test examples kept per task")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--sync-every", type=int, nargs="+", default=[1, 10, 50])
+    p.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed"))
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    p.add_argument("--only", nargs="*", help="run only these configuration names")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"limit": args.limit, "epochs": args.epochs, "batch_size": args.batch_size, "root": args.root,
+            "timeout": 120}
+    configs = [
+        {**base, "name": "laplace_1proc", "kind": "laplace_1proc", "workers": 1},
+        {**base, "name": "ddp_1", "kind": "ddp", "workers": 1},
+        {**base, "name": "ddp_2", "kind": "ddp", "workers": 2},
+        {**base, "name": "ps_1_K10", "kind": "posterior_server", "workers": 1, "sync_every": 10},
+        *({**base, "name": f"ps_2_K{k}", "kind": "posterior_server", "workers": 2, "sync_every": k}
+          for k in args.sync_every),
+        {**base, "name": f"ps_2_K{max(args.sync_every)}_nogather", "kind": "posterior_server", "workers": 2,
+         "sync_every": max(args.sync_every), "gather_sites": False},
+    ]
+    if args.only:
+        configs = [c for c in configs if c["name"] in args.only]
+    results = []
+    command = " ".join([".venv/bin/python benchmarks/distributed.py",
+                        *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
+    meta = {
+        "command": command,
+        "protocol": (f"split-MNIST task-IL, 5 tasks, first {args.limit} train and test examples per task, "
+                     f"{args.epochs} epoch(s) per task, MultiHeadMLP 2x256, Adam 1e-3, batch {args.batch_size} per "
+                     "worker (DDP with 2 workers: global batch 2x), gloo, one Trainer per task."),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
+                   f"processes, torch + pytorch-lightning on {platform.python_version()}",
+        "notes": [
+            ("- Bytes are payloads put into collectives (a ring all-reduce moves about twice that over the wire): "
+             "DDP = 4 B x P x optimizer steps (P = 269,322 parameters here); posterior server = 4 B x 2P x syncs "
+             "(+ one all-gather of W x 2P floats per task, column 'MB gathered'); nothing with one worker. "
+             "Per epoch = total / (tasks x epochs)."),
+            ("- A worker runs 16 optimizer steps per epoch (1000 examples per worker, batch 64), 32 per task: with "
+             "K = 50 the only sync of a task is the one that closes its fit (one round per task)."),
+            ("- `ddp_*` is plain fine-tuning (no continual-learning term), so its accuracy shows forgetting; "
+             "`laplace_1proc` is the single-process online-Laplace callback (diag, MC Fisher) for reference."),
+            ("- `ps_*` keep one site per (task, worker) (`gather_sites=True`, the default); `*_nogather` keeps one "
+             "site per task (`gather_sites=False`): no end-of-task all-gather."),
+            ("- Wall times are indicative only: 2 CPU cores shared with other sessions' jobs (column 'load avg', "
+             "the 1-minute load average when the run started). With 2 workers on 2 shared cores there is no "
+             "parallel speed-up to expect; where a 2-worker run looks faster than a 1-worker one, the difference "
+             "is the load at the time, not the method. 'launch+total' includes process start-up and data loading. "
+             "Every process runs with OMP_NUM_THREADS=1 (one intra-op thread)."),
+        ],
+    }
+    for cfg in configs:
+        print(f"== {cfg['name']}", flush=True)
+        results.append(run_config(cfg, out, args.timeout))
+        r = results[-1]
+        msg = r.get("error") or f"avg acc {100 * r['avg_accuracy']:.2f}, fit {r['fit_seconds']:.1f} s"
+        print(f"   -> {msg}", flush=True)
+        (out / "results.json").write_text(json.dumps({**meta, "results": results}, indent=1))
+        (out / "results.md").write_text(to_markdown(results, meta))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(json.loads(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()
