@@ -4,11 +4,11 @@ from .callbacks.laplace import LaplaceCallback, Structure
 from .callbacks.vcl import VCLCallback
 from .coresets import split_coreset
 from .data import Scenario, Task, TaskStream, make_stream, permuted_stream, split_stream, synthetic_stream
+from .kron import KronGaussian
 from .metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
 from .models import MLP, MultiHeadMLP, SmallCNN
 from .module import ClassifierModule
 from .posterior import DiagGaussian
-from .kron import KronGaussian
 from .sites import PosteriorServer
 from .strategy import PosteriorServerStrategy
 

@@ -102,7 +102,7 @@ def idx_from_mnist_pickle(pkl_gz: Path, raw: Path) -> None:
     """Rebuild the four MNIST IDX files from ``mnist.pkl.gz`` (float32 pixels = uint8 / 256)."""
     with gzip.open(pkl_gz, "rb") as fh:
         (tx, ty), (vx, vy), (sx, sy) = pickle.load(fh, encoding="latin1")
-    to_u8 = lambda a: np.rint(np.asarray(a, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)  # noqa: E731
+    to_u8 = lambda a: np.rint(np.asarray(a, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
     raw.mkdir(parents=True, exist_ok=True)
     write_idx(raw / FILES[0], np.concatenate([to_u8(tx), to_u8(vx)]))
     write_idx(raw / FILES[1], np.concatenate([np.asarray(ty), np.asarray(vy)]).astype(np.uint8))

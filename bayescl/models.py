@@ -38,7 +38,7 @@ class MLP(nn.Module):
         self.trunk = _trunk(in_features, hidden)
         self.head = nn.Linear(hidden[-1] if hidden else in_features, num_classes)
 
-    def forward(self, x: Tensor, task_id: Tensor | int | None = None) -> Tensor:  # noqa: ARG002
+    def forward(self, x: Tensor, task_id: Tensor | int | None = None) -> Tensor:
         return self.head(self.trunk(x))
 
 
@@ -99,7 +99,7 @@ class SmallCNN(nn.Module):
         )
         self.head = nn.Linear(c2 * 4 * 4, num_classes)
 
-    def forward(self, x: Tensor, task_id: Tensor | int | None = None) -> Tensor:  # noqa: ARG002
+    def forward(self, x: Tensor, task_id: Tensor | int | None = None) -> Tensor:
         if x.dim() == 2:
             x = x.view(-1, 1, 28, 28)
         return self.head(self.features(x))

@@ -125,7 +125,7 @@ def load_results(scenario_dir: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{p} is not valid JSON ({exc}).") from exc
         if _is_result(doc):
             runs.append(doc)
-    key = lambda r: (ORDER.index(r["strategy"]) if r["strategy"] in ORDER else len(ORDER), r["strategy"])  # noqa: E731
+    key = lambda r: (ORDER.index(r["strategy"]) if r["strategy"] in ORDER else len(ORDER), r["strategy"])
     return sorted(runs, key=key)
 
 

@@ -216,9 +216,9 @@ def convert(module: nn.Module, logvar_init: float = DEFAULT_LOGVAR_INIT,
     lv = _check_logvar(logvar_init)
     if isinstance(include, str):
         pattern = re.compile(include)
-        keep: Callable[[str], bool] = lambda path: bool(pattern.search(_join(path, "weight")))  # noqa: E731
+        keep: Callable[[str], bool] = lambda path: bool(pattern.search(_join(path, "weight")))
     elif include is None:
-        keep = lambda path: True  # noqa: E731
+        keep = lambda path: True
     elif callable(include):
         keep = include
     else:

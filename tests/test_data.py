@@ -1,6 +1,6 @@
+import gzip
 import hashlib
 import pickle
-import gzip
 
 import numpy as np
 import pytest
@@ -90,7 +90,7 @@ def test_idx_roundtrip_and_corruption(tmp_path):
 
 
 def test_missing_files_error_names_folder_and_files(tmp_path, monkeypatch):
-    import bayescl.fetch as fetch
+    from bayescl import fetch
 
     def fail(*a, **k):
         raise RuntimeError("offline")
@@ -110,7 +110,7 @@ def test_mnist_pickle_rebuild(tmp_path):
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, size=(7, 784), dtype=np.uint8)
     lab = rng.integers(0, 10, size=7)
-    as_f = lambda a: (a.astype(np.float32) / 256)  # noqa: E731
+    as_f = lambda a: (a.astype(np.float32) / 256)
     data = ((as_f(u8[:3]), lab[:3]), (as_f(u8[3:5]), lab[3:5]), (as_f(u8[5:]), lab[5:]))
     with gzip.open(tmp_path / "m.pkl.gz", "wb") as fh:
         pickle.dump(data, fh)

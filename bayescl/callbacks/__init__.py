@@ -3,4 +3,4 @@
 from .base import PosteriorCallback
 from .laplace import LaplaceCallback, Structure
 
-__all__ = ["PosteriorCallback", "LaplaceCallback", "Structure"]
+__all__ = ["LaplaceCallback", "PosteriorCallback", "Structure"]

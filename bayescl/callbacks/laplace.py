@@ -55,7 +55,7 @@ def _is_finite(g: Gaussian) -> str | None:
 
 
 class LaplaceCallback(PosteriorCallback):
-    """Online Laplace posterior over the weights of the LightningModule it is attached to.
+    r"""Online Laplace posterior over the weights of the LightningModule it is attached to.
 
     The module's ``forward`` is used for the curvature pass: it must map a batch's inputs (``x`` or
     ``x, task_id``, see :mod:`bayescl.batches`) to logits.
@@ -196,6 +196,15 @@ class LaplaceCallback(PosteriorCallback):
         return super().forget(task)
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(trainer, "world_size", 1) > 1:
+            raise ValueError(
+                f"LaplaceCallback runs in one process (world_size={trainer.world_size}): each rank would compute its "
+                "curvature on its own shard and the posteriors would drift apart. Use "
+                "bayescl.PosteriorServerStrategy for several workers."
+            )
+        super().setup(trainer, pl_module, stage)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.server is None or len(self.server) == 0:
             return
