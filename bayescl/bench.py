@@ -47,7 +47,7 @@ def default_model(stream: TaskStream, kind: str = "mlp") -> nn.Module:
         return SmallCNN(num_classes=stream.num_classes)
     if stream.with_task_id:
         return MultiHeadMLP(hidden=(256, 256), num_tasks=len(stream), classes_per_task=stream.num_classes)
-    hidden = (100, 100) if stream.name == "permuted-mnist" else (256, 256)
+    hidden = (100, 100) if "permuted" in stream.name.lower() else (256, 256)
     return MLP(hidden=hidden, num_classes=stream.num_classes)
 
 
@@ -71,7 +71,8 @@ class BenchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        as_enum(Scenario, self.scenario, "scenario")
+        if not self.scenario.startswith("avalanche:"):
+            as_enum(Scenario, self.scenario, "scenario")
         check_positive_int(self.seeds, "seeds")
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
@@ -85,6 +86,11 @@ class BenchConfig:
 
 
 def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
+    if cfg.scenario.startswith("avalanche:"):
+        from .avalanche import make_avalanche_stream
+
+        return make_avalanche_stream(cfg.scenario, root=cfg.root, seed=seed, num_tasks=cfg.num_tasks,
+                                     limit=cfg.limit)
     kwargs: dict[str, Any] = {"seed": seed}
     sc = as_enum(Scenario, cfg.scenario, "scenario")
     if sc.needs_files:
@@ -175,7 +181,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = None
     if out_dir is not None:
-        path = Path(out_dir) / cfg.scenario / f"{recipe.name}.json"
+        path = Path(out_dir) / cfg.scenario.replace(":", "-") / f"{recipe.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "scenario": cfg.scenario,

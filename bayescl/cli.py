@@ -12,7 +12,8 @@ from .data import Scenario
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a recipe over a continual-learning scenario")
-    p.add_argument("--scenario", required=True, help=f"one of: {', '.join(s.value for s in Scenario)}")
+    p.add_argument("--scenario", required=True,
+                   help=f"one of: {', '.join(s.value for s in Scenario)}, or avalanche:SplitMNIST (etc.)")
     p.add_argument("--strategy", nargs="+", required=True, help="recipe name(s) from strategies/ or .yaml paths")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
     p.add_argument("--first-seed", type=int, default=0)
@@ -47,7 +48,7 @@ def _bench(args: argparse.Namespace) -> int:
     for strategy in args.strategy:
         cfg.strategy = strategy
         run_benchmark(cfg, out_dir=args.out, command=command)
-    scenario_dir = Path(args.out) / args.scenario
+    scenario_dir = Path(args.out) / args.scenario.replace(":", "-")
     print()
     print(markdown_table(load_results(scenario_dir)))
     if not args.no_report:

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-ALLOWED_KEYS = {"name", "description", "callbacks", "trainer", "data", "module"}
+#: ``avalanche`` describes a baseline run through Avalanche itself (benchmarks/avalanche_compare.py), not the harness.
+ALLOWED_KEYS = {"name", "description", "callbacks", "trainer", "data", "module", "avalanche"}
 
 
 def recipe_dirs() -> list[Path]:

@@ -1,0 +1,405 @@
+r"""Avalanche integration, both ways (``pip install "bayescl[avalanche]"``, Avalanche 0.6).
+
+**bayescl inside an Avalanche strategy.** :class:`LaplacePlugin` is a ``SupervisedPlugin`` that holds a
+:class:`~bayescl.callbacks.laplace.LaplaceCallback` and drives it from Avalanche's hooks; the maths is the
+callback's, not a second implementation::
+
+    from avalanche.training import Naive
+    strategy = Naive(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=64,
+                     train_epochs=5, plugins=[LaplacePlugin(structure="kron")], evaluator=evaluator)
+    for exp in benchmark.train_stream:
+        strategy.train(exp)
+
+Hook by hook (Avalanche's SGD loop: ``zero_grad → forward → criterion → before_backward → backward →
+after_backward → before_update → optimizer.step``):
+
+* ``before_training_exp`` (after Avalanche's model adaptation, so heads that a ``MultiHeadClassifier`` grows
+  for the new experience exist): ``callback.ensure_server(model)`` gives parameters not seen so far the base prior,
+  and ``callback.set_num_examples(N_t)`` with :math:`N_t` the size of the data the strategy trains on
+  (``strategy.adapted_dataset``: the experience's dataset, plus replay data when a replay plugin added some).
+* ``before_update`` (after ``backward``, before the optimizer step): ``callback.add_prior_grad(model)`` adds
+  :math:`(\Lambda\theta-\eta)/N_t` to the gradients, once per optimizer step.
+* ``after_training_exp``: ``callback.end_task(None, model, loader)`` with a loader over the experience's dataset
+  (its *eval* transforms, no augmentation) yielding bayescl's batch convention: ``(x, y, task_labels)`` for an
+  Avalanche ``MultiTaskModule`` (called as ``model(x, task_labels)``), ``(x, y)`` for a single-head model.
+  A batch that mixes task labels is split per label, so each head is called on whole sub-batches.
+
+The plugin touches no strategy internals besides ``model``, ``experience`` and ``adapted_dataset``, and works
+with every SGD-based Avalanche strategy, ``EvaluationPlugin`` and loggers. ``supports_distributed = False``:
+the curvature pass is not reduced across processes (not verified with Avalanche's distributed support).
+
+**Avalanche benchmarks in Lightning.** :func:`stream_from_benchmark` turns an Avalanche benchmark's train/test
+streams into a :class:`~bayescl.data.TaskStream` (one :class:`~bayescl.data.Task` per experience, batches
+``(x, y, task_id)`` for task-incremental benchmarks, ``(x, y)`` otherwise, task labels and label values kept),
+so a Lightning loop with the bayescl callbacks, or the benchmark harness, runs any Avalanche scenario.
+:func:`make_avalanche_stream` builds one from a spec such as ``"avalanche:SplitMNIST"``.
+
+This module imports Avalanche at import time; nothing else in bayescl imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+try:
+    from avalanche.core import SupervisedPlugin
+    from avalanche.models.utils import is_multi_task_module
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "bayescl.avalanche needs Avalanche (avalanche-lib >= 0.6): pip install 'bayescl[avalanche]'."
+    ) from exc
+
+from ._checks import check_positive_int
+from .callbacks.base import PosteriorCallback
+from .callbacks.laplace import LaplaceCallback
+from .data import Task, TaskStream
+
+__all__ = [
+    "ExperienceBatches",
+    "ExperienceDataset",
+    "LaplacePlugin",
+    "PosteriorPlugin",
+    "make_avalanche_stream",
+    "stream_from_benchmark",
+]
+
+
+# --------------------------------------------------------------------------------------------------- batches
+def _split_by_task(x: Tensor, y: Tensor, t: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    uniq = torch.unique(t)
+    if uniq.numel() <= 1:
+        yield x, y, t
+        return
+    for u in uniq:
+        m = t == u
+        yield x[m], y[m], t[m]
+
+
+class ExperienceBatches:
+    """An iterable over an Avalanche dataset in bayescl's batch convention (for the curvature pass).
+
+    Avalanche datasets yield ``(x, y, ..., t)``; batches are ``(x, y, t)`` when ``multi_task`` (the model is
+    an Avalanche ``MultiTaskModule``, called as ``model(x, t)``) and ``(x, y)`` otherwise. With ``multi_task``
+    a batch that mixes task labels is split into one batch per label.
+
+    Args:
+        dataset: an Avalanche dataset (its ``collate_fn`` is used when it has one) or any dataset of tuples.
+        batch_size: examples per batch.
+        multi_task: keep the task labels (see above).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 256, multi_task: bool = False) -> None:
+        self.dataset = dataset
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.multi_task = bool(multi_task)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        return max(0, (n + self.batch_size - 1) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+                            collate_fn=getattr(self.dataset, "collate_fn", None))
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(f"the experience's dataset must yield (x, y, task_label) tuples; got a batch of "
+                                 f"type {type(batch).__name__}.")
+            x, y = batch[0], torch.as_tensor(batch[1])
+            if not self.multi_task:
+                yield x, y
+                continue
+            if len(batch) < 3:
+                raise ValueError("the model is a MultiTaskModule but the experience's dataset yields no task "
+                                 "labels (items of length 2); build the benchmark with task labels.")
+            yield from _split_by_task(x, y, torch.as_tensor(batch[-1]))
+
+
+# --------------------------------------------------------------------------------------------------- plugins
+class PosteriorPlugin(SupervisedPlugin, supports_distributed=False):
+    """Drives a bayescl :class:`~bayescl.callbacks.base.PosteriorCallback` from Avalanche's hooks.
+
+    Subclasses say how an experience ends (:meth:`after_training_exp`). The callback is public
+    (:attr:`callback`): its posterior server, ``forget`` and ``reset`` work as in Lightning.
+    """
+
+    def __init__(self, callback: PosteriorCallback) -> None:
+        super().__init__()
+        if not isinstance(callback, PosteriorCallback):
+            raise TypeError(f"callback must be a bayescl PosteriorCallback, got {type(callback).__name__}.")
+        self.callback = callback
+
+    # -------------------------------------------------------------- pass-throughs
+    @property
+    def server(self):
+        """The callback's posterior server (``None`` before the first experience)."""
+        return self.callback.server
+
+    def posterior(self):
+        """The current posterior (the prior of the next experience)."""
+        return self.callback.posterior()
+
+    def forget(self, task: int | str):
+        """Remove an experience's site (index or site name); see ``PosteriorCallback.forget``."""
+        return self.callback.forget(task)
+
+    def reset(self) -> None:
+        """Forget everything: the next experience starts from the base prior."""
+        self.callback.reset()
+
+    # -------------------------------------------------------------- hooks
+    @staticmethod
+    def training_set_size(strategy: Any) -> int:
+        """:math:`N_t`: the size of the dataset the strategy trains on for this experience."""
+        ds = getattr(strategy, "adapted_dataset", None)
+        if ds is None:
+            ds = strategy.experience.dataset
+        return max(1, len(ds))
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.callback.ensure_server(strategy.model)
+        self.callback.set_num_examples(self.training_set_size(strategy))
+
+    def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.callback.add_prior_grad(strategy.model)
+
+
+class LaplacePlugin(PosteriorPlugin):
+    """Online Laplace (diagonal = online EWC with a Bayesian scale, or Kronecker-factored) for Avalanche.
+
+    Args:
+        structure: ``"diag"`` or ``"kron"`` (see :class:`~bayescl.callbacks.laplace.LaplaceCallback`).
+        callback: an existing ``LaplaceCallback`` to drive instead of building one (then give no other
+            callback argument).
+        curvature_batch_size: batch size of the curvature pass (default: the strategy's ``train_mb_size``).
+        **kwargs: the other ``LaplaceCallback`` arguments (``fisher``, ``prior_precision``, ``lam``, ``gamma``,
+            ``online``, ``params``, ``mc_samples``, ``max_batches``, ``seed``); parameter names are the model's
+            (``strategy.model.named_parameters()``).
+    """
+
+    def __init__(self, structure: str = "diag", *, callback: LaplaceCallback | None = None,
+                 curvature_batch_size: int | None = None, **kwargs: Any) -> None:
+        if callback is None:
+            for bad in ("dataloader", "auto_end_task"):
+                if bad in kwargs:
+                    raise ValueError(f"{bad} is a Lightning-only argument of LaplaceCallback; the plugin builds the "
+                                     "curvature data from each experience.")
+            callback = LaplaceCallback(structure=structure, auto_end_task=False, **kwargs)
+        elif kwargs or structure != "diag":
+            raise ValueError("give either callback= or LaplaceCallback arguments, not both; got callback and "
+                             f"{sorted(kwargs) or ['structure']}.")
+        elif not isinstance(callback, LaplaceCallback):
+            raise TypeError(f"callback must be a LaplaceCallback, got {type(callback).__name__}.")
+        super().__init__(callback)
+        self.curvature_batch_size = (None if curvature_batch_size is None
+                                     else check_positive_int(curvature_batch_size, "curvature_batch_size"))
+
+    def curvature_batches(self, strategy: Any) -> ExperienceBatches:
+        """The curvature pass's data: the experience's dataset (eval transforms) in bayescl's convention."""
+        ds = strategy.experience.dataset
+        if hasattr(ds, "eval"):
+            ds = ds.eval()
+        bs = self.curvature_batch_size or int(getattr(strategy, "train_mb_size", 256) or 256)
+        return ExperienceBatches(ds, bs, multi_task=is_multi_task_module(strategy.model))
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.callback.end_task(None, strategy.model, self.curvature_batches(strategy))
+
+
+# --------------------------------------------------------------------------------------------------- streams
+class ExperienceDataset(Dataset):
+    """An Avalanche experience's dataset as bayescl items: ``(x, y, task_id)`` or ``(x, y)`` (tensors).
+
+    Args:
+        dataset: an Avalanche dataset (items ``(x, y, ..., t)``) or any dataset of ``(x, y)`` tuples.
+        with_task_id: keep the task label as the third element.
+        task_label: the label used when an item carries none.
+    """
+
+    def __init__(self, dataset: Dataset, with_task_id: bool, task_label: int = 0) -> None:
+        self.dataset = dataset
+        self.with_task_id = bool(with_task_id)
+        self.task_label = int(task_label)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        item = self.dataset[i]
+        x, y = item[0], torch.as_tensor(item[1], dtype=torch.long)
+        if not self.with_task_id:
+            return x, y
+        t = item[-1] if len(item) >= 3 else self.task_label  # Avalanche puts the task label last
+        return x, y, torch.as_tensor(t, dtype=torch.long)
+
+
+def _task_labels(exp: Any) -> list[int]:
+    labels = getattr(exp, "task_labels", None)
+    if labels is None:
+        attr = getattr(exp.dataset, "targets_task_labels", None)
+        labels = list(attr.uniques) if attr is not None else [0]
+    return sorted(int(t) for t in labels)
+
+
+def _label_set(exp: Any) -> set[int]:
+    classes = getattr(exp, "classes_in_this_experience", None)
+    if classes is not None:
+        return {int(c) for c in classes}
+    ds = exp.dataset
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        return {int(ds[i][1]) for i in range(len(ds))}
+    uniq = getattr(targets, "uniques", None)
+    return {int(v) for v in (uniq if uniq is not None else targets)}
+
+
+def _materialize(ds: Dataset) -> TensorDataset:
+    cols: list[list[Tensor]] | None = None
+    for batch in DataLoader(ds, batch_size=1024, shuffle=False):
+        if cols is None:
+            cols = [[] for _ in batch]
+        for c, v in zip(cols, batch):
+            c.append(v)
+    if cols is None:
+        raise ValueError("an experience of the benchmark has an empty dataset.")
+    return TensorDataset(*(torch.cat(c) for c in cols))
+
+
+def _limit(ds: Dataset, limit: int | None, generator: torch.Generator) -> Dataset:
+    n = len(ds)  # type: ignore[arg-type]
+    if limit is None or n <= limit:
+        return ds
+    return Subset(ds, torch.randperm(n, generator=generator)[:limit].sort().values.tolist())
+
+
+def stream_from_benchmark(
+    benchmark: Any,
+    name: str | None = None,
+    *,
+    with_task_id: bool | None = None,
+    num_tasks: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    materialize: bool = False,
+    train_stream: str = "train_stream",
+    test_stream: str = "test_stream",
+) -> TaskStream:
+    """A bayescl :class:`~bayescl.data.TaskStream` over an Avalanche benchmark (one task per experience).
+
+    Args:
+        benchmark: an Avalanche benchmark (``CLScenario``) with train and test streams of equal length.
+        name: the stream's name (default ``"avalanche:<class name>"``).
+        with_task_id: batches carry the task label (task-incremental). Default: the benchmark's train
+            experiences have more than one distinct task label.
+        num_tasks: keep only the first ``num_tasks`` experiences.
+        limit: keep a random subset (seeded by ``seed``, original order) of ``limit`` training and test
+            examples per experience; not the first ones, since Avalanche's experiences are often sorted by class.
+        materialize: copy each experience into a ``TensorDataset`` once (fast epochs; costs memory).
+        train_stream, test_stream: attribute names of the two streams.
+
+    The setting is ``"task"`` with task labels; otherwise ``"domain"`` when every experience has the same label
+    set and ``"class"`` when they differ. ``num_classes`` is the number of outputs a head needs: the largest
+    label in an experience plus one (task), in the whole stream plus one (domain/class). ``Task.classes`` are the
+    original class ids when the benchmark records them (``original_classes_in_exp``), else the labels.
+    """
+    trains = list(getattr(benchmark, train_stream))
+    tests = list(getattr(benchmark, test_stream))
+    if len(trains) != len(tests):
+        raise ValueError(f"benchmark has {len(trains)} {train_stream} experiences but {len(tests)} {test_stream} "
+                         "ones; stream_from_benchmark needs one test experience per training experience.")
+    if num_tasks is not None:
+        check_positive_int(num_tasks, "num_tasks")
+        trains, tests = trains[:num_tasks], tests[:num_tasks]
+    if limit is not None:
+        check_positive_int(limit, "limit")
+    if not trains:
+        raise ValueError("benchmark has no training experience.")
+    task_labels = [_task_labels(e) for e in trains]
+    if with_task_id is None:
+        with_task_id = len({t for ts in task_labels for t in ts}) > 1
+    label_sets = [_label_set(e) for e in trains]
+    if with_task_id:
+        setting, num_classes = "task", max(max(s) for s in label_sets) + 1
+    else:
+        setting = "domain" if all(s == label_sets[0] for s in label_sets) else "class"
+        num_classes = max(max(s) for s in label_sets) + 1
+    original = getattr(benchmark, "original_classes_in_exp", None)
+    g = torch.Generator().manual_seed(int(seed))
+    stream = TaskStream(name=name or f"avalanche:{type(benchmark).__name__}", setting=setting,
+                        num_classes=num_classes)
+    for i, (tr, te) in enumerate(zip(trains, tests)):
+        tl = task_labels[i][0] if len(task_labels[i]) == 1 else 0
+        parts = []
+        for exp in (tr, te):
+            ds = exp.dataset.eval() if exp is te and hasattr(exp.dataset, "eval") else exp.dataset
+            wrapped: Dataset = _limit(ExperienceDataset(ds, with_task_id, tl), limit, g)
+            parts.append(_materialize(wrapped) if materialize else wrapped)
+        classes = sorted(int(c) for c in original[i]) if original is not None else sorted(label_sets[i])
+        stream.tasks.append(Task(task_id=i, classes=tuple(classes), train=parts[0], test=parts[1]))
+    return stream
+
+
+#: Avalanche benchmarks with bayescl's protocol defaults (pixels in [0, 1], task-IL local labels 0/1 for splits).
+PRESETS: dict[str, dict[str, Any]] = {
+    "SplitMNIST": {"n_experiences": 5, "return_task_id": True, "fixed_class_order": list(range(10)),
+                   "class_ids_from_zero_in_each_exp": True, "train_transform": None, "eval_transform": None},
+    "SplitFMNIST": {"n_experiences": 5, "return_task_id": True, "fixed_class_order": list(range(10)),
+                    "class_ids_from_zero_in_each_exp": True, "train_transform": None, "eval_transform": None},
+    "PermutedMNIST": {"n_experiences": 10, "train_transform": None, "eval_transform": None},
+}
+
+
+def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    import yaml
+
+    body = spec.removeprefix("avalanche:")
+    bench, _, opts = body.partition(":")
+    options: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in opts.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"scenario={spec!r}: option {part!r} is not of the form key=value.")
+        options[key.strip()] = yaml.safe_load(value)
+    return bench.strip(), options
+
+
+def make_avalanche_stream(
+    spec: str,
+    root: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    *,
+    num_tasks: int | None = None,
+    limit: int | None = None,
+    materialize: bool = True,
+) -> TaskStream:
+    """Build an Avalanche classic benchmark from a spec and return it as a :class:`~bayescl.data.TaskStream`.
+
+    ``spec`` is ``"avalanche:<Name>[:key=value,...]"``: ``<Name>`` a function of
+    ``avalanche.benchmarks.classic``; the options (YAML values) are its keyword arguments, over the presets of
+    :data:`PRESETS` (``SplitMNIST`` = task-IL 0/1 … 8/9 with local labels, like bayescl's ``split-mnist-task``;
+    ``SplitMNIST:return_task_id=false`` = domain-IL; add ``class_ids_from_zero_in_each_exp=false`` for class-IL;
+    ``PermutedMNIST``, 10 experiences, seeded by ``seed``). Pixels are in [0, 1] (no normalisation) unless the
+    options give transforms. The data root is ``root``, else ``$BAYESCL_DATA``, else ``./data``
+    (torchvision layout, ``<root>/MNIST/raw/...``).
+    """
+    from avalanche.benchmarks import classic
+
+    from .data import data_root
+
+    name, options = _parse_spec(spec)
+    factory = getattr(classic, name, None)
+    if not callable(factory) or name.startswith("_"):
+        raise ValueError(f"scenario={spec!r}: {name!r} is not a benchmark of avalanche.benchmarks.classic; "
+                         f"tested: {', '.join(PRESETS)}.")
+    kwargs = {**PRESETS.get(name, {}), **options}
+    kwargs.setdefault("dataset_root", str(data_root(root)))
+    kwargs.setdefault("seed", seed)
+    n_exp = kwargs.pop("n_experiences", None)
+    benchmark = factory(n_exp, **kwargs) if n_exp is not None else factory(**kwargs)
+    return stream_from_benchmark(benchmark, name=f"avalanche:{name}", num_tasks=num_tasks, limit=limit,
+                                 seed=seed, materialize=materialize)

@@ -1,0 +1,271 @@
+"""The Avalanche integration: LaplacePlugin inside Avalanche strategies, and Avalanche benchmarks as TaskStreams."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("avalanche", reason="avalanche-lib is not installed (pip install 'bayescl[avalanche]')")
+
+from avalanche.benchmarks import benchmark_from_datasets, tensors_benchmark, with_task_labels
+from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+
+from bayescl import LaplaceCallback
+from bayescl.avalanche import (
+    ExperienceBatches,
+    LaplacePlugin,
+    _parse_spec,
+    make_avalanche_stream,
+    stream_from_benchmark,
+)
+
+warnings.filterwarnings("ignore", ".*No loggers specified.*")
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+def _blobs(n: int, t: int, g: torch.Generator, classes=(0, 1)) -> list[torch.Tensor]:
+    x = torch.randn(n, 1, 4, 4, generator=g)
+    y = torch.tensor(classes)[(x.flatten(1)[:, t] > 0).long()]
+    return [x, y]
+
+
+def tiny_benchmark(task_labels=(0, 1, 2), classes=None, n_train=48, n_test=24, seed=0):
+    """3 experiences of 4x4 inputs; label = sign of one pixel (a different pixel per experience)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = classes or [(0, 1)] * len(task_labels)
+    return tensors_benchmark(
+        train_tensors=[_blobs(n_train, t, g, c) for t, c in enumerate(classes)],
+        test_tensors=[_blobs(n_test, t, g, c) for t, c in enumerate(classes)],
+        task_labels=list(task_labels),
+    )
+
+
+class TinyMT(MultiTaskModule):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU())
+        self.classifier = MultiHeadClassifier(8, initial_out_features=2)
+
+    def forward(self, x, task_labels):
+        return self.classifier(self.trunk(x), task_labels)
+
+    def forward_single_task(self, x, task_label):
+        return self.classifier(self.trunk(x), task_label)
+
+
+def tiny_mlp(out=2):
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, out))
+
+
+def naive(model, plugins, epochs=1, mb=16, evaluator=None):
+    return Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                 criterion=nn.CrossEntropyLoss(), train_mb_size=mb, train_epochs=epochs, eval_mb_size=64,
+                 device="cpu", plugins=plugins, evaluator=evaluator or EvaluationPlugin(loggers=[]))
+
+
+# --------------------------------------------------------------------------------------------------- plugin
+def test_plugin_is_a_supervised_plugin_and_checks_arguments():
+    p = LaplacePlugin(structure="kron", fisher="exact")
+    assert isinstance(p, SupervisedPlugin) and p.supports_distributed is False
+    assert p.callback.structure.value == "kron" and p.callback.auto_end_task is False
+    with pytest.raises(ValueError, match="not both"):
+        LaplacePlugin(callback=LaplaceCallback(), lam=2.0)
+    with pytest.raises(ValueError, match="Lightning-only"):
+        LaplacePlugin(dataloader=[])
+    with pytest.raises(TypeError, match="LaplaceCallback"):
+        LaplacePlugin(callback=object())
+    with pytest.raises(ValueError, match="structure"):
+        LaplacePlugin(structure="full")
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_plugin_multihead_adds_a_site_per_experience_and_new_heads_get_the_prior(structure):
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    model = TinyMT()
+    plugin = LaplacePlugin(structure=structure)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    strategy = naive(model, [plugin], epochs=2, evaluator=evaluator)
+    for i, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        assert plugin.server.names == tuple(f"task-{k}" for k in range(i + 1))
+        assert plugin.callback.num_examples == 48
+        assert {n for n, _ in model.named_parameters()} <= set(plugin.server.prior.names)
+        assert f"classifier.classifiers.{i}.classifier.weight" in plugin.posterior().names
+    res = strategy.eval(bm.test_stream)
+    accs = [v for k, v in res.items() if k.startswith("Top1_Acc_Exp/eval_phase/test_stream/Task00")]
+    assert len(accs) == 3 and all(0.0 <= a <= 1.0 for a in accs)
+    plugin.forget(2)
+    assert plugin.server.names == ("task-0", "task-1")
+
+
+class _GradSpy(SupervisedPlugin):
+    """Records the gradients and weights seen in ``before_update`` at the 3rd step of every experience."""
+
+    def __init__(self):
+        super().__init__()
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.params: list[dict[str, torch.Tensor]] = []
+
+    def before_training_exp(self, strategy, *args, **kwargs):
+        self._step = 0
+
+    def before_update(self, strategy, *args, **kwargs):
+        self._step += 1
+        if self._step == 3:
+            named = list(strategy.model.named_parameters())
+            self.grads.append({n: p.grad.clone() for n, p in named if p.grad is not None})
+            self.params.append({n: p.detach().clone() for n, p in named})
+
+
+def test_prior_gradient_is_added_in_before_update_once_per_step():
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    model = TinyMT()
+    before, after = _GradSpy(), _GradSpy()
+    plugin = LaplacePlugin(structure="diag", prior_precision=1.0)
+    strategy = naive(model, [before, plugin, after])
+    for exp in bm.train_stream[:2]:
+        strategy.train(exp)
+    # experience 0: no site yet, nothing added; experience 1: exactly (Λθ − η) / N_1 added, with the prior of
+    # experience 1 (removing the latest site gives it back exactly; it covers the head grown for experience 1)
+    assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
+    plugin.forget(1)
+    prev = plugin.posterior()
+    assert "classifier.classifiers.1.classifier.weight" in prev.names
+    expected = prev.quadratic_grad({n: after.params[1][n] for n in prev.names})
+    for n in after.grads[1]:
+        added = after.grads[1][n] - before.grads[1].get(n, torch.zeros_like(after.grads[1][n]))
+        torch.testing.assert_close(added, expected[n] / 48, rtol=1e-4, atol=1e-7)
+    assert float(expected["trunk.1.weight"].abs().max()) > 0
+
+
+def test_plugin_single_head_model_drops_task_labels():
+    torch.manual_seed(0)
+    bm = tiny_benchmark(task_labels=(0, 0, 0), classes=[(0, 1), (2, 3), (4, 5)])
+    model = tiny_mlp(out=6)
+    plugin = LaplacePlugin(structure="kron")
+    strategy = naive(model, [plugin])
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    assert plugin.server.names == ("task-0", "task-1", "task-2")
+    batches = list(plugin.curvature_batches(SimpleNamespace(experience=bm.train_stream[0], model=model,
+                                                            train_mb_size=20)))
+    assert [len(b) for b in batches] == [2, 2, 2] and sum(len(b[1]) for b in batches) == 48
+
+
+def test_experience_batches_split_mixed_task_labels():
+    x = torch.randn(10, 3)
+    y = torch.arange(10) % 2
+    t = torch.tensor([0, 1] * 5)
+    ds = torch.utils.data.TensorDataset(x, y, t)
+    out = list(ExperienceBatches(ds, batch_size=6, multi_task=True))
+    assert all(len(b) == 3 and b[2].unique().numel() == 1 for b in out)
+    assert sum(len(b[0]) for b in out) == 10
+    assert [len(b) for b in ExperienceBatches(ds, batch_size=6)] == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------------- streams
+def test_stream_from_task_incremental_benchmark():
+    bm = tiny_benchmark(task_labels=(0, 1, 2), n_train=30, n_test=10)
+    stream = stream_from_benchmark(bm, name="tiny")
+    assert (stream.name, stream.setting, stream.num_classes, len(stream)) == ("tiny", "task", 2, 3)
+    assert stream.with_task_id
+    for i, task in enumerate(stream):
+        assert task.task_id == i and len(task.train) == 30 and len(task.test) == 10
+        x, y, t = next(iter(task.train_dataloader(batch_size=30, shuffle=False)))
+        assert x.shape == (30, 1, 4, 4) and set(t.tolist()) == {i} and set(y.tolist()) <= {0, 1}
+        torch.testing.assert_close(y, (x.flatten(1)[:, i] > 0).long())
+    lim = stream_from_benchmark(bm, limit=7, num_tasks=2, seed=1)
+    mat = stream_from_benchmark(bm, materialize=True, limit=7, num_tasks=2, seed=1)
+    assert len(mat) == 2 and len(mat[1].train) == 7 and len(mat[1].test) == 7
+    assert all(torch.equal(a, b) for i in range(7) for a, b in zip(mat[1].train[i], lim[1].train[i]))
+
+
+def test_stream_settings_class_and_domain():
+    cls = stream_from_benchmark(tiny_benchmark(task_labels=(0, 0, 0), classes=[(0, 1), (2, 3), (4, 5)]))
+    assert (cls.setting, cls.num_classes, cls.with_task_id) == ("class", 6, False)
+    assert [t.classes for t in cls] == [(0, 1), (2, 3), (4, 5)]
+    assert len(cls[2].train[0]) == 2 and int(cls[2].train[0][1]) in (4, 5)
+    dom = stream_from_benchmark(tiny_benchmark(task_labels=(0, 0, 0)))
+    assert (dom.setting, dom.num_classes) == ("domain", 2)
+    forced = stream_from_benchmark(tiny_benchmark(task_labels=(0, 0, 0)), with_task_id=True)
+    assert forced.setting == "task" and len(forced[0].train[0]) == 3
+
+
+def test_stream_from_benchmark_from_datasets_rejects_mismatched_streams():
+    bm = tiny_benchmark()
+    ds = [e.dataset for e in bm.train_stream]
+    bad = with_task_labels(benchmark_from_datasets(train=ds, test=ds[:2]))
+    with pytest.raises(ValueError, match="one test experience per training experience"):
+        stream_from_benchmark(bad)
+
+
+def test_lightning_loop_on_an_avalanche_stream():
+    import pytorch_lightning as pl
+
+    from bayescl import ClassifierModule, MultiHeadMLP
+
+    stream = stream_from_benchmark(tiny_benchmark(n_train=32))
+    module = ClassifierModule(MultiHeadMLP(in_features=16, hidden=(8,), num_tasks=len(stream)), len(stream))
+    cb = LaplaceCallback(structure="diag")
+    for task in stream:
+        trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(module, task.train_dataloader(batch_size=16))
+    assert cb.server.names == ("task-0", "task-1", "task-2") and cb.num_examples == 32
+
+
+def test_parse_spec():
+    assert _parse_spec("avalanche:SplitMNIST") == ("SplitMNIST", {})
+    assert _parse_spec("avalanche:PermutedMNIST:n_experiences=3, return_task_id=true") == (
+        "PermutedMNIST", {"n_experiences": 3, "return_task_id": True})
+    with pytest.raises(ValueError, match="key=value"):
+        _parse_spec("avalanche:SplitMNIST:oops")
+    with pytest.raises(ValueError, match="not a benchmark"):
+        make_avalanche_stream("avalanche:NoSuchBenchmark")
+
+
+# --------------------------------------------------------------------------------------------------- real data
+@pytest.mark.slow
+def test_real_split_mnist(data_root):
+    stream = make_avalanche_stream("avalanche:SplitMNIST", root=data_root, limit=200)
+    assert (stream.setting, stream.num_classes, len(stream)) == ("task", 2, 5)
+    assert [t.classes for t in stream] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    for i, task in enumerate(stream):
+        x, y, t = task.train.tensors
+        assert x.shape == (200, 1, 28, 28) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        assert set(t.tolist()) == {i} and set(y.tolist()) == {0, 1} and len(task.test) == 200
+
+    # the plugin on Avalanche's SplitMNIST data (those 200 examples per experience, 3 experiences), with a
+    # MultiHeadClassifier growing a head per experience
+    small = tensors_benchmark(train_tensors=[list(t.train.tensors[:2]) for t in stream[:3]],
+                              test_tensors=[list(t.test.tensors[:2]) for t in stream[:3]], task_labels=[0, 1, 2])
+
+    class MT(MultiTaskModule):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU())
+            self.classifier = MultiHeadClassifier(32)
+
+        def forward(self, x, task_labels):
+            return self.classifier(self.trunk(x), task_labels)
+
+    torch.manual_seed(0)
+    plugin = LaplacePlugin(structure="kron")
+    strategy = naive(MT(), [plugin], epochs=2, evaluator=EvaluationPlugin(accuracy_metrics(experience=True),
+                                                                          loggers=[]))
+    for exp in small.train_stream:
+        strategy.train(exp)
+    assert plugin.server.names == ("task-0", "task-1", "task-2")
+    res = strategy.eval(small.test_stream)
+    accs = [v for k, v in res.items() if k.startswith("Top1_Acc_Exp")]
+    assert len(accs) == 3 and min(accs) > 0.8
