@@ -218,21 +218,27 @@ def _fast_ok(m: nn.Module, rec: list[tuple[Tensor, Tensor]], B: int, owners: dic
             and not isinstance(m.padding, str))
 
 
-def _fast_sq(m: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(Σ_n (∂ℓ_n/∂W)², Σ_n (∂ℓ_n/∂b)²)`` from inputs ``a`` and output gradients ``g`` of one layer.
+def _fast_input(m: nn.Module, a: Tensor) -> Tensor:
+    """What :func:`_fast_sq` needs from a layer's input, computed once per batch: ``a²`` or the unfolded patches."""
+    if isinstance(m, nn.Linear):
+        return a.square()
+    return nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+
+
+def _fast_sq(m: nn.Module, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(Σ_n (∂ℓ_n/∂W)², Σ_n (∂ℓ_n/∂b)²)`` from :func:`_fast_input` ``u`` and output gradients ``g`` of one layer.
 
     Linear: :math:`(g^{\odot2})^\top (a^{\odot2})`. Conv2d: per-example :math:`g_n U_n^\top` with ``U_n`` the
     unfolded input patches (``(out, in·kh·kw)`` per example, in chunks), squared and summed.
     """
     if isinstance(m, nn.Linear):
         g2 = g.square()
-        return g2.T @ a.square(), g2.sum(0)
-    U = nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        return g2.T @ u, g2.sum(0)
     gf = g.flatten(2)  # (B, out, L)
-    w2 = torch.zeros(m.weight.shape[0], U.shape[1], dtype=g.dtype, device=g.device)
+    w2 = torch.zeros(m.weight.shape[0], u.shape[1], dtype=g.dtype, device=g.device)
     chunk = max(1, _VMAP_FLOATS // w2.numel())
     for s in range(0, g.shape[0], chunk):
-        w2 += torch.bmm(gf[s : s + chunk], U[s : s + chunk].transpose(1, 2)).square().sum(0)
+        w2 += torch.bmm(gf[s : s + chunk], u[s : s + chunk].transpose(1, 2)).square().sum(0)
     return w2.view_as(m.weight), gf.sum(2).square().sum(0)
 
 
@@ -282,12 +288,13 @@ def _batch_curvature(
     mods = list(fast)
     zs = [fast[m][1] for m in mods]
     if zs:
+        prepared = {m: _fast_input(m, fast[m][0]) for m in mods}
         for k, (v, w) in enumerate(vectors):
             gs = torch.autograd.grad(logits, zs, v, retain_graph=k < len(vectors) - 1, allow_unused=True)
             for m, g in zip(mods, gs):
                 if g is None:
                     continue
-                w2, b2 = _fast_sq(m, fast[m][0], g)
+                w2, b2 = _fast_sq(m, prepared[m], g)
                 if id(m.weight) in target_ids:
                     out[target_ids[id(m.weight)]].add_(w2, alpha=w)
                 if m.bias is not None and id(m.bias) in target_ids:
