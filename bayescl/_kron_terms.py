@@ -19,6 +19,24 @@ class KronTerm:
     G: Tensor
     scale: float = 1.0
     tag: str = ""
+    #: optional square-root factors with ``A = UA UAᵀ`` / ``G = UG UGᵀ`` (low rank: see ``KronGaussian.low_rank``)
+    UA: Tensor | None = None
+    UG: Tensor | None = None
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``G x A`` for a block ``x`` (``out × p``), through the low-rank factors when present."""
+        gx = self.G @ x if self.UG is None else self.UG @ (self.UG.T @ x)
+        return gx @ self.A if self.UA is None else (gx @ self.UA) @ self.UA.T
+
+
+def low_rank_factor(M: Tensor, rank: int) -> tuple[Tensor, Tensor | None]:
+    """``(M_r, U)`` with ``M_r = U Uᵀ`` the best rank-``rank`` PSD approximation of ``M`` (top eigenpairs);
+    ``(M, None)`` when ``rank >= M.shape[0]``."""
+    if rank >= M.shape[0]:
+        return M, None
+    w, V = torch.linalg.eigh(M)
+    U = V[:, -rank:] * w[-rank:].clamp_min(0).sqrt()
+    return U @ U.T, U
 
 
 def _new_tag() -> str:

@@ -249,3 +249,29 @@ def test_mismatch_errors() -> None:
         KronGaussian({**mean, "x": torch.zeros(1, dtype=torch.float32)}, LAYERS)
     with pytest.raises(ValueError, match="alpha=-1"):
         q.temper(-1)
+
+
+def test_low_rank_factors_truncate_exactly_and_full_rank_is_identity():
+    torch.manual_seed(0)
+    A0 = torch.randn(6, 6, dtype=torch.float64)
+    G0 = torch.randn(4, 4, dtype=torch.float64)
+    A, G = A0 @ A0.T, G0 @ G0.T
+    mean = {"w": torch.randn(4, 5, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    q = KronGaussian(mean, {"l": ("w", "b")}, {"l": [(A, G, 2.0)]}, {"w": 0.5, "b": 0.5})
+    theta = {"w": torch.randn(4, 5, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    full = q.low_rank(10).quadratic_grad(theta)
+    for n, g in q.quadratic_grad(theta).items():
+        torch.testing.assert_close(full[n], g)
+    # rank 2: the dense reference with both factors truncated to their top-2 eigenpairs
+    def trunc(M, r):
+        w, V = torch.linalg.eigh(M)
+        return (V[:, -r:] * w[-r:]) @ V[:, -r:].T
+    lr = q.low_rank(2).with_mean(mean)
+    Wt = torch.cat([theta["w"] - mean["w"], (theta["b"] - mean["b"])[:, None]], 1)
+    dense = 2.0 * trunc(G, 2) @ Wt @ trunc(A, 2) + 0.5 * Wt
+    got = lr.quadratic_grad(theta)
+    torch.testing.assert_close(got["w"], dense[:, :5])
+    torch.testing.assert_close(got["b"], dense[:, 5])
+    assert lr.terms["l"][0].UA.shape == (6, 2)
+    back = KronGaussian.from_state_dict(lr.state_dict()).quadratic_grad(theta)
+    torch.testing.assert_close(back["w"], got["w"])

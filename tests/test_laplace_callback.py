@@ -225,3 +225,20 @@ def test_new_head_parameters_get_base_prior():
     assert isinstance(post, DiagGaussian) and cb.tasks_seen == 2
     assert (post.precision["model.heads.1.weight"] > 0.5).float().mean() > 0.5
     assert (post.precision["model.heads.0.weight"] > 0.5).float().mean() > 0.5
+
+
+def test_low_rank_online_kron_is_centred_on_the_optimum():
+    stream = synthetic_stream(num_tasks=2, n_train=128, n_test=32)
+    module = ClassifierModule(small_model(), num_tasks=3)
+    cb = LaplaceCallback(structure="kron", fisher="exact", online=True, rank=4)
+    for loader in loaders(stream):
+        trainer(cb).fit(module, loader)
+    q = cb.posterior()
+    assert q.terms["model.trunk.1"][0].UA.shape == (785, 4)
+    theta = {n: p.detach() for n, p in module.named_parameters()}
+    g_at = q.quadratic_grad(theta)
+    g_moved = q.quadratic_grad({n: t + 0.01 for n, t in theta.items()})
+    for n in theta:
+        assert g_at[n].abs().max() <= 1e-3 * g_moved[n].abs().max() + 1e-6, n
+    with pytest.raises(ValueError, match="rank=4 applies to structure='kron'"):
+        LaplaceCallback(structure="diag", rank=4)

@@ -68,6 +68,9 @@ class LaplaceCallback(PosteriorCallback):
         lam: multiplier :math:`\lambda > 0` of each task's curvature (Ritter et al.); 1 is the Bayesian value.
         gamma: online decay :math:`\gamma \in (0, 1]` of the earlier precision (online EWC); 1 = pure sum.
         online: keep a single site (constant memory; for kron an approximation, see the module docstring).
+        rank: kron only: keep the top ``rank`` eigen-directions of every Kronecker factor
+            (:meth:`~bayescl.kron.KronGaussian.low_rank`, an approximation that makes the prior gradient cheap);
+            ``None`` keeps the full factors.
         params: regular expressions selecting the parameters with a posterior (``None`` = all trainable).
         mc_samples: sampled labels per example for ``fisher="mc"``.
         dataloader: data for the curvature pass (default: the fit's training dataloader).
@@ -86,6 +89,7 @@ class LaplaceCallback(PosteriorCallback):
         lam: float = 1.0,
         gamma: float = 1.0,
         online: bool = False,
+        rank: int | None = None,
         params: Sequence[str] | None = None,
         mc_samples: int = 1,
         dataloader: Iterable[Any] | None = None,
@@ -103,6 +107,9 @@ class LaplaceCallback(PosteriorCallback):
         self.lam = check_real(lam, "lam", low=0.0, low_open=True)
         self.gamma = check_real(gamma, "gamma", low=0.0, high=1.0, low_open=True)
         self.online = bool(online)
+        if rank is not None and self.structure is not Structure.KRON:
+            raise ValueError(f"rank={rank} applies to structure='kron' only; got structure={self.structure.value!r}.")
+        self.rank = None if rank is None else check_positive_int(rank, "rank")
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.dataloader = dataloader
         self.max_batches = None if max_batches is None else check_positive_int(max_batches, "max_batches")
@@ -164,6 +171,8 @@ class LaplaceCallback(PosteriorCallback):
                              "previous posterior kept.")
         if self.lam != 1.0:
             curv = curv.temper(self.lam)
+        if self.rank is not None and not self.online:
+            curv = curv.low_rank(self.rank)
         old_sites = dict(server.items())
         if self.gamma != 1.0:
             for k, s in old_sites.items():
@@ -173,7 +182,8 @@ class LaplaceCallback(PosteriorCallback):
         try:
             if self.online:
                 if self.structure is Structure.KRON:
-                    q_new = q_new.merge().with_mean(theta)
+                    q_new = q_new.merge()
+                    q_new = (q_new if self.rank is None else q_new.low_rank(self.rank)).with_mean(theta)
                 site = q_new.divide(server.prior, allow_improper=True)
                 for k in list(server.names):
                     server.remove(k)
