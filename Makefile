@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BAYESCL_DATA ?= $(shell [ -d ../shared/data/MNIST ] && echo ../shared/data || echo data)
 export BAYESCL_DATA
 STAMP := $(VENV)/.installed
-QUICK_STRATEGIES ?= naive joint
+QUICK_STRATEGIES ?= naive joint laplace-kron vcl
 QUICK_ARGS ?= --seeds 1 --epochs 1
 
 .PHONY: bench test install clean

@@ -81,6 +81,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from ._checks import as_enum, check_positive_int, check_real
+from .callbacks.base import add_scaled_grads
 from .curvature import FisherType, diag_fisher
 from .posterior import DiagGaussian
 from .sites import PosteriorServer
@@ -362,13 +363,7 @@ class PosteriorServerStrategy(DDPStrategy):
             return
         params = self.selected_params(module)
         grads = self.cavity().quadratic_grad({n: p.detach() for n, p in params.items()})
-        scale = 1.0 / float(self._shard_size or 1)
-        for n, p in params.items():
-            g = grads[n].to(p.dtype)
-            if p.grad is None:
-                p.grad = g * scale
-            else:
-                p.grad.add_(g, alpha=scale)
+        add_scaled_grads(params, grads, 1.0 / float(self._shard_size or 1))
 
     #: apply the term when the cavity is the base prior alone (first task, before any other worker's site has
     #: arrived; with one worker, the whole first task): a weak weight decay, off by default as in the callbacks

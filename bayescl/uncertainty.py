@@ -130,6 +130,17 @@ def ece_from_bins(count: Tensor, confidence: Tensor, correct: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- metrics
+def _means(m: Metric) -> dict[str, Tensor]:
+    """Per-example means of the summed statistics of ``m`` (NaN where nothing was counted), ECE and counts."""
+    n = m.count.double()
+    nan = torch.full_like(n, float("nan"))
+    out = {k: torch.where(n > 0, getattr(m, k) / n.clamp_min(1), nan) for k in _STATS}
+    out["accuracy"] = torch.where(n > 0, m.correct.double() / n.clamp_min(1), nan)
+    out["ece"] = ece_from_bins(m.bin_count, m.bin_confidence, m.bin_correct)
+    out["count"] = m.count.clone()
+    return out
+
+
 class PredictiveUncertainty(Metric):
     """Mean total / aleatoric / epistemic entropy, NLL, accuracy and ECE of a posterior predictive.
 
@@ -161,13 +172,7 @@ class PredictiveUncertainty(Metric):
             getattr(self, k).add_(v.to(getattr(self, k)))
 
     def compute(self) -> dict[str, Tensor]:
-        n = self.count.double()
-        nan = torch.full_like(n, float("nan"))
-        out = {k: torch.where(n > 0, getattr(self, k) / n.clamp_min(1), nan) for k in _STATS}
-        out["accuracy"] = torch.where(n > 0, self.correct.double() / n.clamp_min(1), nan)
-        out["ece"] = ece_from_bins(self.bin_count, self.bin_confidence, self.bin_correct)
-        out["count"] = self.count.clone()
-        return out
+        return _means(self)
 
     def reliability(self) -> dict[str, Tensor]:
         """Per-bin sums ``{"bin_count", "bin_confidence", "bin_correct"}`` (shape ``(n_bins,)``)."""
@@ -213,13 +218,7 @@ class TaskUncertainty(Metric):
     def compute(self) -> dict[str, Tensor]:
         """``(T, T)`` tensors ``total, aleatoric, epistemic, nll, ece, accuracy`` (NaN if never evaluated) and
         ``count``."""
-        n = self.count.double()
-        nan = torch.full_like(n, float("nan"))
-        out = {k: torch.where(n > 0, getattr(self, k) / n.clamp_min(1), nan) for k in _STATS}
-        out["accuracy"] = torch.where(n > 0, self.correct.double() / n.clamp_min(1), nan)
-        out["ece"] = ece_from_bins(self.bin_count, self.bin_confidence, self.bin_correct)
-        out["count"] = self.count.clone()
-        return out
+        return _means(self)
 
     def reliability(self) -> dict[str, Tensor]:
         """Per-bin sums ``(T, T, n_bins)``: ``bin_count``, ``bin_confidence``, ``bin_correct``."""

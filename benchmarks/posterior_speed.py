@@ -90,6 +90,10 @@ def train_epoch(model: nn.Module, loader: DataLoader) -> float:
     return CLOCK() - t0
 
 
+#: rank of the low-rank factors timed beside the full ones (``KronGaussian.low_rank``)
+RANK = 32
+
+
 def random_site(model: nn.Module, seed: int) -> KronGaussian:
     """A Kronecker site with random PSD factors (timing does not depend on the values)."""
     g = torch.Generator().manual_seed(seed)
@@ -126,6 +130,8 @@ def bench_prior(name: str, calls: int) -> dict:
             log(f"{name}: prior gradient with T={t}")
             out[f"kron_T{t}_ms"] = median_ms(lambda p=post: p.quadratic_grad(model), calls)
             out[f"kron_T{t}_merged_ms"] = median_ms(lambda p=merged: p.quadratic_grad(model), calls)
+            low = merged.low_rank(RANK)
+            out[f"kron_T{t}_merged_r{RANK}_ms"] = median_ms(lambda p=low: p.quadratic_grad(model), calls)
             floats[f"T{t}"] = {"diag": diag.num_floats(), "kron_sum": post.num_floats(), "kron_merged": merged.num_floats()}
     out["ratios"] = {k[:-3]: v / out["adam_step_ms"] for k, v in out.items() if k.endswith("_ms") and k != "adam_step_ms"}
     out["num_params"] = sum(t.numel() for t in named.values())
@@ -174,14 +180,15 @@ def to_markdown(res: dict) -> str:
         "",
         "## (a) prior gradient per optimizer step, ratio to one Adam step at batch 64",
         "",
-        "| model | Adam step (ms) | diag | kron T=1 | T=5 | T=20 | merged T=5 | merged T=20 |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | Adam step (ms) | diag | kron T=1 | T=5 | T=20 | merged T=5 | merged T=20 | merged rank {RANK} T=20 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in res["models"].items():
         p, q = r["prior"], r["prior"]["ratios"]
         lines.append(
             f"| {m} | {p['adam_step_ms']:.2f} | {q['diag']:.3f} | {q['kron_T1']:.2f} | {q['kron_T5']:.2f} | "
-            f"{q['kron_T20']:.2f} | {q['kron_T5_merged']:.2f} | {q['kron_T20_merged']:.2f} |"
+            f"{q['kron_T20']:.2f} | {q['kron_T5_merged']:.2f} | {q['kron_T20_merged']:.2f} | "
+            f"{q[f'kron_T20_merged_r{RANK}']:.2f} |"
         )
     lines += ["", "## (b) curvature pass per task, ratio to one training epoch (seconds in brackets)", ""]
     keys = list(CURV)

@@ -14,7 +14,7 @@ The user's LightningModule is never edited.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,7 +22,20 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int, check_real
+from ..posterior import DiagGaussian
 from ..sites import Gaussian, PosteriorServer
+
+
+@torch.no_grad()
+def add_scaled_grads(params: Mapping[Any, nn.Parameter], grads: Mapping[Any, Tensor], scale: float) -> None:
+    """``p.grad += scale · grads[name]`` (creating ``.grad`` where it is ``None``): the one way a prior term
+    reaches the optimizer, shared by the callbacks, the Avalanche plugins and the distributed strategy."""
+    for n, p in params.items():
+        g = grads[n].to(p.dtype)
+        if p.grad is None:
+            p.grad = g * scale
+        else:
+            p.grad.add_(g, alpha=scale)
 
 
 def _dataset_size(dataloader: Any) -> int | None:
@@ -56,7 +69,7 @@ class PosteriorCallback(pl.Callback):
         self.server: PosteriorServer | None = None
         self.tasks_seen = 0
         self.num_examples: int | None = None
-        self._grad_cache: tuple[Gaussian, dict[str, Tensor]] | None = None
+        self._grad_cache: Any = None  # per-posterior tensors of the prior-gradient fast path
         #: seconds spent closing tasks (curvature passes, variational updates): benchmarks report it apart
         self.end_task_seconds = 0.0
 
@@ -139,14 +152,24 @@ class PosteriorCallback(pl.Callback):
         if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
             return
         params = self.selected_params(pl_module)
-        grads = self.posterior().quadratic_grad({n: p.detach() for n, p in params.items()})
-        scale = self.prior_term_scale()
-        for n, p in params.items():
-            g = grads[n].to(p.dtype)
-            if p.grad is None:
-                p.grad = g * scale
-            else:
-                p.grad.add_(g, alpha=scale)
+        q = self.posterior()
+        if isinstance(q, DiagGaussian):  # fused fast path: two passes over memory, no temporaries
+            cache = self._grad_cache
+            if cache is None or cache[0] is not q or cache[1] != tuple(params):
+                ref = {n: p for n, p in params.items()}
+                cache = (q, tuple(params), [q.precision[n].to(ref[n]) for n in params],
+                         [q.eta[n].to(ref[n]) for n in params])
+                self._grad_cache = cache
+            for p in params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads, ps, scale = [p.grad for p in params.values()], [p.detach() for p in params.values()], \
+                self.prior_term_scale()
+            torch._foreach_addcmul_(grads, cache[2], ps, value=scale)
+            torch._foreach_add_(grads, cache[3], alpha=-scale)
+            return
+        grads = q.quadratic_grad({n: p.detach() for n, p in params.items()})
+        add_scaled_grads(params, grads, self.prior_term_scale())
 
     #: apply the base prior's term on the very first task too (a weak weight decay by default: off).
     penalise_prior_alone = False

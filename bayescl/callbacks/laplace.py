@@ -33,6 +33,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from .._checks import as_enum, check_positive_int, check_real
 from ..curvature import FisherType, diag_site, kfac_layers, kron_site
@@ -74,6 +75,9 @@ class LaplaceCallback(PosteriorCallback):
         params: regular expressions selecting the parameters with a posterior (``None`` = all trainable).
         mc_samples: sampled labels per example for ``fisher="mc"``.
         dataloader: data for the curvature pass (default: the fit's training dataloader).
+        curvature_batch_size: re-batch the curvature pass's dataset (unshuffled) at this size; larger batches make
+            the pass cheaper per example (the Fisher is a sum over examples, so the result does not depend on it,
+            up to the Monte Carlo labels). ``None`` uses the dataloader as it is.
         max_batches: cap on the batches of the curvature pass.
         auto_end_task: close the task at the end of every ``fit`` (else call :meth:`end_task`).
         log_every_n_steps: how often ``laplace/penalty`` is logged (default: the Trainer's setting).
@@ -93,6 +97,7 @@ class LaplaceCallback(PosteriorCallback):
         params: Sequence[str] | None = None,
         mc_samples: int = 1,
         dataloader: Iterable[Any] | None = None,
+        curvature_batch_size: int | None = None,
         max_batches: int | None = None,
         auto_end_task: bool = True,
         seed: int = 0,
@@ -112,6 +117,8 @@ class LaplaceCallback(PosteriorCallback):
         self.rank = None if rank is None else check_positive_int(rank, "rank")
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.dataloader = dataloader
+        self.curvature_batch_size = (None if curvature_batch_size is None
+                                     else check_positive_int(curvature_batch_size, "curvature_batch_size"))
         self.max_batches = None if max_batches is None else check_positive_int(max_batches, "max_batches")
         self.auto_end_task = bool(auto_end_task)
         self.seed = int(seed)
@@ -160,6 +167,8 @@ class LaplaceCallback(PosteriorCallback):
             data = trainer.train_dataloader
         if data is None:
             raise ValueError("end_task needs a dataloader (none given and the trainer has no train_dataloader).")
+        if self.curvature_batch_size is not None and getattr(data, "dataset", None) is not None:
+            data = DataLoader(data.dataset, batch_size=self.curvature_batch_size, shuffle=False)
         params = self.selected_params(pl_module)
         theta = {n: p.detach().clone() for n, p in params.items()}
         t0 = time.perf_counter()

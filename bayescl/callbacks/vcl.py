@@ -71,7 +71,7 @@ from ..variational import (
     set_stochastic,
     variational_layers,
 )
-from .base import PosteriorCallback
+from .base import PosteriorCallback, add_scaled_grads
 
 _WRAP_ATTR = "_bayescl_mc_wrapped"
 
@@ -298,12 +298,7 @@ class VCLCallback(PosteriorCallback):
                                  "task is kept (callback.posterior(); apply_posterior() loads it into the layers).")
             params = [t for p in paths for _, mu, lv in layers[p].variational_params() for t in (mu, lv)]
             grads = torch.autograd.grad(kl, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if p.grad is None:
-                    p.grad = g * scale
-                else:
-                    p.grad.add_(g, alpha=scale)
+        add_scaled_grads(dict(enumerate(params)), dict(enumerate(grads)), scale)
         return kl.detach()
 
     @torch.no_grad()
