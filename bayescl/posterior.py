@@ -114,6 +114,14 @@ def _nonneg_precision(prec: Tensor, ref: Tensor, name: str, what: str, allow_zer
     return prec
 
 
+def diag_gaussian_kl(mu: Tensor, logvar: Tensor, prior_mean: Tensor, prior_precision: Tensor) -> Tensor:
+    r"""``KL(N(μ, e^ℓ) || N(μ_p, 1/λ_p))`` summed over entries, differentiable in ``μ`` and ``ℓ``:
+    ``½ Σ [λ_p e^ℓ + λ_p (μ − μ_p)² − 1 − log λ_p − ℓ]`` (the one elementwise Gaussian KL: DiagGaussian.kl and the
+    variational layers both use it)."""
+    return 0.5 * (prior_precision * (logvar.exp() + (mu - prior_mean) ** 2) - 1.0
+                  - torch.log(prior_precision) - logvar).sum()
+
+
 class DiagGaussian:
     """Mean-field Gaussian ``N(μ, diag(λ)⁻¹)`` over named parameters, stored as naturals ``(η = λ μ, λ)``.
 
@@ -280,8 +288,7 @@ class DiagGaussian:
         mp, mq = self.mean, other.mean
         total = torch.zeros((), dtype=self._dtype(), device=self._device())
         for n, lp in self._prec.items():
-            lq = other._prec[n]
-            total = total + 0.5 * (lq / lp + lq * (mp[n] - mq[n]) ** 2 - 1.0 + torch.log(lp) - torch.log(lq)).sum()
+            total = total + diag_gaussian_kl(mp[n], -torch.log(lp), mq[n], other._prec[n])
         return total
 
     def log_prob(self, params: Params) -> Tensor:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_positive_int
-from .posterior import DiagGaussian
+from .posterior import DiagGaussian, diag_gaussian_kl
 
 DEFAULT_LOGVAR_INIT = -6.0
 #: Variances below this are clamped before the square root (keeps gradients finite at exactly zero input).
@@ -53,13 +53,6 @@ def _check_logvar(logvar_init: object) -> float:
     if not math.isfinite(float(logvar_init)):
         raise ValueError(f"logvar_init={logvar_init!r} is not allowed; it must be a finite real number.")
     return float(logvar_init)
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mean: Tensor, prior_precision: Tensor) -> Tensor:
-    r"""``KL(N(μ, e^ℓ) || N(μ_p, 1/λ_p))`` summed over entries, differentiable in ``μ`` and ``ℓ``:
-    ``½ Σ [λ_p e^ℓ + λ_p (μ − μ_p)² − 1 − log λ_p − ℓ]``."""
-    return 0.5 * (prior_precision * (logvar.exp() + (mu - prior_mean) ** 2) - 1.0
-                  - torch.log(prior_precision) - logvar).sum()
 
 
 class _BayesLayer(nn.Module):
@@ -94,7 +87,7 @@ class _BayesLayer(nn.Module):
 
     def kl(self, prior_mean: dict[str, Tensor], prior_precision: dict[str, Tensor]) -> Tensor:
         """KL from this layer's ``q`` to a prior given per logical suffix (``"weight"``, ``"bias"``)."""
-        return sum(gaussian_kl(mu, lv, prior_mean[k], prior_precision[k]) for k, mu, lv in self.variational_params())
+        return sum(diag_gaussian_kl(mu, lv, prior_mean[k], prior_precision[k]) for k, mu, lv in self.variational_params())
 
     def _sample(self, mean: Tensor, var: Tensor) -> Tensor:
         if self.generator is None:

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from bayescl import ClassifierModule, MultiHeadMLP, synthetic_stream
 from bayescl.callbacks.vcl import VCLCallback
-from bayescl.variational import BayesLinear, gaussian_kl, layer_posterior
+from bayescl.posterior import diag_gaussian_kl
+from bayescl.variational import BayesLinear, layer_posterior
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -114,13 +115,13 @@ def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):
     prior_mean = torch.zeros(8, 784, dtype=torch.float64)
     prior_prec = torch.ones(8, 784, dtype=torch.float64)
     mu, lv = module.model.trunk[1].weight_mu, module.model.trunk[1].weight_logvar
-    gm, gl = torch.autograd.grad(gaussian_kl(mu, lv, prior_mean, prior_prec), (mu, lv))
+    gm, gl = torch.autograd.grad(diag_gaussian_kl(mu, lv, prior_mean, prior_prec), (mu, lv))
     assert torch.allclose(mu.grad - data_grads["model.trunk.1.weight_mu"], gm / 48)
     assert torch.allclose(lv.grad - data_grads["model.trunk.1.weight_logvar"], gl / 48)
     # heads 1 and 2 got no data gradient: no KL gradient either
     assert bool((module.model.heads[1].weight_mu.grad == 0).all())
-    expected = sum(gaussian_kl(m.weight_mu, m.weight_logvar, 0.0 * m.weight_mu, 1.0 + 0 * m.weight_mu)
-                   + gaussian_kl(m.bias_mu, m.bias_logvar, 0.0 * m.bias_mu, 1.0 + 0 * m.bias_mu)
+    expected = sum(diag_gaussian_kl(m.weight_mu, m.weight_logvar, 0.0 * m.weight_mu, 1.0 + 0 * m.weight_mu)
+                   + diag_gaussian_kl(m.bias_mu, m.bias_logvar, 0.0 * m.bias_mu, 1.0 + 0 * m.bias_mu)
                    for m in (module.model.trunk[1], module.model.trunk[3], module.model.heads[0]))
     assert torch.allclose(kl, expected.detach())
 

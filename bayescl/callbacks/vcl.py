@@ -59,12 +59,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .._checks import as_enum, check_positive_int, check_real
 from ..batches import move_inputs, split_batch
 from ..coresets import CoresetMethod, split_coreset, stack_dataset
-from ..posterior import DiagGaussian
+from ..posterior import DiagGaussian, diag_gaussian_kl
 from ..variational import (
     BayesLayer,
     convert,
     enable_predictive,
-    gaussian_kl,
     layer_posterior,
     load_posterior,
     predictive_samples,
@@ -274,7 +273,7 @@ class VCLCallback(PosteriorCallback):
             layer = layers[path]
             for name, (_, mu, lv) in zip(_layer_names(path, layer), layer.variational_params()):
                 pm, pp = tensors[name]
-                total = total + gaussian_kl(mu, lv, pm, pp)
+                total = total + diag_gaussian_kl(mu, lv, pm, pp)
         return total
 
     def _add_kl_grad(self, pl_module: nn.Module, scale: float, prior: DiagGaussian | None = None,
