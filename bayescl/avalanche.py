@@ -24,9 +24,35 @@ after_backward → before_update → optimizer.step``):
   Avalanche ``MultiTaskModule`` (called as ``model(x, task_labels)``), ``(x, y)`` for a single-head model.
   A batch that mixes task labels is split per label, so each head is called on whole sub-batches.
 
-The plugin touches no strategy internals besides ``model``, ``experience`` and ``adapted_dataset``, and works
-with every SGD-based Avalanche strategy, ``EvaluationPlugin`` and loggers. ``supports_distributed = False``:
-the curvature pass is not reduced across processes (not verified with Avalanche's distributed support).
+**VCL.** :class:`VCLPlugin` drives a :class:`~bayescl.callbacks.vcl.VCLCallback` the same way:
+
+* ``before_training_exp``: ``convert`` swaps the model's ``nn.Linear`` / ``nn.Conv2d`` for mean-field Gaussian
+  layers (idempotent; heads a ``MultiHeadClassifier`` grew for this experience are converted here). When that
+  changed the parameters, the optimizer is updated with Avalanche's
+  ``avalanche.models.dynamic_optimizers.update_optimizer(optimizer, dict(model.named_parameters()),
+  strategy.optimized_param_id, remove_params=True)`` (what ``BatchObservation.make_optimizer`` calls, with
+  ``remove_params=True`` so the replaced plain weights leave it; new ``*_mu`` / ``*_logvar`` tensors join the
+  parameter group of their layer, other groups and hyper-parameters are kept); ``strategy.optimized_param_id``
+  is updated so Avalanche's next ``make_optimizer`` starts from it. ``reset_optimizer`` is not used: it fails
+  with several parameter groups. Then, as in Lightning's ``on_train_start``, the layers are set to the current
+  posterior (``q_{t-1}``), ``N_t`` is set and ``enable_predictive(model, test_samples)`` is installed.
+* ``before_training_epoch``: the maximum-likelihood start (``ml_init``) is driven by Avalanche's epoch counter:
+  the callback's ``_ml_phase`` sees ``strategy.clock.train_exp_epochs`` as ``current_epoch`` (first experience
+  only, ``ml_epochs`` epochs with means only and no KL); give ``ml_init=False`` to switch it off.
+* ``before_update``: ``callback.add_prior_grad(model, <epoch shim>)`` adds ``∇KL(q || q_{t-1}) / N_t``.
+* ``after_training_exp``: sampling on again and ``callback.end_task(None, model)`` (site ``q_t / q_{t-1}``).
+* Evaluation: the model's eval-mode call returns the log of the softmax averaged over ``test_samples`` samples
+  (``enable_predictive``), so Avalanche's metrics and loss see the MC-averaged prediction; the noise is seeded
+  per evaluated experience.
+
+Not supported by ``VCLPlugin`` yet (``ValueError``): coresets (``coreset_size > 0``) and ``train_samples > 1``.
+Heads must not grow after conversion (an ``IncrementalClassifier`` growing a converted layer fails): give each
+head its final size (``MultiHeadClassifier`` heads for task-incremental benchmarks do not grow).
+
+The plugins touch no strategy internals besides ``model``, ``experience`` and ``adapted_dataset`` (and, for
+``VCLPlugin``, ``optimizer``, ``optimized_param_id`` and ``clock``), and work with every SGD-based Avalanche
+strategy, ``EvaluationPlugin`` and loggers. ``supports_distributed = False``: the curvature pass and the KL term
+are not reduced across processes (not verified with Avalanche's distributed support).
 
 **Avalanche benchmarks in Lightning.** :func:`stream_from_benchmark` turns an Avalanche benchmark's train/test
 streams into a :class:`~bayescl.data.TaskStream` (one :class:`~bayescl.data.Task` per experience, batches
@@ -41,6 +67,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -49,6 +76,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 try:
     from avalanche.core import SupervisedPlugin
+    from avalanche.models.dynamic_optimizers import update_optimizer
     from avalanche.models.utils import is_multi_task_module
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -58,13 +86,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ._checks import check_positive_int
 from .callbacks.base import PosteriorCallback
 from .callbacks.laplace import LaplaceCallback
+from .callbacks.vcl import VCLCallback
 from .data import Task, TaskStream
+from .variational import convert, enable_predictive, set_stochastic
 
 __all__ = [
     "ExperienceBatches",
     "ExperienceDataset",
     "LaplacePlugin",
     "PosteriorPlugin",
+    "VCLPlugin",
     "make_avalanche_stream",
     "stream_from_benchmark",
 ]
@@ -209,6 +240,92 @@ class LaplacePlugin(PosteriorPlugin):
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         self.callback.end_task(None, strategy.model, self.curvature_batches(strategy))
+
+
+class VCLPlugin(PosteriorPlugin):
+    """Variational continual learning (mean-field Gaussian layers, KL to the previous posterior) for Avalanche.
+
+    Args:
+        callback: an existing ``VCLCallback`` to drive instead of building one (then give no other argument).
+        **kwargs: the ``VCLCallback`` arguments (``prior_precision``, ``logvar_init``, ``test_samples``,
+            ``ml_init``, ``ml_epochs``, ``params``, ``seed``); parameter names are the model's logical names
+            (``trunk.1.weight`` for the layer ``trunk.1``).
+
+    Raises:
+        ValueError: ``coreset_size > 0`` or ``train_samples > 1`` (not supported by VCLPlugin yet), or
+            Lightning-only arguments.
+    """
+
+    def __init__(self, *, callback: VCLCallback | None = None, **kwargs: Any) -> None:
+        if callback is None:
+            if "auto_end_task" in kwargs:
+                raise ValueError("auto_end_task is a Lightning-only argument of VCLCallback; the plugin closes "
+                                 "the task in after_training_exp.")
+            callback = VCLCallback(auto_end_task=False, **kwargs)
+        elif kwargs:
+            raise ValueError(f"give either callback= or VCLCallback arguments, not both; got callback and "
+                             f"{sorted(kwargs)}.")
+        elif not isinstance(callback, VCLCallback):
+            raise TypeError(f"callback must be a VCLCallback, got {type(callback).__name__}.")
+        if callback.coreset_size > 0:
+            raise ValueError(f"coreset_size={callback.coreset_size}: coresets are not supported by VCLPlugin yet; "
+                             "use coreset_size=0 (or the Lightning VCLCallback).")
+        if callback.train_samples > 1:
+            raise ValueError(f"train_samples={callback.train_samples}: several training samples per step are not "
+                             "supported by VCLPlugin yet; use train_samples=1.")
+        super().__init__(callback)
+
+    @staticmethod
+    def _epoch(strategy: Any) -> SimpleNamespace:
+        """What ``VCLCallback._ml_phase`` reads of a Trainer: the epoch within the experience."""
+        clock = getattr(strategy, "clock", None)
+        return SimpleNamespace(current_epoch=int(getattr(clock, "train_exp_epochs", 0)))
+
+    def convert_model(self, strategy: Any) -> bool:
+        """Make the model's layers variational and update the optimizer; returns whether parameters changed."""
+        cb, model = self.callback, strategy.model
+        before = {id(p) for p in model.parameters()}
+        convert(model, cb.logvar_init, include=cb._include)
+        params = dict(model.named_parameters())
+        changed = {id(p) for p in params.values()} != before
+        optimizer = getattr(strategy, "optimizer", None)
+        if changed and optimizer is not None:
+            opt = getattr(optimizer, "optim", optimizer)  # Avalanche's DynamicOptimizer wraps the torch one
+            new = update_optimizer(opt, params, getattr(strategy, "optimized_param_id", None), remove_params=True)
+            if hasattr(strategy, "optimized_param_id"):
+                strategy.optimized_param_id = new
+            if hasattr(optimizer, "_optimized_param_id"):
+                optimizer._optimized_param_id = new
+        enable_predictive(model, cb.test_samples)
+        return changed
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        cb, model = self.callback, strategy.model
+        self.convert_model(strategy)
+        super().before_training_exp(strategy, *args, **kwargs)
+        if not cb.task_open:
+            if cb.tasks_seen > 0:
+                cb.apply_posterior(model)
+            cb.task_open = True
+
+    def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        set_stochastic(strategy.model, not self.callback._ml_phase(self._epoch(strategy)))
+
+    def before_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        clock = strategy.clock
+        self.callback.seed_noise(strategy.model, 0, self.callback.tasks_seen, int(clock.train_exp_epochs),
+                                 int(clock.train_epoch_iterations))
+
+    def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.callback.add_prior_grad(strategy.model, self._epoch(strategy))
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        set_stochastic(strategy.model, True)
+        self.callback.end_task(None, strategy.model)
+
+    def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        exp = getattr(strategy, "experience", None)
+        self.callback.seed_noise(strategy.model, 1, int(getattr(exp, "current_experience", 0) or 0))
 
 
 # --------------------------------------------------------------------------------------------------- streams

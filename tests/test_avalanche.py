@@ -22,6 +22,7 @@ from bayescl import LaplaceCallback
 from bayescl.avalanche import (
     ExperienceBatches,
     LaplacePlugin,
+    VCLPlugin,
     _parse_spec,
     make_avalanche_stream,
     stream_from_benchmark,
@@ -171,6 +172,107 @@ def test_experience_batches_split_mixed_task_labels():
     assert all(len(b) == 3 and b[2].unique().numel() == 1 for b in out)
     assert sum(len(b[0]) for b in out) == 10
     assert [len(b) for b in ExperienceBatches(ds, batch_size=6)] == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------------- VCL plugin
+def test_vcl_plugin_checks_arguments():
+    from bayescl.callbacks.vcl import VCLCallback
+
+    p = VCLPlugin(test_samples=3)
+    assert isinstance(p, SupervisedPlugin) and p.supports_distributed is False
+    assert p.callback.test_samples == 3 and p.callback.auto_end_task is False
+    with pytest.raises(ValueError, match="not supported by VCLPlugin yet"):
+        VCLPlugin(coreset_size=5)
+    with pytest.raises(ValueError, match="not supported by VCLPlugin yet"):
+        VCLPlugin(callback=VCLCallback(coreset_size=5))
+    with pytest.raises(ValueError, match="not supported by VCLPlugin yet"):
+        VCLPlugin(train_samples=2)
+    with pytest.raises(ValueError, match="not both"):
+        VCLPlugin(callback=VCLCallback(), test_samples=2)
+    with pytest.raises(ValueError, match="Lightning-only"):
+        VCLPlugin(auto_end_task=True)
+    with pytest.raises(TypeError, match="VCLCallback"):
+        VCLPlugin(callback=LaplaceCallback())
+
+
+def _optimized(strategy) -> set[int]:
+    return {id(p) for g in strategy.optimizer.param_groups for p in g["params"]}
+
+
+def test_vcl_plugin_multihead_two_experiences_sites_layers_optimizer_and_eval():
+    from bayescl.variational import BayesLinear, variational_layers
+
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    model = TinyMT()
+    plugin = VCLPlugin(test_samples=4, ml_init=True, ml_epochs=1)
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    strategy = naive(model, [plugin], epochs=2, evaluator=evaluator)
+    for i, exp in enumerate(bm.train_stream[:2]):
+        strategy.train(exp)
+        assert plugin.server.names == tuple(f"task-{k}" for k in range(i + 1))
+        assert plugin.callback.num_examples == 48 and plugin.callback.tasks_seen == i + 1
+        # every Linear (trunk and the heads grown so far) is variational; no plain weight is left
+        assert isinstance(model.trunk[1], BayesLinear)
+        assert isinstance(model.classifier.classifiers[str(i)].classifier, BayesLinear)
+        assert not any(n.endswith((".weight", ".bias")) for n, _ in model.named_parameters())
+        # the optimizer holds exactly the model's (variational) parameters
+        named = dict(model.named_parameters())
+        assert _optimized(strategy) == {id(p) for p in named.values()}
+        assert id(named["trunk.1.weight_mu"]) in _optimized(strategy)
+        assert id(named[f"classifier.classifiers.{i}.classifier.weight_logvar"]) in _optimized(strategy)
+        assert strategy.optimized_param_id["trunk.1.weight_mu"] is named["trunk.1.weight_mu"]
+        # ... and steps them: the log-variances left their initial value (-6)
+        assert float((named["trunk.1.weight_logvar"].detach() + 6.0).abs().max()) > 1e-3
+    assert set(variational_layers(model)) == {"trunk.1", "classifier.classifiers.0.classifier",
+                                              "classifier.classifiers.1.classifier"}
+    # the posterior moved away from the base prior on the trunk and on both heads, and the layers hold it
+    q = plugin.posterior()
+    for n in ("trunk.1.weight", "classifier.classifiers.0.classifier.weight",
+              "classifier.classifiers.1.classifier.weight"):
+        assert float(q.mean[n].abs().max()) > 0
+        torch.testing.assert_close(q.mean[n], dict(model.named_parameters())[n + "_mu"].detach())
+    # evaluation: MC-averaged log-probabilities, accuracies from Avalanche's metrics
+    res = strategy.eval(bm.test_stream[:2])
+    accs = [v for k, v in res.items() if k.startswith("Top1_Acc_Exp/eval_phase/test_stream/Task")]
+    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+    model.eval()
+    x = bm.test_stream[0].dataset[0][0].unsqueeze(0)
+    out = model(x, torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(1))
+
+
+def test_vcl_plugin_adds_the_kl_gradient_in_before_update():
+    from bayescl.posterior import diag_gaussian_kl
+
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    model = TinyMT()
+    before, after = _GradSpy(), _GradSpy()
+    plugin = VCLPlugin(ml_init=True, ml_epochs=1, test_samples=2)
+    strategy = naive(model, [before, plugin, after])
+    for exp in bm.train_stream[:2]:
+        strategy.train(exp)
+    # experience 0, epoch 0: the maximum-likelihood start, nothing added
+    assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
+    # experience 1: exactly ∇KL(q || q_0) / N_1 added, on the layers with a data gradient
+    plugin.forget(1)
+    prev = plugin.posterior()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in after.params[1].items()}
+    mean, prec = prev.mean, prev.precision
+    layers = ("trunk.1", "classifier.classifiers.1.classifier")
+    kl = sum(diag_gaussian_kl(params[f"{l}.{k}_mu"], params[f"{l}.{k}_logvar"], mean[f"{l}.{k}"], prec[f"{l}.{k}"])
+             for l in layers for k in ("weight", "bias"))
+    expected = dict(zip(params, torch.autograd.grad(kl, list(params.values()), allow_unused=True)))
+    checked = 0
+    for n in after.grads[1]:
+        added = after.grads[1][n] - before.grads[1][n]
+        if n.startswith("classifier.classifiers.0."):
+            assert float(added.abs().max()) == 0  # the other task's head got no data gradient
+            continue
+        torch.testing.assert_close(added, expected[n] / 48, rtol=1e-4, atol=1e-7)
+        checked += 1
+    assert checked == 8 and float(expected["trunk.1.weight_mu"].abs().max()) > 0
 
 
 # --------------------------------------------------------------------------------------------------- streams
