@@ -42,6 +42,16 @@ def gaussian_from_state_dict(state: Mapping[str, Any]) -> Gaussian:
     return _KINDS[kind].from_state_dict(state)
 
 
+def laplace_site(cavity: Gaussian, curvature: Gaussian, mean: Params) -> Gaussian:
+    r"""The site :math:`t = q / q_{\text{cav}}` of the Laplace posterior
+    :math:`q = \mathcal N(\text{mean}, (\Lambda_{\text{cav}} + \Lambda_{\text{curv}})^{-1})`: precision
+    :math:`\Lambda_{\text{curv}}` and :math:`\eta = (\Lambda_{\text{cav}} + \Lambda_{\text{curv}})\,\text{mean}
+    - \eta_{\text{cav}}`, so ``cavity * site`` is centred exactly on ``mean`` (the optimum that was found).
+    Used by the online Laplace callback (cavity = the previous posterior) and the distributed strategy
+    (cavity = the posterior without this worker's site)."""
+    return (cavity * curvature).with_mean(mean).divide(cavity, allow_improper=True)
+
+
 class PosteriorServer:
     """A prior and an ordered set of named sites of the same Gaussian kind.
 

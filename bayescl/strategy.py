@@ -80,6 +80,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from . import sites
 from ._checks import as_enum, check_positive_int, check_real
 from .callbacks.base import add_scaled_grads
 from .curvature import FisherType, diag_fisher
@@ -111,9 +112,10 @@ def unflatten_naturals(vec: Tensor, like: DiagGaussian) -> DiagGaussian:
 def laplace_site(cavity: DiagGaussian, theta: Mapping[str, Tensor], curvature: Mapping[str, Tensor]) -> DiagGaussian:
     r"""The site :math:`q_k / q_{-k}` of the local Laplace posterior :math:`q_k = N(\theta, (\Lambda_{-k} + C)^{-1})`:
     precision ``C`` (the curvature, >= 0) and :math:`\eta = (\Lambda_{-k} + C)\theta - \eta_{-k}`."""
-    eta_c, prec_c = cavity.eta, cavity.precision
-    eta = {n: (prec_c[n] + curvature[n]) * theta[n].to(prec_c[n]) - eta_c[n] for n in eta_c}
-    return DiagGaussian(eta, {n: curvature[n].to(prec_c[n]) for n in eta_c})
+    prec_c = cavity.precision
+    theta = {n: theta[n].to(prec_c[n]) for n in prec_c}
+    curv = DiagGaussian.from_mean_precision(theta, {n: curvature[n].to(prec_c[n]) for n in prec_c})
+    return sites.laplace_site(cavity, curv, theta)
 
 
 def _cavity(posterior: DiagGaussian, site: DiagGaussian, floor: DiagGaussian) -> DiagGaussian:

@@ -10,7 +10,7 @@ from torch import nn
 
 from bayescl.kron import KronGaussian
 from bayescl.posterior import DiagGaussian
-from bayescl.sites import PosteriorServer, gaussian_from_state_dict
+from bayescl.sites import PosteriorServer, gaussian_from_state_dict, laplace_site
 
 DT = torch.float64
 SHAPES = {"w": (3, 2), "b": (3,)}
@@ -161,3 +161,18 @@ def test_property_removing_an_added_site_is_identity(seed_a: int, seed_b: int, z
     post = before * site(seed_b, zero_frac)
     torch.testing.assert_close(flat((post / site(seed_b, zero_frac)).mean), flat(before.mean), rtol=1e-9,
                                atol=1e-9)
+
+
+def test_laplace_site_centres_the_product_on_the_given_mean():
+    torch.manual_seed(0)
+    shapes = {"w": (3, 4), "b": (3,)}
+    cav = DiagGaussian.from_mean_precision({n: torch.randn(s, dtype=torch.float64) for n, s in shapes.items()},
+                                           {n: torch.rand(s, dtype=torch.float64) + 0.5 for n, s in shapes.items()})
+    curv_prec = {n: torch.rand(s, dtype=torch.float64) for n, s in shapes.items()}
+    curv_prec["b"][0] = 0.0  # a direction the data says nothing about
+    theta = {n: torch.randn(s, dtype=torch.float64) for n, s in shapes.items()}
+    curv = DiagGaussian.from_mean_precision(theta, curv_prec)
+    q = cav * laplace_site(cav, curv, theta)
+    for n in shapes:
+        torch.testing.assert_close(q.mean[n], theta[n])
+        torch.testing.assert_close(q.precision[n], cav.precision[n] + curv_prec[n])

@@ -39,7 +39,7 @@ from .._checks import as_enum, check_positive_int, check_real
 from ..curvature import FisherType, diag_site, kfac_layers, kron_site
 from ..kron import KronGaussian
 from ..posterior import DiagGaussian
-from ..sites import Gaussian
+from ..sites import Gaussian, laplace_site
 from .base import PosteriorCallback
 
 
@@ -187,9 +187,9 @@ class LaplaceCallback(PosteriorCallback):
             for k, s in old_sites.items():
                 server.replace(k, s.temper(self.gamma))
         q_prev = server.posterior()
-        q_new = (q_prev * curv).with_mean(theta)
         try:
-            if self.online:
+            if self.online:  # one site: the whole re-centred posterior over the prior (merged for kron)
+                q_new = (q_prev * curv).with_mean(theta)
                 if self.structure is Structure.KRON:
                     q_new = q_new.merge()
                     q_new = (q_new if self.rank is None else q_new.low_rank(self.rank)).with_mean(theta)
@@ -198,7 +198,7 @@ class LaplaceCallback(PosteriorCallback):
                     server.remove(k)
                 server.add("online", site)
             else:
-                server.add(name or f"task-{self.tasks_seen}", q_new.divide(q_prev, allow_improper=True))
+                server.add(name or f"task-{self.tasks_seen}", laplace_site(q_prev, curv, theta))
         except Exception:
             for k in list(server.names):
                 server.remove(k)
