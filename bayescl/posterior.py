@@ -9,7 +9,10 @@ shapes), so that the algebra of a posterior server is plain addition:
 
 A *site* (the contribution of one task) may have ``λ_j = 0`` on some entries; such an object is *improper*
 and has no mean, variance, sample, density or KL (those raise a ``ValueError`` naming the parameter), but it can
-be multiplied, divided, tempered, and its quadratic term used as a regulariser.
+be multiplied, divided, tempered, and its quadratic term used as a regulariser. A *signed* site may even have
+``λ_j < 0`` (a variational posterior that is wider than its prior in some direction: the VCL site
+``q_t / q_{t−1}``); it is built with ``signed=True`` or ``divide(..., allow_negative=True)`` and is only ever used
+inside a product that is proper.
 
 >>> import torch
 >>> q = DiagGaussian.from_mean_precision({"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])})
@@ -128,18 +131,20 @@ class DiagGaussian:
     Args:
         eta: name -> ``λ ⊙ μ``.
         precision: name -> ``λ`` (finite, ``>= 0``), same names, shapes, dtype and device as ``eta``.
+        signed: allow ``λ < 0`` (a signed site, see the module docstring).
     """
 
     kind = "diag"
 
-    def __init__(self, eta: Mapping[str, Tensor], precision: Mapping[str, Tensor]) -> None:
+    def __init__(self, eta: Mapping[str, Tensor], precision: Mapping[str, Tensor], *, signed: bool = False) -> None:
         eta, precision = dict(eta), dict(precision)
         check_same_names(eta, precision, "precision")
         ref = check_tensors(eta, "eta")
         check_tensors(precision, "precision", ref)
         for n, p in precision.items():
-            if bool((p < 0).any()):
-                raise ValueError(f"precision[{n!r}] has negative entries (min {float(p.min()):.3g}); it must be >= 0.")
+            if not signed and bool((p < 0).any()):
+                raise ValueError(f"precision[{n!r}] has negative entries (min {float(p.min()):.3g}); it must be >= 0 "
+                                 "(pass signed=True for a site that may have negative precision).")
         self._eta = {n: t.detach() for n, t in eta.items()}
         self._prec = {n: precision[n].detach() for n in eta}
 
@@ -203,8 +208,8 @@ class DiagGaussian:
         for n, p in self._prec.items():
             if bool((p <= 0).any()):
                 raise ValueError(
-                    f"{what} needs a proper Gaussian but parameter {n!r} has zero precision on "
-                    f"{int((p <= 0).sum())} of {p.numel()} entries (an improper site)."
+                    f"{what} needs a proper Gaussian but parameter {n!r} has precision <= 0 on "
+                    f"{int((p <= 0).sum())} of {p.numel()} entries (an improper or signed site)."
                 )
 
     @property
@@ -218,6 +223,11 @@ class DiagGaussian:
         """``σ² = 1 / λ`` (raises on an improper Gaussian)."""
         self._require_proper("variance")
         return {n: 1.0 / p for n, p in self._prec.items()}
+
+    @property
+    def is_signed(self) -> bool:
+        """Whether some precision entry is negative (a signed site)."""
+        return any(bool((p < 0).any()) for p in self._prec.values())
 
     def is_proper(self) -> bool:
         return all(bool((p > 0).all()) for p in self._prec.values())
@@ -248,16 +258,21 @@ class DiagGaussian:
         return DiagGaussian._trusted({n: t + other._eta[n] for n, t in self._eta.items()},
                                      {n: t + other._prec[n] for n, t in self._prec.items()})
 
-    def divide(self, other: DiagGaussian, allow_improper: bool = False) -> DiagGaussian:
+    def divide(self, other: DiagGaussian, allow_improper: bool = False, allow_negative: bool = False) -> DiagGaussian:
         """Quotient ``self / other``: natural parameters subtract.
 
         Raises ``ValueError`` naming the first parameter whose resulting precision is ``<= 0`` (or, with
-        ``allow_improper=True``, ``< 0`` beyond rounding: ``|λ| <= 1e-9 λ_self`` is set to 0).
+        ``allow_improper=True``, ``< 0`` beyond rounding: ``|λ| <= 1e-9 λ_self`` is set to 0). With
+        ``allow_negative=True`` the result is a signed site and negative entries are kept.
         """
         other = self._check_other(other, "division")
         prec = {}
         for n, p in self._prec.items():
-            prec[n] = _nonneg_precision(p - other._prec[n], p, n, "division", allow_improper)
+            diff = p - other._prec[n]
+            if allow_negative:
+                prec[n] = torch.where(diff.abs() <= ROUND_TOL * p.abs(), torch.zeros_like(diff), diff)
+            else:
+                prec[n] = _nonneg_precision(diff, p, n, "division", allow_improper)
         return DiagGaussian._trusted({n: t - other._eta[n] for n, t in self._eta.items()}, prec)
 
     def __truediv__(self, other: DiagGaussian) -> DiagGaussian:
@@ -379,15 +394,19 @@ class DiagGaussian:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """``{"kind": "diag", "eta": {...}, "precision": {...}}`` (plain dicts of tensors)."""
-        return {"kind": self.kind, "eta": dict(self._eta), "precision": dict(self._prec)}
+        """``{"kind": "diag", "eta": {...}, "precision": {...}}`` (plain dicts of tensors; ``"signed": True``
+        added for a signed site)."""
+        out: dict[str, Any] = {"kind": self.kind, "eta": dict(self._eta), "precision": dict(self._prec)}
+        if self.is_signed:
+            out["signed"] = True
+        return out
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> DiagGaussian:
         if not isinstance(state, Mapping) or state.get("kind") != cls.kind:
             got = state.get("kind") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"state kind={got!r} cannot be loaded into DiagGaussian; expected 'diag'.")
-        return cls(state["eta"], state["precision"])
+        return cls(state["eta"], state["precision"], signed=bool(state.get("signed", False)))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load in place; raises ``ValueError`` naming the first parameter whose name or shape differs."""

@@ -132,8 +132,22 @@ class PosteriorServer:
         self._cache = None
 
     def remove(self, name: str) -> Gaussian:
-        """Remove and return a site: the posterior forgets (unlearns) that source of data."""
-        site = self._sites.pop(self._known(name))
+        """Remove and return a site: the posterior forgets (unlearns) that source of data.
+
+        Raises ``ValueError`` (and keeps the site) if another site is signed (has negative precision, as VCL's
+        ``q_t / q_{t−1}`` may) and the posterior without ``name`` would have precision ``<= 0`` somewhere.
+        """
+        self._known(name)
+        if any(getattr(s, "is_signed", False) for n, s in self._sites.items() if n != name) \
+                and isinstance(self._prior, DiagGaussian) and self._prior.is_proper():
+            rest = self._product(skip=name)
+            for param, p in rest.precision.items():
+                if bool((p <= 0).any()):
+                    raise ValueError(
+                        f"cannot remove site {name!r}: without it the posterior's precision of parameter {param!r} "
+                        f"is <= 0 on {int((p <= 0).sum())} entries, because a later site has negative precision "
+                        "(a variational posterior wider than its prior). The site is kept.")
+        site = self._sites.pop(name)
         self._cache = None
         return site
 

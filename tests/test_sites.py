@@ -176,3 +176,37 @@ def test_laplace_site_centres_the_product_on_the_given_mean():
     for n in shapes:
         torch.testing.assert_close(q.mean[n], theta[n])
         torch.testing.assert_close(q.precision[n], cav.precision[n] + curv_prec[n])
+
+
+def test_signed_sites_multiply_roundtrip_and_guard_removal() -> None:
+    """A VCL-style chain q0 -> q1 -> q2 where q2 is wider than q1 somewhere: the site q2/q1 is signed."""
+    p0 = prior()
+    var = {"w": torch.tensor([[0.2, 0.5], [0.3, 0.1], [0.4, 0.4]], dtype=DT), "b": torch.full((3,), 0.25, dtype=DT)}
+    mean = {n: torch.full(s, 0.3, dtype=DT) for n, s in SHAPES.items()}
+    q1 = DiagGaussian.from_moments(mean, var)
+    var2 = {n: v.clone() for n, v in var.items()}
+    var2["w"][0, 0] = 0.6  # wider than q1 (0.2) but narrower than the prior (1/1.5)
+    q2 = DiagGaussian.from_moments({n: m + 0.1 for n, m in mean.items()}, var2)
+    with pytest.raises(ValueError, match="negative precision"):
+        q2.divide(q1, allow_improper=True)
+    t2 = q2.divide(q1, allow_negative=True)
+    assert t2.is_signed and float(t2.precision["w"][0, 0]) < 0
+    with pytest.raises(ValueError, match="signed=True"):
+        DiagGaussian(t2.eta, t2.precision)
+    server = PosteriorServer(p0)
+    server.add("t1", q1.divide(p0, allow_improper=True))
+    server.add("t2", t2)
+    torch.testing.assert_close(flat(server.posterior().mean), flat(q2.mean))
+    torch.testing.assert_close(flat(server.posterior().precision), flat(q2.precision))
+    # the signed site survives a state_dict round trip
+    again = PosteriorServer.from_state_dict(server.state_dict())
+    torch.testing.assert_close(flat(again["t2"].precision), flat(t2.precision))
+    # removing the last (signed) site is exact
+    copy = PosteriorServer.from_state_dict(server.state_dict())
+    copy.remove("t2")
+    torch.testing.assert_close(flat(copy.posterior().precision), flat(q1.precision))
+    # removing t1 would leave p0 · t2 with precision 1.5 + (1/0.6 − 1/0.2) < 0: refused, nothing changes
+    with pytest.raises(ValueError, match="cannot remove site 't1'.*parameter 'w'.*The site is kept"):
+        server.remove("t1")
+    assert server.names == ("t1", "t2")
+    torch.testing.assert_close(flat(server.posterior().precision), flat(q2.precision))

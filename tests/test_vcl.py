@@ -98,7 +98,35 @@ def test_posterior_after_task_is_the_layers_q_and_sites_multiply_to_it():
     q0 = cb.posterior()
     q1 = cb.end_task(trainer, module)
     _assert_gaussians_close(q1, q0 * cb.server["task-1"], rtol=1e-9, atol=1e-9)
-    assert all(bool((cb.server["task-1"].precision[n] >= 0).all()) for n in q1.names)
+    # no clamp: the posterior is the fitted q_1 itself, also where it is wider than q_0 (a signed site)
+    _assert_gaussians_close(q1, layer_posterior(module), trained, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+def test_clamp_variance_keeps_sites_non_negative(clamp):
+    s = _stream()
+    module = _module(dtype=torch.float64)
+    cb = VCLCallback(ml_init=False, test_samples=2, clamp_variance=clamp)
+    _fit_task(cb, module, s[0], double=True)
+    q0 = cb.posterior()
+    cb.auto_end_task = False
+    trainer = _trainer(cb, 1, double=True)
+    trainer.fit(module, _loader(s[1].train))
+    # widen a few variances of the shared layer beyond q_0 before the second task ends
+    with torch.no_grad():
+        cb.layers(module)["model.trunk.1"].weight_logvar[:2] += 3.0
+    cb.end_task(trainer, module)
+    site = cb.server["task-1"].precision["model.trunk.1.weight"]
+    q1 = cb.posterior()
+    if clamp:
+        assert bool((site >= 0).all())
+        assert bool((q1.precision["model.trunk.1.weight"] >= q0.precision["model.trunk.1.weight"]).all())
+    else:
+        assert bool((site < 0).any()) and cb.server["task-1"].is_signed
+        # the widened variances survive as they were fitted
+        assert bool((q1.precision["model.trunk.1.weight"][:2] < q0.precision["model.trunk.1.weight"][:2]).any())
+        _assert_gaussians_close(q1, cb.server.prior * cb.server["task-0"] * cb.server["task-1"],
+                                rtol=1e-9, atol=1e-9)
 
 
 def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):

@@ -24,9 +24,11 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
   KL, i.e. an ordinary ML fit that initialises the means.
 * **Task end** (``on_train_end`` or :meth:`end_task`): the layers' ``q_t`` becomes the prior of the next task.
   In the posterior server the task's site is ``q_t / q_{t−1}`` (natural parameters), so ``prior × sites = q_t``.
-  Where the fitted variance of a weight exceeds that of ``q_{t−1}`` (the KL alone is minimised at the previous
-  variance; stochastic optimisation can overshoot) it is clamped to the previous variance, so that sites have
-  non-negative precision; the clamped ``q_t`` is loaded back into the layers. At the start of the next task the
+  Where the fitted variance of a weight exceeds that of ``q_{t−1}`` the site has negative precision there (a
+  *signed* site, see :mod:`bayescl.posterior`); the product stays ``q_t``. Forgetting a task whose removal would
+  leave a later signed site uncovered is refused (``ValueError``, nothing changes). ``clamp_variance=True``
+  instead shrinks such variances to the previous ones (non-negative sites, always forgettable; it changes
+  ``q_t``, and costs accuracy: see the README). At the start of the next task the
   layers are initialised at ``q_t`` (layers with no site keep their values). Base prior ``N(0, I/prior_precision)``,
   ``N(0, 1)`` by default as in the paper; parameters that appear later get it too.
 * **Coresets** (``coreset_size > 0``): :meth:`prepare_task_data` splits a task's dataset into
@@ -125,6 +127,9 @@ class VCLCallback(PosteriorCallback):
         test_samples: samples averaged (in probability) by every eval-mode call of the module.
         ml_init: start the first task with ``ml_epochs`` epochs of a deterministic maximum-likelihood fit.
         ml_epochs: epochs of that fit (counted by ``trainer.current_epoch``).
+        clamp_variance: at the end of a task, shrink any fitted variance above the previous posterior's back to
+            it (sites then have precision ``>= 0`` and every task can be forgotten). ``False`` (the paper): the
+            fitted ``q_t`` is kept as it is and the site may be signed.
         coreset_size: examples kept per task (0: no coreset).
         coreset_method: ``"random"`` or ``"kcenter"``.
         coreset_epochs, coreset_batch_size, coreset_lr: the fine-tune on the coresets before testing.
@@ -146,6 +151,7 @@ class VCLCallback(PosteriorCallback):
         test_samples: int = 100,
         ml_init: bool = True,
         ml_epochs: int = 1,
+        clamp_variance: bool = False,
         coreset_size: int = 0,
         coreset_method: str | CoresetMethod = CoresetMethod.RANDOM,
         coreset_epochs: int = 5,
@@ -166,6 +172,7 @@ class VCLCallback(PosteriorCallback):
         self.test_samples = check_positive_int(test_samples, "test_samples")
         self.ml_init = bool(ml_init)
         self.ml_epochs = check_positive_int(ml_epochs, "ml_epochs", allow_zero=True)
+        self.clamp_variance = bool(clamp_variance)
         self.coreset_size = check_positive_int(coreset_size, "coreset_size", allow_zero=True)
         self.coreset_method = as_enum(CoresetMethod, coreset_method, "coreset_method")
         self.coreset_epochs = check_positive_int(coreset_epochs, "coreset_epochs", allow_zero=True)
@@ -335,9 +342,12 @@ class VCLCallback(PosteriorCallback):
         pm, pp = q_prev.mean, q_prev.precision
         lm, lp = q_layers.mean, q_layers.precision
         mean = {n: lm[n] if n in touched else pm[n] for n in names}
-        prec = {n: torch.maximum(lp[n], pp[n]) if n in touched else pp[n] for n in names}
+        if self.clamp_variance:
+            prec = {n: torch.maximum(lp[n], pp[n]) if n in touched else pp[n] for n in names}
+        else:
+            prec = {n: lp[n] if n in touched else pp[n] for n in names}
         q_new = DiagGaussian.from_mean_precision(mean, prec)
-        site = q_new.divide(q_prev, allow_improper=True)
+        site = q_new.divide(q_prev, allow_improper=True, allow_negative=not self.clamp_variance)
         server.add(name or f"task-{self.tasks_seen}", site)
         self._grad_cache = None
         informed = self.informed_names()
