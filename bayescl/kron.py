@@ -418,20 +418,24 @@ class KronGaussian:
             terms[layer] = dict(ts) if len(ts) <= 1 else ({} if m is None else {m.tag: m})
         return KronGaussian._trusted(dict(self._eta), dict(self._layers), terms, dict(self._diag))
 
-    def low_rank(self, rank: int) -> KronGaussian:
+    def low_rank(self, rank: int, keep_diagonal: bool = False) -> KronGaussian:
         """Truncate every Kronecker factor to its top ``rank`` eigen-directions (an **approximation**).
 
         ``A_r = U_A U_Aᵀ`` keeps the largest eigenvalues; the prior gradient then costs
         ``O(out·p·rank)`` instead of ``O(out·p·(out + p))`` per term (MNIST's input covariance is close to low
-        rank). ``η`` is kept, so re-centre with :meth:`with_mean`; new tags (a site can no longer be divided out).
+        rank). With ``keep_diagonal`` each factor keeps the diagonal of what was cut,
+        ``A_r = U_A U_Aᵀ + diag(A − U_A U_Aᵀ)``: every weight keeps a share of its curvature at twice the
+        low-rank cost. ``η`` is kept, so re-centre with :meth:`with_mean`; new tags (a site can no longer be
+        divided out).
         """
         r = check_positive_int(rank, "rank")
         terms: dict[str, dict[str, KronTerm]] = {}
         for layer, ts in self._terms.items():
             terms[layer] = {}
             for t in ts.values():
-                (A, UA), (G, UG) = low_rank_factor(t.A, r), low_rank_factor(t.G, r)
-                nt = KronTerm(A, G, t.scale, _new_tag(), UA, UG)
+                (A, UA, dA), (G, UG, dG) = (low_rank_factor(t.A, r, keep_diagonal),
+                                            low_rank_factor(t.G, r, keep_diagonal))
+                nt = KronTerm(A, G, t.scale, _new_tag(), UA, UG, dA, dG)
                 terms[layer][nt.tag] = nt
         return KronGaussian._trusted(dict(self._eta), dict(self._layers), terms, dict(self._diag))
 
@@ -568,8 +572,9 @@ class KronGaussian:
         def mv(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
 
-        terms = {k: {g: replace(t, A=mv(t.A), G=mv(t.G), UA=None if t.UA is None else mv(t.UA),
-                                 UG=None if t.UG is None else mv(t.UG)) for g, t in ts.items()}
+        opt = lambda v: None if v is None else mv(v)  # noqa: E731
+        terms = {k: {g: replace(t, A=mv(t.A), G=mv(t.G), UA=opt(t.UA), UG=opt(t.UG), dA=opt(t.dA), dG=opt(t.dG))
+                     for g, t in ts.items()}
                  for k, ts in self._terms.items()}
         mean = None if self._mean is None else {n: mv(t) for n, t in self._mean.items()}
         return KronGaussian._trusted({n: mv(t) for n, t in self._eta.items()}, dict(self._layers), terms,
@@ -583,7 +588,8 @@ class KronGaussian:
             "eta": dict(self._eta),
             "diag": dict(self._diag),
             "layers": {k: tuple(v) for k, v in self._layers.items()},
-            "terms": {k: [{"A": t.A, "G": t.G, "scale": t.scale, "tag": t.tag, "UA": t.UA, "UG": t.UG}
+            "terms": {k: [{"A": t.A, "G": t.G, "scale": t.scale, "tag": t.tag, "UA": t.UA, "UG": t.UG,
+                     "dA": t.dA, "dG": t.dG}
                           for t in ts.values()]
                       for k, ts in self._terms.items()},
             "mean": None if self._mean is None else dict(self._mean),
@@ -597,7 +603,8 @@ class KronGaussian:
         eta = dict(state["eta"])
         check_tensors(eta, "eta")
         layers = {k: (v[0], v[1]) for k, v in state["layers"].items()}
-        terms = {k: {d["tag"]: KronTerm(d["A"], d["G"], float(d["scale"]), d["tag"], d.get("UA"), d.get("UG"))
+        terms = {k: {d["tag"]: KronTerm(d["A"], d["G"], float(d["scale"]), d["tag"], d.get("UA"), d.get("UG"),
+                                     d.get("dA"), d.get("dG"))
                      for d in state["terms"].get(k, [])}
                  for k in layers}
         mean = None if state.get("mean") is None else dict(state["mean"])

@@ -305,11 +305,12 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
 
 def posterior_for(callbacks: Iterable[Any], module: nn.Module) -> Any | None:
     """The weight posterior :func:`mc_probs` should sample for ``module``: that of the first callback with a
-    ``posterior()`` over parameters of ``module`` (Laplace-type callbacks); ``None`` otherwise (no posterior yet,
-    a point estimate, or VCL, whose layers sample themselves)."""
+    ``predictive_posterior()`` (Laplace: the base prior precision fitted for prediction) or ``posterior()`` over
+    parameters of ``module``; ``None`` otherwise (no posterior yet, a point estimate, or VCL, whose layers
+    sample themselves)."""
     named = {n for n, _ in module.named_parameters()}
     for cb in callbacks:
-        get = getattr(cb, "posterior", None)
+        get = getattr(cb, "predictive_posterior", None) or getattr(cb, "posterior", None)
         if not callable(get):
             continue
         try:

@@ -33,6 +33,8 @@ METHODS = {
     "diag": dict(structure="diag", lam=100.0),
     "kron": dict(structure="kron", lam=100.0, online=True),
     "kron rank 32": dict(structure="kron", lam=100.0, online=True, rank=32),
+    "kron rank 16 + diag": dict(structure="kron", lam=100.0, online=True, rank=16, rank_diagonal=True),
+    "kron rank 32 + diag": dict(structure="kron", lam=100.0, online=True, rank=32, rank_diagonal=True),
 }
 
 

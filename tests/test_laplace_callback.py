@@ -242,3 +242,55 @@ def test_low_rank_online_kron_is_centred_on_the_optimum():
         assert g_at[n].abs().max() <= 1e-3 * g_moved[n].abs().max() + 1e-6, n
     with pytest.raises(ValueError, match="rank=4 applies to structure='kron'"):
         LaplaceCallback(structure="diag", rank=4)
+
+
+@pytest.mark.parametrize("kw", [dict(structure="diag"), dict(structure="kron"),
+                                dict(structure="kron", online=True, rank=4), dict(structure="kron", lam=3.0)])
+def test_fused_prior_gradient_equals_quadratic_grad(kw):
+    """The callback's fused fast path adds exactly (Λθ − η)/N to existing gradients (float64, 2 tasks)."""
+    stream = synthetic_stream(num_tasks=2, n_train=96, n_test=16)
+    module = ClassifierModule(small_model(), num_tasks=3).double()
+    cb = LaplaceCallback(fisher="exact", prior_precision=0.3, **kw)
+    for task in stream:
+        data = TensorDataset(*(t.double() if t.is_floating_point() else t for t in task.train.tensors))
+        trainer(cb).fit(module, DataLoader(data, batch_size=64))
+    q = cb.posterior()
+    if kw["structure"] == "kron" and not kw.get("online"):
+        assert max(q.num_terms.values()) == 2  # a sum of two Kronecker terms per layer
+    torch.manual_seed(1)
+    theta = {}
+    for n, p in module.named_parameters():
+        with torch.no_grad():
+            p.add_(0.05 * torch.randn_like(p))
+        p.grad = torch.randn_like(p)
+        theta[n] = (p.detach().clone(), p.grad.clone())
+    cb.num_examples = 7
+    cb.add_prior_grad(module)
+    expected = q.quadratic_grad({n: t for n, (t, _) in theta.items()})
+    for n, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, theta[n][1] + expected[n] / 7, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_predictive_posterior_uses_the_evidence_prior_precision(structure):
+    from bayescl.marglik import fit_prior_precision, log_evidence
+
+    stream = synthetic_stream(num_tasks=1, n_train=128, n_test=16)
+    module = ClassifierModule(small_model(), num_tasks=3)
+    cb = LaplaceCallback(structure=structure, fisher="exact", online=True)
+    trainer(cb).fit(module, loaders(stream)[0])
+    q, qp = cb.posterior(), cb.predictive_posterior()
+    tau = cb.fitted_prior_precision
+    assert tau == pytest.approx(fit_prior_precision(q, 1e-4)) and tau > 1e-2
+    assert float(log_evidence(q, tau, 1e-4)[0]) > float(log_evidence(q, 1e-4, 1e-4)[0])
+    assert cb.predictive_posterior() is qp  # cached per posterior
+    for n in q.names:
+        torch.testing.assert_close(qp.mean[n], q.mean[n], rtol=1e-4, atol=1e-5)
+    if structure == "diag":
+        torch.testing.assert_close(qp.precision["model.trunk.1.weight"],
+                                   q.precision["model.trunk.1.weight"] - 1e-4 + tau)
+    assert LaplaceCallback(predictive_prior_precision="train").predictive_prior_precision == "train"
+    with pytest.raises(ValueError, match="predictive_prior_precision='nope' is not valid"):
+        LaplaceCallback(predictive_prior_precision="nope")
+    with pytest.raises(ValueError, match="predictive_prior_precision"):
+        LaplaceCallback(predictive_prior_precision=-1.0)

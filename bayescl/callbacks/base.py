@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -36,6 +37,25 @@ def add_scaled_grads(params: Mapping[Any, nn.Parameter], grads: Mapping[Any, Ten
             p.grad = g * scale
         else:
             p.grad.add_(g, alpha=scale)
+
+
+def _grad_plan(q: Gaussian, params: Mapping[str, nn.Parameter]) -> tuple[list[Tensor], list[Tensor], list]:
+    """Tensors of the fused prior gradient: the elementwise precision ``D`` and ``η`` per parameter (on the
+    parameters' device and dtype) and, for a Kronecker posterior, ``(weight, bias, terms)`` per layer."""
+    if isinstance(q, DiagGaussian):
+        prec, eta = q.precision, q.eta
+        return [prec[n].to(p) for n, p in params.items()], [eta[n].to(p) for n, p in params.items()], []
+    diag, eta, terms = q.diag, q.eta, q.terms
+    D = [diag[n].to(p).expand_as(p).contiguous() for n, p in params.items()]
+    layers = []
+    for layer, (w, b) in q.layers.items():
+        ts = [t for t in terms.get(layer, []) if t.scale != 0]
+        if ts and w in params and (b is None or b in params):
+            ref = params[w]
+            ts = [replace(t, **{k: getattr(t, k).to(ref) for k in ("A", "G", "UA", "UG", "dA", "dG")
+                                if getattr(t, k) is not None}) for t in ts]
+            layers.append((w, b, ts))
+    return D, [eta[n].to(p) for n, p in params.items()], layers
 
 
 def _dataset_size(dataloader: Any) -> int | None:
@@ -70,6 +90,7 @@ class PosteriorCallback(pl.Callback):
         self.tasks_seen = 0
         self.num_examples: int | None = None
         self._grad_cache: Any = None  # per-posterior tensors of the prior-gradient fast path
+        self._fit_params: dict[str, nn.Parameter] | None = None  # selected parameters, fixed during a fit
         #: seconds spent closing tasks (curvature passes, variational updates): benchmarks report it apart
         self.end_task_seconds = 0.0
 
@@ -130,10 +151,17 @@ class PosteriorCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_server(pl_module)
+        self._fit_params = self.selected_params(pl_module)
         n = _dataset_size(trainer.train_dataloader)
         if n is None:
             n = int(trainer.num_training_batches) * int(getattr(trainer.train_dataloader, "batch_size", 1) or 1)
         self.set_num_examples(max(1, n))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_params = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._fit_params = None
 
     def set_num_examples(self, num_examples: int) -> None:
         """Set :math:`N_t`, the training-set size of the task being fitted (the prior term is scaled by
@@ -148,28 +176,40 @@ class PosteriorCallback(pl.Callback):
 
     @torch.no_grad()
     def add_prior_grad(self, pl_module: nn.Module) -> None:
-        """``p.grad += (Λθ − η) / N_t`` for every selected parameter (the documented mechanism)."""
+        """``p.grad += (Λθ − η) / N_t`` for every selected parameter (the documented mechanism).
+
+        Fused fast path (the same numbers as ``q.quadratic_grad``): the elementwise part ``D ⊙ θ − η`` in two
+        ``_foreach`` passes over memory, then for a :class:`~bayescl.kron.KronGaussian` each layer's
+        ``Σ s_i G_i W̃ A_i`` added straight into the weight and bias gradients. The tensors it needs are prepared
+        once per posterior; the parameter list once per fit (``on_train_start``).
+        """
         if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
             return
-        params = self.selected_params(pl_module)
+        params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
         q = self.posterior()
-        if isinstance(q, DiagGaussian):  # fused fast path: two passes over memory, no temporaries
-            cache = self._grad_cache
-            if cache is None or cache[0] is not q or cache[1] != tuple(params):
-                ref = {n: p for n, p in params.items()}
-                cache = (q, tuple(params), [q.precision[n].to(ref[n]) for n in params],
-                         [q.eta[n].to(ref[n]) for n in params])
-                self._grad_cache = cache
-            for p in params.values():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads, ps, scale = [p.grad for p in params.values()], [p.detach() for p in params.values()], \
-                self.prior_term_scale()
-            torch._foreach_addcmul_(grads, cache[2], ps, value=scale)
-            torch._foreach_add_(grads, cache[3], alpha=-scale)
-            return
-        grads = q.quadratic_grad({n: p.detach() for n, p in params.items()})
-        add_scaled_grads(params, grads, self.prior_term_scale())
+        cache = self._grad_cache
+        if cache is None or cache[0] is not q or cache[1] != tuple(params):
+            cache = self._grad_cache = (q, tuple(params), *_grad_plan(q, params))
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads, ps, scale = [p.grad for p in params.values()], [p.detach() for p in params.values()], \
+            self.prior_term_scale()
+        torch._foreach_addcmul_(grads, cache[2], ps, value=scale)
+        torch._foreach_add_(grads, cache[3], alpha=-scale)
+        for w, b, terms in cache[4]:
+            W = params[w].detach()
+            x = W.reshape(W.shape[0], -1)
+            if b is not None:
+                x = torch.cat([x, params[b].detach().reshape(-1, 1)], dim=1)
+            kb = None
+            for t in terms:
+                y = t.apply(x)
+                kb = y.mul_(t.scale) if kb is None else kb.add_(y, alpha=t.scale)
+            gw = params[w].grad
+            gw.add_(kb[:, : x.shape[1] - (b is not None)].reshape(gw.shape), alpha=scale)
+            if b is not None:
+                params[b].grad.add_(kb[:, -1].reshape(params[b].grad.shape), alpha=scale)
 
     #: apply the base prior's term on the very first task too (a weak weight decay by default: off).
     penalise_prior_alone = False

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from .._checks import as_enum, check_positive_int, check_real
 from ..curvature import FisherType, diag_site, kfac_layers, kron_site
 from ..kron import KronGaussian
+from ..marglik import fit_prior_precision, with_prior_precision
 from ..posterior import DiagGaussian
 from ..sites import Gaussian, laplace_site
 from .base import PosteriorCallback
@@ -72,6 +73,8 @@ class LaplaceCallback(PosteriorCallback):
         rank: kron only: keep the top ``rank`` eigen-directions of every Kronecker factor
             (:meth:`~bayescl.kron.KronGaussian.low_rank`, an approximation that makes the prior gradient cheap);
             ``None`` keeps the full factors.
+        rank_diagonal: with ``rank``, each factor also keeps the diagonal of what the rank cuts
+            (``A ≈ U_A U_Aᵀ + diag(A − U_A U_Aᵀ)``): every weight keeps curvature, at twice the low-rank cost.
         params: regular expressions selecting the parameters with a posterior (``None`` = all trainable).
         mc_samples: sampled labels per example for ``fisher="mc"``.
         dataloader: data for the curvature pass (default: the fit's training dataloader).
@@ -80,7 +83,10 @@ class LaplaceCallback(PosteriorCallback):
             up to the Monte Carlo labels). ``None`` uses the dataloader as it is.
         max_batches: cap on the batches of the curvature pass.
         auto_end_task: close the task at the end of every ``fit`` (else call :meth:`end_task`).
-        log_every_n_steps: how often ``laplace/penalty`` is logged (default: the Trainer's setting).
+        predictive_prior_precision: base prior precision of :meth:`predictive_posterior` (the posterior used for
+            prediction and uncertainty): ``"marglik"`` fits it by the Laplace evidence after every task
+            (:mod:`bayescl.marglik`), ``"train"`` keeps ``prior_precision``, a number uses that value. Training
+            is not affected. ``laplace/penalty`` is logged every ``trainer.log_every_n_steps`` steps.
     """
 
     prefix = "bayescl-laplace"
@@ -94,16 +100,26 @@ class LaplaceCallback(PosteriorCallback):
         gamma: float = 1.0,
         online: bool = False,
         rank: int | None = None,
+        rank_diagonal: bool = False,
         params: Sequence[str] | None = None,
         mc_samples: int = 1,
         dataloader: Iterable[Any] | None = None,
         curvature_batch_size: int | None = None,
         max_batches: int | None = None,
         auto_end_task: bool = True,
+        predictive_prior_precision: float | str = "marglik",
         seed: int = 0,
         state_key_suffix: str = "",
     ) -> None:
         super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix)
+        if isinstance(predictive_prior_precision, str):
+            if predictive_prior_precision not in ("marglik", "train"):
+                raise ValueError(f"predictive_prior_precision={predictive_prior_precision!r} is not valid; allowed: "
+                                 "'marglik', 'train' or a positive number.")
+        else:
+            check_real(predictive_prior_precision, "predictive_prior_precision", low=0.0, low_open=True)
+        self.predictive_prior_precision = predictive_prior_precision
+        self._predictive: tuple[Gaussian, Gaussian, float] | None = None
         self.structure = as_enum(Structure, structure, "structure")
         self.fisher = as_enum(FisherType, fisher, "fisher")
         if self.structure is Structure.KRON and self.fisher is FisherType.BATCH_SQUARED:
@@ -115,6 +131,9 @@ class LaplaceCallback(PosteriorCallback):
         if rank is not None and self.structure is not Structure.KRON:
             raise ValueError(f"rank={rank} applies to structure='kron' only; got structure={self.structure.value!r}.")
         self.rank = None if rank is None else check_positive_int(rank, "rank")
+        if rank_diagonal and self.rank is None:
+            raise ValueError("rank_diagonal=True needs a rank (it keeps the diagonal of what the rank cuts).")
+        self.rank_diagonal = bool(rank_diagonal)
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.dataloader = dataloader
         self.curvature_batch_size = (None if curvature_batch_size is None
@@ -181,7 +200,7 @@ class LaplaceCallback(PosteriorCallback):
         if self.lam != 1.0:
             curv = curv.temper(self.lam)
         if self.rank is not None and not self.online:
-            curv = curv.low_rank(self.rank)
+            curv = curv.low_rank(self.rank, self.rank_diagonal)
         old_sites = dict(server.items())
         if self.gamma != 1.0:
             for k, s in old_sites.items():
@@ -192,7 +211,7 @@ class LaplaceCallback(PosteriorCallback):
                 q_new = (q_prev * curv).with_mean(theta)
                 if self.structure is Structure.KRON:
                     q_new = q_new.merge()
-                    q_new = (q_new if self.rank is None else q_new.low_rank(self.rank)).with_mean(theta)
+                    q_new = (q_new if self.rank is None else q_new.low_rank(self.rank, self.rank_diagonal)).with_mean(theta)
                 site = q_new.divide(server.prior, allow_improper=True)
                 for k in list(server.names):
                     server.remove(k)
@@ -208,6 +227,28 @@ class LaplaceCallback(PosteriorCallback):
         self.tasks_seen += 1
         self._grad_cache = None
         return server.posterior()
+
+    def predictive_posterior(self) -> Gaussian:
+        """The posterior with its base prior precision replaced for prediction (``predictive_prior_precision``;
+        cached per posterior). Same mean and data curvature as :meth:`posterior`."""
+        q = self.posterior()
+        if self._predictive is not None and self._predictive[0] is q:
+            return self._predictive[1]
+        mode = self.predictive_prior_precision
+        if mode == "train":
+            tau = self.prior_precision
+        elif mode == "marglik":
+            tau = fit_prior_precision(q, self.prior_precision)
+        else:
+            tau = float(mode)
+        qp = q if tau == self.prior_precision else with_prior_precision(q, self.prior_precision, tau)
+        self._predictive = (q, qp, tau)
+        return qp
+
+    @property
+    def fitted_prior_precision(self) -> float | None:
+        """The base prior precision of the last :meth:`predictive_posterior` (``None`` before the first)."""
+        return None if self._predictive is None else self._predictive[2]
 
     def forget(self, task: int | str) -> Gaussian:
         if self.online:
