@@ -15,7 +15,9 @@ a one-dimensional concave problem in ``log τ``. ``log det(τ I + H)`` is ``Σ_j
 posterior and ``Σ_{ij} log(τ + s g_i a_j)`` per layer for one Kronecker term ``s (G ⊗ A)`` (eigenvalues
 ``g``, ``a``; a sum of several terms is merged into one pair for this purpose, an approximation). Entries the
 data never touched (``H_j = 0``, e.g. the head of a task not seen yet) say nothing about ``τ`` and are left out
-(for a Kronecker block, its whole ``‖θ*‖²`` counts once the block has a term).
+(for a Kronecker block, in the eigenbasis of its factors: components of ``θ*`` in the null space of ``A`` or
+``G``, such as the weights of always-zero input pixels, stay at their initial values and would otherwise drag
+``τ`` towards 0).
 The training posterior is not changed: :func:`with_prior_precision` returns a copy for prediction.
 """
 
@@ -65,12 +67,17 @@ def _data_spectrum(q: Gaussian, tau0: float) -> tuple[Tensor, float]:
                 continue
             t = terms[layer][0]
             d = torch.cat([(merged.diag[n].double().expand(mean[n].shape) - tau0).reshape(-1) for n in names])
-            a = torch.linalg.eigvalsh(t.A.double()).clamp_min(0)
-            g = torch.linalg.eigvalsh(t.G.double()).clamp_min(0)
+            a, ua = torch.linalg.eigh(t.A.double())
+            g, ug = torch.linalg.eigh(t.G.double())
             # the elementwise part (zero for a Laplace posterior: only the base prior) enters through its mean
-            h = (t.scale * g[:, None] * a[None, :]).reshape(-1) + d.clamp_min(0).mean()
-            eigs.append(h[h > 0])
-            sq += sum(float((mean[n].double() ** 2).sum()) for n in names)
+            h = t.scale * g.clamp_min(0)[:, None] * a.clamp_min(0)[None, :] + d.clamp_min(0).mean()
+            keep = h > 0
+            eigs.append(h[keep])
+            # θ* in the eigenbasis: the components the data never touched (null space of A or G) are left out
+            w = mean[spec[0]].double().reshape(mean[spec[0]].shape[0], -1)
+            if spec[1] is not None:
+                w = torch.cat([w, mean[spec[1]].double().reshape(-1, 1)], dim=1)
+            sq += float(((ug.T @ w @ ua)[keep] ** 2).sum())
         for n in merged.names:
             if n not in owned:
                 elementwise(n, merged.diag[n])

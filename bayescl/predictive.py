@@ -9,8 +9,9 @@ r"""Posterior predictive for classification: :math:`p(y\mid x) = \int \mathrm{so
 * ``method="probit"``: the linearised (GLM) predictive with the probit / mean-field approximation
   (MacKay 1992; Immer et al. 2021): :math:`f \approx f(x;\mu) + J(\theta-\mu)`, per-logit variance
   :math:`v_c = \sum_p J_{cp}^2 \sigma_p^2` and :math:`p \approx \mathrm{softmax}\big(f(x;\mu)/\sqrt{1+\pi v/8}\big)`.
-  It needs the marginal variances of a :class:`~bayescl.posterior.DiagGaussian`; for a Kronecker posterior use
-  ``"mc"``. Per-example Jacobians come from ``torch.func`` (C backward passes per batch, not a per-example loop).
+  For a :class:`~bayescl.posterior.DiagGaussian` the per-example Jacobians come from ``torch.func``; for a
+  :class:`~bayescl.kron.KronGaussian` over Linear layers ``v`` is exact in the factors' eigenbasis
+  (:func:`glm_logit_moments`), one backward pass per class.
 
 The model is called as ``model(*inputs)`` (see :mod:`bayescl.batches`); parameter names are those of the
 posterior, which must be a subset of ``model.named_parameters()`` (the rest stay at their current values).
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from ._checks import as_enum, check_positive_int
+from .kron import KronGaussian
 from .posterior import DiagGaussian
 from .sites import Gaussian
 
@@ -87,23 +89,103 @@ def predictive(
 
 def glm_logit_moments(model: nn.Module, posterior: Gaussian, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     r"""Mean and per-logit variance of the linearised network: ``(f(x; μ), v)`` with
-    :math:`v_{bc} = \sum_p J_{bcp}^2 \sigma_p^2` (``(B, C)`` each), Jacobians from ``torch.func``."""
+    :math:`v_{bc} = J_{bc} \Sigma J_{bc}^\top` (``(B, C)`` each).
+
+    * :class:`DiagGaussian`: :math:`v_{bc} = \sum_p J_{bcp}^2 \sigma_p^2`, Jacobians from ``torch.func``.
+    * :class:`~bayescl.kron.KronGaussian` over ``nn.Linear`` layers: per example the Jacobian of logit ``c``
+      w.r.t. a layer's ``W̃ = [W, b]`` is the outer product :math:`\delta_c \tilde a^\top` (output gradient,
+      input with a 1 appended), so in the eigenbasis of the block precision
+      :math:`\Lambda = (U_G \otimes U_A)\,\mathrm{diag}(\ell)\,(U_G \otimes U_A)^\top`
+      :math:`v_{bc} = \sum_{ij} (U_G^\top\delta_c)_i^2 (U_A^\top \tilde a)_j^2 / \ell_{ij}` — one backward pass per
+      class, no per-example Jacobian (a block with several terms uses its dense covariance when small, else the
+      merged-pair approximation, as :meth:`KronGaussian.sample` does). Parameters outside the Kronecker layers
+      use their diagonal. Other layer types (Conv2d) raise; use ``method="mc"`` there.
+    """
+    if isinstance(posterior, KronGaussian):
+        return _kron_logit_moments(model, posterior, inputs)
     if not isinstance(posterior, DiagGaussian):
-        raise ValueError(f"the linearised predictive needs a DiagGaussian posterior, got {type(posterior).__name__}; "
-                         "use method='mc'.")
+        raise ValueError(f"the linearised predictive needs a DiagGaussian or KronGaussian posterior, got "
+                         f"{type(posterior).__name__}; use method='mc'.")
     named = _check_names(model, posterior)
     mean = {n: t.to(named[n]) for n, t in posterior.mean.items()}
     var = {n: t.to(named[n]) for n, t in posterior.variance.items()}
+    logits = functional_call(model, mean, inputs, strict=False)
+    return logits, _diag_logit_var(model, mean, var, list(mean), inputs)
+
+
+def _diag_logit_var(model: nn.Module, mean: dict[str, Tensor], var: dict[str, Tensor], names: list[str],
+                    inputs: tuple[Tensor, ...]) -> Tensor:
+    """``Σ_p J_{bcp}² σ_p²`` over the parameters ``names`` (the others fixed at ``mean``)."""
+    fixed = {n: t for n, t in mean.items() if n not in names}
 
     def f(params: dict[str, Tensor], *row: Tensor) -> Tensor:
         batched = tuple(r.unsqueeze(0) for r in row)
-        return functional_call(model, params, batched, strict=False).squeeze(0)
+        return functional_call(model, {**fixed, **params}, batched, strict=False).squeeze(0)
 
-    logits = functional_call(model, mean, inputs, strict=False)
     with torch.enable_grad():
-        jac = vmap(jacrev(f), in_dims=(None, *([0] * len(inputs))))(mean, *inputs)  # name -> (B, C, *shape)
-    v = sum((j.pow(2) * var[n]).flatten(2).sum(-1) for n, j in jac.items())
-    return logits, v
+        jac = vmap(jacrev(f), in_dims=(None, *([0] * len(inputs))))({n: mean[n] for n in names}, *inputs)
+    return sum((j.pow(2) * var[n]).flatten(2).sum(-1) for n, j in jac.items())
+
+
+def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    named = _check_names(model, q)
+    modules = dict(model.named_modules())
+    layers = q.layers
+    for layer in layers:
+        if not isinstance(modules.get(layer), nn.Linear):
+            raise ValueError(f"the linearised Kronecker predictive supports nn.Linear layers; {layer!r} is a "
+                             f"{type(modules.get(layer)).__name__}. Use method='mc'.")
+    mean = {n: t.to(named[n]).detach().requires_grad_(True) for n, t in q.mean.items()}
+    acts: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            acts[name], outs[name] = args[0].detach(), out
+        return record
+
+    handles = [modules[layer].register_forward_hook(hook(layer)) for layer in layers]
+    try:
+        with torch.enable_grad():
+            logits = functional_call(model, mean, inputs, strict=False)
+            v = torch.zeros_like(logits)
+            used = [layer for layer in layers if layer in outs]
+            for layer in used:
+                if acts[layer].dim() != 2:
+                    raise ValueError(f"layer {layer!r} got inputs of shape {tuple(acts[layer].shape)}; the "
+                                     "linearised Kronecker predictive needs (batch, features). Use method='mc'.")
+            factors = {layer: q._factor(layer, approx=True) for layer in used}
+            for c in range(logits.shape[-1]):
+                grads = torch.autograd.grad(logits[:, c].sum(), [outs[layer] for layer in used],
+                                            retain_graph=True, allow_unused=True)
+                for layer, delta in zip(used, grads):
+                    if delta is None:
+                        continue
+                    a = acts[layer]
+                    if layers[layer][1] is not None:
+                        a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+                    v[:, c] += _block_quadratic(factors[layer], delta.detach(), a)
+    finally:
+        for h in handles:
+            h.remove()
+    owned = {n for spec in layers.values() for n in spec if n is not None}
+    rest = [n for n in q.names if n not in owned]
+    if rest:
+        det = {n: t.detach() for n, t in mean.items()}
+        diag = q.diag
+        v = v + _diag_logit_var(model, det, {n: 1.0 / diag[n].to(det[n]).expand_as(det[n]) for n in rest}, rest,
+                                inputs)
+    return logits.detach(), v.detach()
+
+
+def _block_quadratic(f, delta: Tensor, a: Tensor) -> Tensor:
+    """``(δ ⊗ ã) Λ⁻¹ (δ ⊗ ã)ᵀ`` per example for one block factor (eigen form or dense Cholesky)."""
+    if f.chol is not None:
+        j = (delta[:, :, None] * a[:, None, :]).reshape(delta.shape[0], -1)
+        return (j * torch.cholesky_solve(j.T, f.chol).T).sum(-1)
+    dr = delta if f.ug is None else delta @ f.ug
+    ar = a if f.ua is None else a @ f.ua
+    return ((dr**2) @ (1.0 / f.lam) * ar**2).sum(-1)
 
 
 def glm_samples(logits: Tensor, v: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:

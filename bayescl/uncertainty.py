@@ -226,6 +226,16 @@ class TaskUncertainty(Metric):
 
 
 # --------------------------------------------------------------------------------------------------- sampling
+def _linear_kron(model: nn.Module, posterior: Any) -> bool:
+    """A :class:`~bayescl.kron.KronGaussian` whose Kronecker layers are all ``nn.Linear`` (linearised predictive)."""
+    from .kron import KronGaussian
+
+    if not isinstance(posterior, KronGaussian):
+        return False
+    modules = dict(model.named_modules())
+    return all(isinstance(modules.get(layer), nn.Linear) for layer in posterior.layers)
+
+
 def _self_sampling(model: nn.Module) -> bool:
     """Whether ``model`` samples its own weights at every call (VCL's variational layers)."""
     from .variational import is_stochastic
@@ -270,10 +280,11 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
              generator: torch.Generator | None = None, method: str | None = None) -> Tensor:
     """Monte Carlo samples ``(S, B, C)`` of the softmax of ``model(*inputs)`` under the weight posterior.
 
-    * ``method="glm"`` (the default for a :class:`~bayescl.posterior.DiagGaussian`): samples of the linearised
+    * ``method="glm"`` (the default for a :class:`~bayescl.posterior.DiagGaussian`, and for a
+      :class:`~bayescl.kron.KronGaussian` whose layers are all ``nn.Linear``): samples of the linearised
       predictive, logits drawn from ``N(f(x; μ), diag v)`` (:func:`bayescl.predictive.glm_logit_moments`) — a
       Laplace posterior sampled through the whole network underfits (Immer et al. 2021).
-    * ``method="mc"`` (the default for a :class:`~bayescl.kron.KronGaussian`), ``posterior`` over (some of)
+    * ``method="mc"`` (the default for other Kronecker posteriors, e.g. with Conv2d), ``posterior`` over (some of)
       ``model``'s parameters (e.g. ``LaplaceCallback.posterior()`` with the LightningModule as ``model``): ``S =
       n_samples`` draws ``θ_s = posterior.sample(generator)``, each run with ``torch.func.functional_call`` (the
       same sampling as :func:`bayescl.predictive.predictive`: with the same generator state, the mean of these
@@ -292,7 +303,7 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
     from .predictive import glm_logit_moments, glm_samples
 
     if method is None:
-        method = "glm" if isinstance(posterior, DiagGaussian) else "mc"
+        method = "glm" if isinstance(posterior, DiagGaussian) or _linear_kron(model, posterior) else "mc"
     if method not in ("glm", "mc"):
         raise ValueError(f"method={method!r} is not valid; allowed: 'glm', 'mc' (or None for the default).")
     with _eval_mode(model):
