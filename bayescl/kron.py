@@ -36,7 +36,15 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_enum, check_positive_int, check_real
-from ._kron_terms import KronTerm, _discover_layers, _eig_factor, _Factor, _merge_terms, _new_tag, low_rank_factor
+from ._kron_terms import (
+    KronTerm,
+    _discover_layers,
+    _eig_factor,
+    _Factor,
+    _merge_terms,
+    _new_tag,
+    low_rank_factor,
+)
 from .posterior import (
     ROUND_TOL,
     MeanInit,
@@ -572,7 +580,7 @@ class KronGaussian:
         def mv(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
 
-        opt = lambda v: None if v is None else mv(v)  # noqa: E731
+        opt = lambda v: None if v is None else mv(v)
         terms = {k: {g: replace(t, A=mv(t.A), G=mv(t.G), UA=opt(t.UA), UG=opt(t.UG), dA=opt(t.dA), dG=opt(t.dG))
                      for g, t in ts.items()}
                  for k, ts in self._terms.items()}

@@ -107,7 +107,7 @@ def fit_prior_precision(q: Gaussian, prior_precision: float, grid: int = 141) ->
     vals = torch.cat([_objective(h, sq, 10.0**chunk) for chunk in logs.split(16)])
     i = int(torch.argmax(vals))
     lo, hi = float(logs[max(i - 1, 0)]), float(logs[min(i + 1, grid - 1)])
-    f = lambda x: float(_objective(h, sq, torch.tensor([10.0**x], dtype=torch.float64))[0])  # noqa: E731
+    f = lambda x: float(_objective(h, sq, torch.tensor([10.0**x], dtype=torch.float64))[0])
     r = (math.sqrt(5) - 1) / 2
     for _ in range(40):
         a, b = hi - r * (hi - lo), lo + r * (hi - lo)

@@ -104,7 +104,7 @@ def glm_logit_moments(model: nn.Module, posterior: Gaussian, inputs: tuple[Tenso
     if isinstance(posterior, KronGaussian):
         return _kron_logit_moments(model, posterior, inputs)
     if not isinstance(posterior, DiagGaussian):
-        raise ValueError(f"the linearised predictive needs a DiagGaussian or KronGaussian posterior, got "
+        raise TypeError(f"the linearised predictive needs a DiagGaussian or KronGaussian posterior, got "
                          f"{type(posterior).__name__}; use method='mc'.")
     named = _check_names(model, posterior)
     mean = {n: t.to(named[n]) for n, t in posterior.mean.items()}
@@ -133,7 +133,7 @@ def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor,
     layers = q.layers
     for layer in layers:
         if not isinstance(modules.get(layer), nn.Linear):
-            raise ValueError(f"the linearised Kronecker predictive supports nn.Linear layers; {layer!r} is a "
+            raise TypeError(f"the linearised Kronecker predictive supports nn.Linear layers; {layer!r} is a "
                              f"{type(modules.get(layer)).__name__}. Use method='mc'.")
     mean = {n: t.to(named[n]).detach().requires_grad_(True) for n, t in q.mean.items()}
     acts: dict[str, Tensor] = {}

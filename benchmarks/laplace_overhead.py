@@ -33,8 +33,8 @@ METHODS = {
     "diag": dict(structure="diag", lam=100.0),
     "kron": dict(structure="kron", lam=100.0, online=True),
     "kron rank 32": dict(structure="kron", lam=100.0, online=True, rank=32),
-    "kron rank 16 + diag": dict(structure="kron", lam=100.0, online=True, rank=16, rank_diagonal=True),
-    "kron rank 32 + diag": dict(structure="kron", lam=100.0, online=True, rank=32, rank_diagonal=True),
+    "kron rank 16 + diag": {"structure": "kron", "lam": 100.0, "online": True, "rank": 16, "rank_diagonal": True},
+    "kron rank 32 + diag": {"structure": "kron", "lam": 100.0, "online": True, "rank": 32, "rank_diagonal": True},
 }
 
 
@@ -91,11 +91,10 @@ def main(argv=None) -> None:
     stream.tasks = stream.tasks[:2]
     runs = {m: [] for m in METHODS if m == "naive" or m in args.methods}
     for r in range(args.rounds):
-        for m in runs:
-            kw = METHODS[m]
-            runs[m].append(one_round(m, kw, stream, args.batch_size))
-            print(f"round {r + 1}/{args.rounds} {m}: median step "
-                  f"{statistics.median(runs[m][-1]['steps_ms']):.3f} ms", flush=True)
+        for m, rs in runs.items():
+            rs.append(one_round(m, METHODS[m], stream, args.batch_size))
+            print(f"round {r + 1}/{args.rounds} {m}: median step {statistics.median(rs[-1]['steps_ms']):.3f} ms",
+                  flush=True)
     base = statistics.median(t for run in runs["naive"] for t in run["steps_ms"])
     epoch = statistics.median(run["epoch_s"] for run in runs["naive"])
     res = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from laplace_overhead import StepTimer, trainer  # noqa: E402
+from laplace_overhead import StepTimer, trainer
 
-from bayescl import ClassifierModule, MultiHeadMLP, VCLCallback, make_stream  # noqa: E402
+from bayescl import ClassifierModule, MultiHeadMLP, VCLCallback, make_stream
 
 METHODS = {"naive": None, "vcl, 1 sample": 1, "vcl, 10 samples": 10}
 
@@ -71,8 +71,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     lines = ["# VCLCallback step time (split-MNIST task-IL, MLP 2x256, batch 64, CPU)", "",
-             f"Command: `{res['command']}` — torch {res['torch']}, {res['threads']} threads, {args.rounds} rounds "
-             f"interleaved; naive step {base:.3f} ms.", "", "| method | step (ms) | step / naive |", "|---|---|---|"]
+             (f"Command: `{res['command']}` — torch {res['torch']}, {res['threads']} threads, {args.rounds} rounds "
+              f"interleaved; naive step {base:.3f} ms."), "", "| method | step (ms) | step / naive |", "|---|---|---|"]
     lines += [f"| {m} | {row['step_ms']:.3f} | {row['step_ratio']:.2f} |" for m, row in res["methods"].items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

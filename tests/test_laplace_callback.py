@@ -244,8 +244,8 @@ def test_low_rank_online_kron_is_centred_on_the_optimum():
         LaplaceCallback(structure="diag", rank=4)
 
 
-@pytest.mark.parametrize("kw", [dict(structure="diag"), dict(structure="kron"),
-                                dict(structure="kron", online=True, rank=4), dict(structure="kron", lam=3.0)])
+@pytest.mark.parametrize("kw", [{"structure": "diag"}, {"structure": "kron"},
+                                {"structure": "kron", "online": True, "rank": 4}, {"structure": "kron", "lam": 3.0}])
 def test_fused_prior_gradient_equals_quadratic_grad(kw):
     """The callback's fused fast path adds exactly (Λθ − η)/N to existing gradients (float64, 2 tasks)."""
     stream = synthetic_stream(num_tasks=2, n_train=96, n_test=16)

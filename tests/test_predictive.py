@@ -47,7 +47,7 @@ def test_multi_head_inputs_and_errors():
     with pytest.raises(ValueError, match="method='laplace'"):
         predictive(model, q, (x, t), "laplace")
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).double()
-    with pytest.raises(ValueError, match="'0' is a Conv2d. Use method='mc'"):
+    with pytest.raises(TypeError, match="'0' is a Conv2d. Use method='mc'"):
         predictive(conv, KronGaussian.isotropic(conv, 1.0, mean="current"),
                    (torch.randn(2, 1, 4, 4, dtype=torch.float64),), "probit")
     with pytest.raises(ValueError, match="'w' is not a parameter"):
@@ -63,7 +63,7 @@ def _dense_logit_var(model, q, x):
     params = {n: t.detach() for n, t in q.mean.items()}
     out = []
     for row in x:
-        jac = jacrev(lambda p: functional_call(model, p, (row[None],)).squeeze(0))(params)
+        jac = jacrev(lambda p, row=row: functional_call(model, p, (row[None],)).squeeze(0))(params)
         cols = []
         for name in order:
             if name in q.layers:
