@@ -434,8 +434,10 @@ def write_report(results_dir: str | Path, plots: bool = True) -> list[Path]:
         text = [f"# {d.name}", "", markdown_table(runs), ""]
         unc = uncertainty_table(runs)
         if unc:
-            note = ("Predictive uncertainty after the last task (Monte Carlo posterior predictive; entropies in "
-                    "nats, total = aleatoric + epistemic; 'old tasks': all but the last one):")
+            note = ("Predictive uncertainty after the last task (Monte Carlo posterior predictive: 'posterior' = "
+                    "samples of the linearised predictive of the callback's predictive_posterior(), 'model' = the "
+                    "variational layers' own weight samples, 'point' = the network's softmax; entropies in nats, "
+                    "total = aleatoric + epistemic; 'old tasks': all but the last one):")
             text += [note, "", unc, ""]
         text += ["Commands:", ""]
         text += [f"- `{r['strategy']}`: `{r['command']}`" for r in runs]
