@@ -9,7 +9,7 @@ $BAYESCL bench --scenario split-mnist-task --seeds "$SEEDS" --epochs 5 --batch-s
   --strategy naive joint laplace-diag laplace-kron laplace-kron-lowrank ewc-online vcl vcl-coreset
 $BAYESCL bench --scenario permuted-mnist --seeds "$SEEDS" --epochs 3 --batch-size 256 --no-progress --no-uncertainty \
   --strategy naive joint laplace-diag laplace-kron laplace-kron-lam10 ewc-online vcl
-# permuted MNIST with 10 epochs per task (joint and vcl: 1 seed, ~7 and ~3 minutes)
+# permuted MNIST with 10 epochs per task (joint, vcl and vcl with a 200/task coreset: 1 seed, ~15 minutes)
 $BAYESCL bench --scenario permuted-mnist --seeds "$SEEDS" --epochs 10 --batch-size 256 --no-progress --no-uncertainty \
   --strategy laplace-kron-lam10 naive --out benchmarks/results/epochs-10
 $BAYESCL bench --scenario permuted-mnist --seeds 1 --epochs 10 --batch-size 256 --no-progress --no-uncertainty \
