@@ -227,14 +227,19 @@ class KronGaussian:
         """``Λ x`` without materialising ``Λ`` (autograd-friendly)."""
         out = {n: self._diag[n] * t for n, t in x.items()}
         for layer, spec in self._layers.items():
-            ts = self._terms[layer]
-            if not ts:
-                continue
-            xb = self._to_block(spec, x)
-            kb = sum(t.scale * t.apply(xb) for t in ts.values())
-            for n, v in self._from_block(spec, kb, x).items():
-                out[n] = out[n] + v
+            kb = self._block_apply(layer, x)
+            if kb is not None:
+                for n, v in self._from_block(spec, kb, x).items():
+                    out[n] = out[n] + v
         return out
+
+    def _block_apply(self, layer: str, x: Mapping[str, Tensor]) -> Tensor | None:
+        """``Σ_i s_i G_i W̃ A_i`` for one layer's block of ``x`` (``None`` when the layer has no term)."""
+        ts = self._terms[layer]
+        if not ts:
+            return None
+        xb = self._to_block(self._layers[layer], x)
+        return sum(t.scale * t.apply(xb) for t in ts.values())
 
     def _block_diag(self, spec) -> Tensor:
         return self._to_block(spec, {n: self._diag_full(n) for n in spec if n is not None})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int, check_real
-from ..posterior import DiagGaussian
-from ..sites import Gaussian, PosteriorServer
+from ..sites import Gaussian, PosteriorServer, PriorGradient
 
 
 @torch.no_grad()
@@ -37,25 +35,6 @@ def add_scaled_grads(params: Mapping[Any, nn.Parameter], grads: Mapping[Any, Ten
             p.grad = g * scale
         else:
             p.grad.add_(g, alpha=scale)
-
-
-def _grad_plan(q: Gaussian, params: Mapping[str, nn.Parameter]) -> tuple[list[Tensor], list[Tensor], list]:
-    """Tensors of the fused prior gradient: the elementwise precision ``D`` and ``η`` per parameter (on the
-    parameters' device and dtype) and, for a Kronecker posterior, ``(weight, bias, terms)`` per layer."""
-    if isinstance(q, DiagGaussian):
-        prec, eta = q.precision, q.eta
-        return [prec[n].to(p) for n, p in params.items()], [eta[n].to(p) for n, p in params.items()], []
-    diag, eta, terms = q.diag, q.eta, q.terms
-    D = [diag[n].to(p).expand_as(p).contiguous() for n, p in params.items()]
-    layers = []
-    for layer, (w, b) in q.layers.items():
-        ts = [t for t in terms.get(layer, []) if t.scale != 0]
-        if ts and w in params and (b is None or b in params):
-            ref = params[w]
-            ts = [replace(t, **{k: getattr(t, k).to(ref) for k in ("A", "G", "UA", "UG", "dA", "dG")
-                                if getattr(t, k) is not None}) for t in ts]
-            layers.append((w, b, ts))
-    return D, [eta[n].to(p) for n, p in params.items()], layers
 
 
 def _dataset_size(dataloader: Any) -> int | None:
@@ -178,38 +157,17 @@ class PosteriorCallback(pl.Callback):
     def add_prior_grad(self, pl_module: nn.Module) -> None:
         """``p.grad += (Λθ − η) / N_t`` for every selected parameter (the documented mechanism).
 
-        Fused fast path (the same numbers as ``q.quadratic_grad``): the elementwise part ``D ⊙ θ − η`` in two
-        ``_foreach`` passes over memory, then for a :class:`~bayescl.kron.KronGaussian` each layer's
-        ``Σ s_i G_i W̃ A_i`` added straight into the weight and bias gradients. The tensors it needs are prepared
-        once per posterior; the parameter list once per fit (``on_train_start``).
+        Fused (:class:`~bayescl.sites.PriorGradient`, prepared once per posterior; the parameter list is fixed
+        once per fit in ``on_train_start``).
         """
         if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
             return
         params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
         q = self.posterior()
-        cache = self._grad_cache
-        if cache is None or cache[0] is not q or cache[1] != tuple(params):
-            cache = self._grad_cache = (q, tuple(params), *_grad_plan(q, params))
-        for p in params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads, ps, scale = [p.grad for p in params.values()], [p.detach() for p in params.values()], \
-            self.prior_term_scale()
-        torch._foreach_addcmul_(grads, cache[2], ps, value=scale)
-        torch._foreach_add_(grads, cache[3], alpha=-scale)
-        for w, b, terms in cache[4]:
-            W = params[w].detach()
-            x = W.reshape(W.shape[0], -1)
-            if b is not None:
-                x = torch.cat([x, params[b].detach().reshape(-1, 1)], dim=1)
-            kb = None
-            for t in terms:
-                y = t.apply(x)
-                kb = y.mul_(t.scale) if kb is None else kb.add_(y, alpha=t.scale)
-            gw = params[w].grad
-            gw.add_(kb[:, : x.shape[1] - (b is not None)].reshape(gw.shape), alpha=scale)
-            if b is not None:
-                params[b].grad.add_(kb[:, -1].reshape(params[b].grad.shape), alpha=scale)
+        fused = self._grad_cache
+        if fused is None or fused.q is not q or fused.names != tuple(params):
+            fused = self._grad_cache = PriorGradient(q, params)
+        fused.add_(params, self.prior_term_scale())
 
     #: apply the base prior's term on the very first task too (a weak weight decay by default: off).
     penalise_prior_alone = False
