@@ -24,11 +24,13 @@ The training posterior is not changed: :func:`with_prior_precision` returns a co
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from ._checks import check_real
+from ._kron_terms import _eig_factor
 from .kron import KronGaussian
 from .posterior import DiagGaussian
 from .sites import Gaussian
@@ -67,17 +69,13 @@ def _data_spectrum(q: Gaussian, tau0: float) -> tuple[Tensor, float]:
                 continue
             t = terms[layer][0]
             d = torch.cat([(merged.diag[n].double().expand(mean[n].shape) - tau0).reshape(-1) for n in names])
-            a, ua = torch.linalg.eigh(t.A.double())
-            g, ug = torch.linalg.eigh(t.G.double())
-            # the elementwise part (zero for a Laplace posterior: only the base prior) enters through its mean
-            h = t.scale * g.clamp_min(0)[:, None] * a.clamp_min(0)[None, :] + d.clamp_min(0).mean()
-            keep = h > 0
-            eigs.append(h[keep])
+            # eigen form of the block; the elementwise part (zero for a Laplace posterior: only the base prior)
+            # enters through its mean
+            f = _eig_factor(replace(t, A=t.A.double(), G=t.G.double()), float(d.clamp_min(0).mean()))
+            keep = f.lam > 0
+            eigs.append(f.lam[keep])
             # θ* in the eigenbasis: the components the data never touched (null space of A or G) are left out
-            w = mean[spec[0]].double().reshape(mean[spec[0]].shape[0], -1)
-            if spec[1] is not None:
-                w = torch.cat([w, mean[spec[1]].double().reshape(-1, 1)], dim=1)
-            sq += float(((ug.T @ w @ ua)[keep] ** 2).sum())
+            sq += float((f.rot(KronGaussian._to_block(spec, mean).double())[keep] ** 2).sum())
         for n in merged.names:
             if n not in owned:
                 elementwise(n, merged.diag[n])

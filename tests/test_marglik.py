@@ -76,3 +76,21 @@ def test_bad_input():
         with_prior_precision(q, 1e-4, -1.0)
     with pytest.raises(TypeError, match="DiagGaussian or KronGaussian"):
         fit_prior_precision(object(), 1e-4)  # type: ignore[arg-type]
+
+
+def test_kron_null_space_of_a_factor_does_not_move_the_fit():
+    """Weights on an input that is always zero (a zero row and column of A) never get a gradient: whatever
+    value they keep must not change the fitted τ."""
+    torch.manual_seed(3)
+    A0, G0 = torch.randn(4, 4, dtype=DT), torch.randn(3, 3, dtype=DT)
+    A, G = A0 @ A0.T, G0 @ G0.T
+    A[1, :] = 0
+    A[:, 1] = 0
+    mean = {"w": torch.randn(3, 3, dtype=DT), "b": torch.randn(3, dtype=DT)}
+    fits = []
+    for value in (0.0, 5.0):
+        m = {"w": mean["w"].clone(), "b": mean["b"]}
+        m["w"][:, 1] = value
+        q = KronGaussian(m, {"l": ("w", "b")}, {"l": [(A, G, 2.0)]}, {"w": TAU0, "b": TAU0})
+        fits.append(fit_prior_precision(q, TAU0))
+    assert fits[0] == pytest.approx(fits[1], rel=1e-6)
