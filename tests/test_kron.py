@@ -251,14 +251,20 @@ def test_mismatch_errors() -> None:
         q.temper(-1)
 
 
-def test_low_rank_factors_truncate_exactly_and_full_rank_is_identity():
-    torch.manual_seed(0)
+def _one_term_layer(seed: int):
+    """A 4x5 layer with bias, one term ``2 (G ⊗ A)`` and isotropic 0.5: ``(A, G, mean, q, theta)``."""
+    torch.manual_seed(seed)
     A0 = torch.randn(6, 6, dtype=torch.float64)
     G0 = torch.randn(4, 4, dtype=torch.float64)
     A, G = A0 @ A0.T, G0 @ G0.T
     mean = {"w": torch.randn(4, 5, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
     q = KronGaussian(mean, {"l": ("w", "b")}, {"l": [(A, G, 2.0)]}, {"w": 0.5, "b": 0.5})
     theta = {"w": torch.randn(4, 5, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    return A, G, mean, q, theta
+
+
+def test_low_rank_factors_truncate_exactly_and_full_rank_is_identity():
+    A, G, mean, q, theta = _one_term_layer(0)
     full = q.low_rank(10).quadratic_grad(theta)
     for n, g in q.quadratic_grad(theta).items():
         torch.testing.assert_close(full[n], g)
@@ -278,13 +284,7 @@ def test_low_rank_factors_truncate_exactly_and_full_rank_is_identity():
 
 
 def test_low_rank_with_kept_diagonal_matches_dense_reference():
-    torch.manual_seed(1)
-    A0 = torch.randn(6, 6, dtype=torch.float64)
-    G0 = torch.randn(4, 4, dtype=torch.float64)
-    A, G = A0 @ A0.T, G0 @ G0.T
-    mean = {"w": torch.randn(4, 5, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
-    q = KronGaussian(mean, {"l": ("w", "b")}, {"l": [(A, G, 2.0)]}, {"w": 0.5, "b": 0.5})
-    theta = {"w": torch.randn(4, 5, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    A, G, mean, q, theta = _one_term_layer(1)
 
     def trunc_diag(M, r):  # top-r eigenpairs plus the diagonal of the rest
         w, V = torch.linalg.eigh(M)
