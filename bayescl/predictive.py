@@ -131,10 +131,9 @@ def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor,
     named = _check_names(model, q)
     modules = dict(model.named_modules())
     layers = q.layers
-    for layer in layers:
-        if not isinstance(modules.get(layer), nn.Linear):
-            raise TypeError(f"the linearised Kronecker predictive supports nn.Linear layers; {layer!r} is a "
-                             f"{type(modules.get(layer)).__name__}. Use method='mc'.")
+    if (bad := non_linear_kron_layer(model, q)) is not None:
+        raise TypeError(f"the linearised Kronecker predictive supports nn.Linear layers; {bad!r} is a "
+                        f"{type(modules.get(bad)).__name__}. Use method='mc'.")
     mean = {n: t.to(named[n]).detach().requires_grad_(True) for n, t in q.mean.items()}
     acts: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
@@ -176,6 +175,12 @@ def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor,
         v = v + _diag_logit_var(model, det, {n: 1.0 / diag[n].to(det[n]).expand_as(det[n]) for n in rest}, rest,
                                 inputs)
     return logits.detach(), v.detach()
+
+
+def non_linear_kron_layer(model: nn.Module, q: KronGaussian) -> str | None:
+    """The first Kronecker layer of ``q`` that is not an ``nn.Linear`` of ``model`` (``None``: all are)."""
+    modules = dict(model.named_modules())
+    return next((layer for layer in q.layers if not isinstance(modules.get(layer), nn.Linear)), None)
 
 
 def _block_quadratic(f, delta: Tensor, a: Tensor) -> Tensor:

@@ -229,11 +229,9 @@ class TaskUncertainty(Metric):
 def _linear_kron(model: nn.Module, posterior: Any) -> bool:
     """A :class:`~bayescl.kron.KronGaussian` whose Kronecker layers are all ``nn.Linear`` (linearised predictive)."""
     from .kron import KronGaussian
+    from .predictive import non_linear_kron_layer
 
-    if not isinstance(posterior, KronGaussian):
-        return False
-    modules = dict(model.named_modules())
-    return all(isinstance(modules.get(layer), nn.Linear) for layer in posterior.layers)
+    return isinstance(posterior, KronGaussian) and non_linear_kron_layer(model, posterior) is None
 
 
 def _self_sampling(model: nn.Module) -> bool:
