@@ -82,6 +82,12 @@ class MultiHeadMLP(nn.Module):
             raise ValueError(
                 f"task_id contains {int(task_id[bad][0])}, out of range; allowed: 0..{len(self.heads) - 1}."
             )
+        try:  # the usual task-IL batch holds one task: run its head only
+            single = task_id.numel() > 0 and bool((task_id == task_id[0]).all())
+        except RuntimeError:  # inside torch.func transforms
+            single = False
+        if single:
+            return self.heads[int(task_id[0])](h)
         out = torch.stack([head(h) for head in self.heads])  # (T, B, C)
         return out[task_id, torch.arange(h.shape[0], device=h.device)]
 

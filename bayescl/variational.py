@@ -78,6 +78,8 @@ class _BayesLayer(nn.Module):
         self.stochastic = True
         #: the noise source (a ``torch.Generator`` on the layer's device); ``None``: the global RNG.
         self.generator: torch.Generator | None = None
+        #: the batch holds this many copies of itself along dim 0 (one per Monte Carlo sample; see :func:`tiled`).
+        self.tiles = 1
 
     def variational_params(self) -> Iterator[tuple[str, Tensor, Tensor]]:
         """``(logical name suffix, μ, ℓ)``: ``("weight", weight_mu, weight_logvar)`` and the bias if any."""
@@ -89,12 +91,29 @@ class _BayesLayer(nn.Module):
         """KL from this layer's ``q`` to a prior given per logical suffix (``"weight"``, ``"bias"``)."""
         return sum(diag_gaussian_kl(mu, lv, prior_mean[k], prior_precision[k]) for k, mu, lv in self.variational_params())
 
-    def _sample(self, mean: Tensor, var: Tensor) -> Tensor:
+    def _sample(self, mean: Tensor, var: Tensor, copies: int = 1) -> Tensor:
+        """``mean + sqrt(var) ⊙ ε``, with ``copies`` independent draws stacked along dim 0."""
+        shape = (copies, *mean.shape) if copies > 1 else mean.shape
         if self.generator is None:
-            eps = torch.randn_like(mean)
+            eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
         else:
-            eps = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype, device=mean.device)
-        return mean + var.clamp_min(_MIN_VAR).sqrt() * eps
+            eps = torch.randn(shape, generator=self.generator, dtype=mean.dtype, device=mean.device)
+        out = mean + var.clamp_min(_MIN_VAR).sqrt() * eps
+        return out.reshape(-1, *mean.shape[1:]) if copies > 1 else out
+
+    def _untile(self, x: Tensor) -> tuple[Tensor, int]:
+        """``(x[:B], k)`` if ``x`` is ``k = self.tiles`` copies of one batch ``x[:B]`` along dim 0, else ``(x, 1)``.
+
+        Only the first variational layers of a network see such an input (noise makes the copies differ after
+        them); they compute the mean and variance of their output once and draw ``k`` samples of it. The test
+        compares the first two copies (cheap beside the matmul): the copies are built by :func:`tiled` from one
+        batch, so they differ only if something stochastic (dropout) ran before this layer.
+        """
+        k = self.tiles
+        if k <= 1 or not self.stochastic or x.dim() == 0 or x.shape[0] % k:
+            return x, 1
+        b = x.shape[0] // k
+        return (x[:b], k) if torch.equal(x[:b], x[b:2 * b]) else (x, 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, logvar_init={self.logvar_init}, stochastic={self.stochastic}"
@@ -128,11 +147,12 @@ class BayesLinear(_BayesLayer):
                    weight=layer.weight, bias_init=layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = F.linear(x, self.weight_mu, self.bias_mu)
         if not self.stochastic:
-            return mean
+            return F.linear(x, self.weight_mu, self.bias_mu)
+        x, copies = self._untile(x)
+        mean = F.linear(x, self.weight_mu, self.bias_mu)
         var = F.linear(x * x, self.weight_logvar.exp(), None if self.bias_logvar is None else self.bias_logvar.exp())
-        return self._sample(mean, var)
+        return self._sample(mean, var, copies)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -165,12 +185,13 @@ class BayesConv2d(_BayesLayer):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = self._conv(x, self.weight_mu, self.bias_mu)
         if not self.stochastic:
-            return mean
+            return self._conv(x, self.weight_mu, self.bias_mu)
+        x, copies = self._untile(x)
+        mean = self._conv(x, self.weight_mu, self.bias_mu)
         var = self._conv(x * x, self.weight_logvar.exp(),
                          None if self.bias_logvar is None else self.bias_logvar.exp())
-        return self._sample(mean, var)
+        return self._sample(mean, var, copies)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
@@ -303,6 +324,39 @@ def set_generator(module: nn.Module, generator: torch.Generator | None) -> None:
     """Draw the noise of every variational layer of ``module`` from ``generator`` (``None``: the global RNG)."""
     for layer in variational_layers(module).values():
         layer.generator = generator
+
+
+def _tile(t: object, k: int) -> object:
+    if isinstance(t, Tensor) and t.dim() > 0:
+        return t.repeat(k, *([1] * (t.dim() - 1)))
+    if isinstance(t, (list, tuple)) and not hasattr(t, "_fields"):
+        return type(t)(_tile(v, k) for v in t)
+    if isinstance(t, tuple):  # a namedtuple
+        return type(t)(*(_tile(v, k) for v in t))
+    if isinstance(t, dict):
+        return type(t)((key, _tile(v, k)) for key, v in t.items())
+    return t
+
+
+@contextmanager
+def tiled(module: nn.Module, batch: object, samples: int):
+    r"""Run ``samples`` Monte Carlo samples of ``module`` as one forward pass over a repeated batch.
+
+    Yields ``batch`` with every tensor (of dimension >= 1, in tuples, lists and dicts) repeated ``samples``
+    times along dim 0; inside the block the variational layers know it. Local reparameterisation draws fresh noise
+    for every row, so the ``k·B`` rows are ``k`` independent samples of the network on the batch, and a loss that is
+    a batch mean is their average, :math:`rac1k\sum_s rac1B\sum_i \ell(f_s(x_i), y_i)`. The first variational
+    layer computes its output mean and variance once, on ``B`` rows (``_untile``); only the noise and the layers
+    after it see ``k·B`` rows, in one call each instead of ``k``.
+    """
+    layers = list(variational_layers(module).values())
+    for layer in layers:
+        layer.tiles = samples
+    try:
+        yield _tile(batch, samples)
+    finally:
+        for layer in layers:
+            layer.tiles = 1
 
 
 def is_stochastic(module: nn.Module) -> bool:

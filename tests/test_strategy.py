@@ -255,6 +255,8 @@ def _reference_one_worker() -> tuple[dict, dict]:
             g = server.cavity("w").quadratic_grad({n: p.detach() for n, p in params.items()})
             with torch.no_grad():
                 for n, p in params.items():
+                    if p.grad is None:  # a head this batch did not use
+                        p.grad = torch.zeros_like(p)
                     p.grad.add_(g[n] / n_k)
             opt.step()
             buf.append((x, y, t))

@@ -18,6 +18,7 @@ from bayescl.variational import (
     logical_names,
     predictive_samples,
     set_stochastic,
+    tiled,
     variational_layers,
 )
 
@@ -178,3 +179,53 @@ def test_predictive_averages_probabilities():
     set_stochastic(m, False)
     m.eval()
     assert torch.allclose(m(x), F.linear(x, m[0].weight_mu, m[0].bias_mu))
+
+
+def test_tiled_samples_equal_separate_passes_with_the_same_noise():
+    """k samples as one pass over the repeated batch == k separate passes (dense float64 reference, same noise),
+    in the outputs and in the gradient of the averaged loss; the first layer computes its moments once."""
+    k, b = 3, 4
+    net = nn.Sequential(_random_linear(0, 5, 4), nn.Tanh(), _random_linear(1, 4, 3))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (b,), generator=g)
+    l1, l2 = net[0], net[2]
+    for layer in (l1, l2):
+        layer.generator = torch.Generator().manual_seed(7)
+    with tiled(net, (x, y), k) as (xt, yt):
+        assert xt.shape == (k * b, 5) and torch.equal(yt, y.repeat(k))
+        assert l1._untile(xt)[1] == k and torch.equal(l1._untile(xt)[0], x)
+        out = net(xt)
+        loss = F.cross_entropy(out, yt)
+    assert l1.tiles == l2.tiles == 1
+    params = [p for layer in (l1, l2) for _, mu, lv in layer.variational_params() for p in (mu, lv)]
+    grads = torch.autograd.grad(loss, params)
+
+    # reference: the same noise streams, drawn in the same order, sample by sample
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    eps1 = torch.randn(k, b, 4, generator=g1, dtype=torch.float64)
+    eps2 = torch.randn(k * b, 3, generator=g2, dtype=torch.float64)
+
+    def layer_out(layer, h, eps):
+        mean = F.linear(h, layer.weight_mu, layer.bias_mu)
+        var = F.linear(h * h, layer.weight_logvar.exp(), layer.bias_logvar.exp())
+        return mean + var.sqrt() * eps
+
+    outs = [layer_out(l2, torch.tanh(layer_out(l1, x, eps1[s])), eps2[s * b:(s + 1) * b]) for s in range(k)]
+    ref_loss = sum(F.cross_entropy(o, y) for o in outs) / k
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    assert torch.allclose(out, torch.cat(outs))
+    for gr, rg in zip(grads, ref_grads):
+        assert torch.allclose(gr, rg)
+
+
+def test_tiled_falls_back_when_the_copies_differ():
+    torch.manual_seed(0)
+    layer = _random_linear(0, 5, 4)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with tiled(layer, x, 2) as xt:
+        noisy = xt + 1e-3 * torch.randn_like(xt)  # e.g. dropout before the layer
+        assert layer._untile(noisy)[1] == 1
+        assert layer(noisy).shape == (8, 4)
+        set_stochastic(layer, False)  # the means only: nothing to share
+        assert torch.allclose(layer(xt), F.linear(xt, layer.weight_mu, layer.bias_mu))

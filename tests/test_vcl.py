@@ -138,7 +138,7 @@ def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):
     x, y, t = next(iter(_loader(s[0].train)))
     x = x.double()
     F.cross_entropy(module(x, t), y).backward()
-    data_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    data_grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     kl = cb.add_prior_grad(module)
     prior_mean = torch.zeros(8, 784, dtype=torch.float64)
     prior_prec = torch.ones(8, 784, dtype=torch.float64)
@@ -147,7 +147,7 @@ def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):
     assert torch.allclose(mu.grad - data_grads["model.trunk.1.weight_mu"], gm / 48)
     assert torch.allclose(lv.grad - data_grads["model.trunk.1.weight_logvar"], gl / 48)
     # heads 1 and 2 got no data gradient: no KL gradient either
-    assert bool((module.model.heads[1].weight_mu.grad == 0).all())
+    assert "model.heads.1.weight_mu" not in data_grads and module.model.heads[1].weight_mu.grad is None
     expected = sum(diag_gaussian_kl(m.weight_mu, m.weight_logvar, 0.0 * m.weight_mu, 1.0 + 0 * m.weight_mu)
                    + diag_gaussian_kl(m.bias_mu, m.bias_logvar, 0.0 * m.bias_mu, 1.0 + 0 * m.bias_mu)
                    for m in (module.model.trunk[1], module.model.trunk[3], module.model.heads[0]))
@@ -219,20 +219,28 @@ def test_non_finite_kl_raises_and_keeps_posterior():
     assert bool(torch.isfinite(module.model.trunk[3].weight_logvar).all())
 
 
-def test_train_samples_averages_the_step_and_unwraps():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_train_samples_averages_the_step_and_unwraps(vectorize):
     s = _stream()
     calls = []
 
     class Counting(ClassifierModule):
         def training_step(self, batch, batch_idx):
-            calls.append(batch_idx)
+            calls.append((batch_idx, len(batch[0])))
             return super().training_step(batch, batch_idx)
 
     torch.manual_seed(0)
     module = Counting(MultiHeadMLP(hidden=(8,), num_tasks=3), num_tasks=3)
-    _fit_task(VCLCallback(ml_init=False, train_samples=3, test_samples=2), module, s[0])
-    assert calls == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    cb = VCLCallback(ml_init=True, ml_epochs=1, train_samples=3, test_samples=2, vectorize_samples=vectorize)
+    _fit_task(cb, module, s[0], epochs=2)
+    # epoch 0 is the deterministic maximum-likelihood fit: one plain call per batch
+    assert calls[:3] == [(0, 16), (1, 16), (2, 16)]
+    if vectorize:  # one call on the batch repeated 3 times
+        assert calls[3:] == [(0, 48), (1, 48), (2, 48)]
+    else:
+        assert calls[3:] == [(0, 16)] * 3 + [(1, 16)] * 3 + [(2, 16)] * 3
     assert "training_step" not in vars(module)
+    assert all(layer.tiles == 1 for layer in cb.layers(module).values())
 
 
 def test_coreset_held_out_finetuned_for_test_and_restored():

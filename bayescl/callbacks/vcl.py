@@ -12,11 +12,13 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
 
   .. math::  -\frac{1}{N_t}\mathrm{ELBO} = \mathbb E_q[\ell(\theta)] + \frac{1}{N_t}\mathrm{KL}(q \,\|\, q_{t-1}).
 
-  The user's loss (a batch mean) is the first term, one Monte Carlo sample per forward pass (``train_samples > 1``
-  averages the training-step loss over that many forward passes). The KL term is added through the same mechanism
+  The user's loss (a batch mean) is the first term, one Monte Carlo sample per forward pass (``train_samples = k
+  > 1`` averages it over k samples: by default one forward pass over the batch repeated k times, whose first
+  variational layer computes its mean and variance once). The KL term is added through the same mechanism
   as the Laplace prior term: in ``on_before_optimizer_step`` (once per optimizer step whatever
-  ``accumulate_grad_batches`` is, after AMP unscaling, before clipping) the KL is computed with autograd w.r.t.
-  the variational parameters and ``∇KL / N_t`` is added to their ``.grad``. It is logged as ``vcl/kl``.
+  ``accumulate_grad_batches`` is, after AMP unscaling, before clipping) its closed-form gradient,
+  :math:`\nabla_\mu = \lambda_p(\mu-\mu_p)`, :math:`\nabla_\ell = \tfrac12(\lambda_p e^{\ell} - 1)`, divided by
+  :math:`N_t`, is added to the ``.grad`` of the variational parameters. The KL is logged as ``vcl/kl``.
   Only layers that receive a data gradient in the step get the KL term: a layer no task has used (the head of a
   future task) keeps its initialisation, and its posterior stays exactly the base prior.
 * **Maximum-likelihood start** (``ml_init=True``, the VCL protocol): during the first task's first ``ml_epochs``
@@ -66,10 +68,12 @@ from ..variational import (
     BayesLayer,
     convert,
     enable_predictive,
+    is_stochastic,
     layer_posterior,
     load_posterior,
     predictive_samples,
     set_stochastic,
+    tiled,
     variational_layers,
 )
 from .base import PosteriorCallback, add_scaled_grads
@@ -77,11 +81,21 @@ from .base import PosteriorCallback, add_scaled_grads
 _WRAP_ATTR = "_bayescl_mc_wrapped"
 
 
-def _mc_training_step(orig: Callable[..., Any], k: int) -> Callable[..., Any]:
-    """``training_step`` run ``k`` times (fresh noise each) with the returned losses averaged."""
+def _mc_training_step(orig: Callable[..., Any], k: int, module: nn.Module, vectorized: bool) -> Callable[..., Any]:
+    """``training_step`` over ``k`` Monte Carlo samples of the network.
+
+    ``vectorized``: one call on the batch repeated ``k`` times (:func:`~bayescl.variational.tiled`; the loss, a
+    batch mean, is then the average over the samples). Otherwise ``k`` calls (fresh noise each) with the returned
+    losses averaged. A deterministic network (the maximum-likelihood epochs) runs once.
+    """
 
     @functools.wraps(orig)
     def step(*args: Any, **kwargs: Any) -> Any:
+        if not is_stochastic(module):
+            return orig(*args, **kwargs)
+        if vectorized and args:
+            with tiled(module, args[0], k) as batch:
+                return orig(batch, *args[1:], **kwargs)
         outs = [orig(*args, **kwargs) for _ in range(k)]
         if any(o is None for o in outs):
             return None
@@ -122,8 +136,11 @@ class VCLCallback(PosteriorCallback):
     Args:
         prior_precision: precision of the base prior ``N(0, I/prior_precision)`` (1: the paper's ``N(0, 1)``).
         logvar_init: initial log-variance of the swapped-in layers (finite).
-        train_samples: forward passes per training step, their losses averaged (1: one sample per step;
-            local reparameterisation keeps its variance low).
+        train_samples: Monte Carlo samples of the network per training step, their losses averaged (1: one
+            sample per step; local reparameterisation keeps its variance low).
+        vectorize_samples: run the ``train_samples`` samples as one forward pass over the batch repeated along
+            dim 0 (fast; the loss must be a mean over the batch, Lightning's convention, which the ``1/N_t`` KL
+            scaling assumes anyway). ``False``: ``train_samples`` calls of ``training_step``, losses averaged.
         test_samples: samples averaged (in probability) by every eval-mode call of the module.
         ml_init: start the first task with ``ml_epochs`` epochs of a deterministic maximum-likelihood fit.
         ml_epochs: epochs of that fit (counted by ``trainer.current_epoch``).
@@ -149,6 +166,7 @@ class VCLCallback(PosteriorCallback):
         logvar_init: float = -6.0,
         train_samples: int = 1,
         test_samples: int = 100,
+        vectorize_samples: bool = True,
         ml_init: bool = True,
         ml_epochs: int = 1,
         clamp_variance: bool = False,
@@ -170,6 +188,7 @@ class VCLCallback(PosteriorCallback):
         self.logvar_init = float(logvar_init)
         self.train_samples = check_positive_int(train_samples, "train_samples")
         self.test_samples = check_positive_int(test_samples, "test_samples")
+        self.vectorize_samples = bool(vectorize_samples)
         self.ml_init = bool(ml_init)
         self.ml_epochs = check_positive_int(ml_epochs, "ml_epochs", allow_zero=True)
         self.clamp_variance = bool(clamp_variance)
@@ -257,11 +276,14 @@ class VCLCallback(PosteriorCallback):
             layer.generator = g
 
     # ------------------------------------------------------------------ the KL term
-    def _prior_tensors(self, ref: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        q = self.posterior()
+    def _prior_tensors(self, ref: Tensor, prior: DiagGaussian | None = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """``name -> (mean, precision, −½ Σ (1 + log precision))`` of ``prior`` (default: the posterior) on
+        ``ref``'s device and dtype, cached for the last Gaussian asked for."""
+        q = self.posterior() if prior is None else prior
         if self._grad_cache is None or self._grad_cache[0] is not q:
             mean, prec = q.mean, q.precision
-            self._grad_cache = (q, {n: (mean[n].to(ref), prec[n].to(ref)) for n in q.names})
+            self._grad_cache = (q, {n: (mean[n].to(ref), prec[n].to(ref),
+                                        -0.5 * (1.0 + torch.log(prec[n].to(ref))).sum()) for n in q.names})
         return self._grad_cache[1]
 
     def kl(self, pl_module: nn.Module, paths: Sequence[str] | None = None,
@@ -270,16 +292,12 @@ class VCLCallback(PosteriorCallback):
         layers = self.layers(pl_module)
         paths = list(layers) if paths is None else list(paths)
         ref = next(iter(layers.values())).weight_mu
-        if prior is None:
-            tensors = self._prior_tensors(ref)
-        else:
-            mean, prec = prior.mean, prior.precision
-            tensors = {n: (mean[n].to(ref), prec[n].to(ref)) for n in prior.names}
+        tensors = self._prior_tensors(ref, prior)
         total = torch.zeros((), dtype=ref.dtype, device=ref.device)
         for path in paths:
             layer = layers[path]
             for name, (_, mu, lv) in zip(_layer_names(path, layer), layer.variational_params()):
-                pm, pp = tensors[name]
+                pm, pp, _ = tensors[name]
                 total = total + diag_gaussian_kl(mu, lv, pm, pp)
         return total
 
@@ -293,19 +311,28 @@ class VCLCallback(PosteriorCallback):
                 touched.update(_layer_names(p, layers[p]))
         if not paths:
             return None
-        with torch.enable_grad():
-            kl = self.kl(pl_module, paths, prior)
+        tensors = self._prior_tensors(next(iter(layers.values())).weight_mu, prior)
+        kl = 0.0
+        with torch.no_grad():
+            for p in paths:
+                for name, (_, mu, lv) in zip(_layer_names(p, layers[p]), layers[p].variational_params()):
+                    pm, pp, const = tensors[name]
+                    diff, var = mu - pm, lv.exp()
+                    # KL = ½ [Σ λ_p (e^ℓ + (μ − μ_p)²) − Σ ℓ] + const, const = −½ Σ (1 + log λ_p)
+                    kl = kl + 0.5 * (torch.dot(pp.reshape(-1), (var + diff * diff).reshape(-1)) - lv.sum()) + const
+                    for param in (mu, lv):
+                        if param.grad is None:
+                            param.grad = torch.zeros_like(param)
+                    mu.grad.addcmul_(pp, diff, value=scale)  # ∇_μ = λ_p (μ − μ_p)
+                    lv.grad.addcmul_(pp, var, value=0.5 * scale).sub_(0.5 * scale)  # ∇_ℓ = ½ (λ_p e^ℓ − 1)
             if not bool(torch.isfinite(kl)):
                 bad = [n for p in paths for n, (_, mu, lv) in zip(_layer_names(p, layers[p]),
                                                                     layers[p].variational_params())
                        if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(lv).all()))]
-                raise ValueError(f"the VCL KL term is not finite ({float(kl.detach())}); non-finite variational parameters: "
+                raise ValueError(f"the VCL KL term is not finite ({float(kl)}); non-finite variational parameters: "
                                  f"{bad or 'none (overflow in exp(logvar))'}. The posterior of the last finished "
                                  "task is kept (callback.posterior(); apply_posterior() loads it into the layers).")
-            params = [t for p in paths for _, mu, lv in layers[p].variational_params() for t in (mu, lv)]
-            grads = torch.autograd.grad(kl, params)
-        add_scaled_grads(dict(enumerate(params)), dict(enumerate(grads)), scale)
-        return kl.detach()
+        return kl
 
     @torch.no_grad()
     def add_prior_grad(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> Tensor | None:
@@ -453,7 +480,8 @@ class VCLCallback(PosteriorCallback):
         convert(pl_module, self.logvar_init, include=self._include)
         enable_predictive(pl_module, self.test_samples)
         if self.train_samples > 1 and not hasattr(pl_module.training_step, _WRAP_ATTR):
-            pl_module.training_step = _mc_training_step(pl_module.training_step, self.train_samples)
+            pl_module.training_step = _mc_training_step(pl_module.training_step, self.train_samples, pl_module,
+                                                        self.vectorize_samples)
         self.ensure_server(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
