@@ -349,6 +349,10 @@ def tiled(module: nn.Module, batch: object, samples: int):
     layer computes its output mean and variance once, on ``B`` rows (``_untile``); only the noise and the layers
     after it see ``k·B`` rows, in one call each instead of ``k``.
     """
+    check_positive_int(samples, "samples")
+    if samples == 1:
+        yield batch
+        return
     layers = list(variational_layers(module).values())
     for layer in layers:
         layer.tiles = samples

@@ -268,6 +268,43 @@ def test_coreset_held_out_finetuned_for_test_and_restored():
         cb.prepare_task_data(torch.utils.data.Subset(s[1].train, range(8)))
 
 
+def test_coreset_per_task_finetunes_each_task_on_its_own_coreset():
+    s = _stream(n_train=48, num_tasks=2)
+    module = _module(num_tasks=2)
+    cb = VCLCallback(ml_init=False, coreset_size=8, coreset_epochs=2, test_samples=2, coreset_per_task=True)
+    for t in s:
+        _fit_task(cb, module, t)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    calls, seen = [], {}
+    finetune = cb.coreset_finetune
+
+    def recording(pl_module, tasks=None):
+        calls.append(tasks)
+        return finetune(pl_module, tasks)
+
+    cb.coreset_finetune = recording
+
+    class Probe(pl.Callback):
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen.setdefault(dataloader_idx, pl_module.model.trunk[1].weight_mu.detach().clone())
+
+    _trainer(cb, 1, extra=[Probe()]).test(module, [t.test_dataloader() for t in s], verbose=False)
+    assert calls == [[0], [1]]  # once per task (two test batches each), on that task's coreset only
+    # the copy used for task 1 is fine-tuned from the pre-coreset posterior, not from task 0's fine-tune
+    cb.coreset_finetune = finetune
+    finetune(module, [1])
+    assert torch.allclose(module.model.trunk[1].weight_mu, seen[1])
+    cb.restore_pre_coreset(module)
+    for n, p in module.named_parameters():
+        assert torch.equal(p, before[n]), n
+    # batches without task ids cannot say which coreset to use
+    plain = DataLoader(torch.utils.data.TensorDataset(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="coreset_per_task=True .* must be \\(x, y, task_id\\)"):
+        _trainer(cb, 1).test(module, plain, verbose=False)
+    for n, p in module.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     s = _stream(n_train=48)
 

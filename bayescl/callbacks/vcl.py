@@ -36,9 +36,12 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
 * **Coresets** (``coreset_size > 0``): :meth:`prepare_task_data` splits a task's dataset into
   ``(train_without_coreset, coreset)``, keeps the coreset and returns the rest to train on (as in the paper the
   coreset is held out). Before ``trainer.test`` / ``trainer.predict`` the variational parameters are fine-tuned on
-  the union of the coresets (``coreset_epochs`` epochs of Adam, cross-entropy on the module's logits plus
+  the union of the coresets (``coreset_epochs`` epochs of Adam, ``train_samples`` samples per step,
+  cross-entropy on the module's logits plus
   ``KL(q || q̃)/|C|`` to the pre-coreset posterior ``q̃``) and used for prediction only; at the end of the test the
   pre-coreset parameters are restored, nothing is carried forward. Validation inside ``fit`` uses ``q̃``.
+  ``coreset_per_task=True`` (the paper's multi-head protocol) instead fine-tunes a fresh copy of ``q̃`` on each
+  task's own coreset, before the first test batch of that task (by the batch's ``task_id``).
 
 Checkpoints hold the server (tensors), the coresets and the bookkeeping (``tasks_seen``, whether a task is open,
 which layers it has touched); the layers' parameters are in the module's ``state_dict``. Resuming mid-task with
@@ -76,7 +79,7 @@ from ..variational import (
     tiled,
     variational_layers,
 )
-from .base import PosteriorCallback, add_scaled_grads
+from .base import PosteriorCallback
 
 _WRAP_ATTR = "_bayescl_mc_wrapped"
 
@@ -150,6 +153,10 @@ class VCLCallback(PosteriorCallback):
         coreset_size: examples kept per task (0: no coreset).
         coreset_method: ``"random"`` or ``"kcenter"``.
         coreset_epochs, coreset_batch_size, coreset_lr: the fine-tune on the coresets before testing.
+        coreset_per_task: fine-tune a fresh copy on each task's own coreset before predicting that task's test
+            batches (read from the batch's ``task_id``; the paper's multi-head protocol), instead of once on the
+            union of the coresets. A batch mixing tasks gets the union; a task without a coreset the
+            pre-coreset posterior.
         params: regular expressions (``re.search`` on logical names such as ``model.trunk.1.weight``) selecting
             the layers to make variational; ``None`` = every Linear/Conv2d.
         auto_end_task: close the task at the end of every ``fit`` (else call :meth:`end_task`).
@@ -175,6 +182,7 @@ class VCLCallback(PosteriorCallback):
         coreset_epochs: int = 5,
         coreset_batch_size: int = 64,
         coreset_lr: float = 1e-3,
+        coreset_per_task: bool = False,
         params: Sequence[str] | None = None,
         auto_end_task: bool = True,
         seed: int = 0,
@@ -197,6 +205,7 @@ class VCLCallback(PosteriorCallback):
         self.coreset_epochs = check_positive_int(coreset_epochs, "coreset_epochs", allow_zero=True)
         self.coreset_batch_size = check_positive_int(coreset_batch_size, "coreset_batch_size")
         self.coreset_lr = check_real(coreset_lr, "coreset_lr", low=0.0, low_open=True)
+        self.coreset_per_task = bool(coreset_per_task)
         self.auto_end_task = bool(auto_end_task)
         self.seed = int(seed)
         self.coreset_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
@@ -205,6 +214,7 @@ class VCLCallback(PosteriorCallback):
         self.task_open = False
         self._touched: set[str] = set()
         self._backup: dict[str, Tensor] | None = None
+        self._finetuned_for: int | str | None = None  # the task (or "union") the layers are fine-tuned for
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ------------------------------------------------------------------ layers and names
@@ -398,6 +408,7 @@ class VCLCallback(PosteriorCallback):
     def reset(self) -> None:
         super().reset()
         self.coresets, self.task_open, self._touched, self._backup = {}, False, set(), None
+        self._finetuned_for = None
 
     # ------------------------------------------------------------------ coresets
     def prepare_task_data(self, dataset: Dataset, task: int | None = None) -> Dataset:
@@ -415,11 +426,12 @@ class VCLCallback(PosteriorCallback):
         self.coresets[t] = tuple(x.detach().cpu().clone() for x in stack_dataset(core))
         return train
 
-    def coreset_dataset(self) -> TensorDataset | None:
-        """The union of the stored coresets (``None`` if there is none)."""
-        if not self.coresets:
+    def coreset_dataset(self, tasks: Sequence[int] | None = None) -> TensorDataset | None:
+        """The union of the stored coresets, or of those of ``tasks`` (``None`` if there is none)."""
+        keys = sorted(self.coresets) if tasks is None else sorted(t for t in tasks if t in self.coresets)
+        if not keys:
             return None
-        parts = [self.coresets[t] for t in sorted(self.coresets)]
+        parts = [self.coresets[t] for t in keys]
         if len({len(p) for p in parts}) != 1:
             raise ValueError("the coresets of different tasks have items of different lengths; use one batch "
                              "convention ((x, y) or (x, y, task_id)) for the whole stream.")
@@ -429,12 +441,16 @@ class VCLCallback(PosteriorCallback):
         return {f"{path}.{k}_{s}": t for path, layer in self.layers(pl_module).items()
                 for k, mu, lv in layer.variational_params() for s, t in (("mu", mu), ("logvar", lv))}
 
-    def coreset_finetune(self, pl_module: nn.Module) -> bool:
+    def coreset_finetune(self, pl_module: nn.Module, tasks: Sequence[int] | None = None) -> bool:
         """Back up the variational parameters and fine-tune them on the coresets (prediction only).
+
+        Args:
+            pl_module: the module whose variational layers are fine-tuned.
+            tasks: fine-tune on these tasks' coresets only (default: all of them).
 
         Returns ``False`` (nothing done) without coresets. :meth:`restore_pre_coreset` undoes it.
         """
-        data = self.coreset_dataset()
+        data = self.coreset_dataset(tasks)
         if data is None or self.coreset_epochs == 0 or self._backup is not None:
             return False
         with torch.inference_mode(False), torch.enable_grad():
@@ -456,7 +472,8 @@ class VCLCallback(PosteriorCallback):
                             inputs, y = split_batch(batch)
                             inputs, y = move_inputs(inputs, y, device)
                             opt.zero_grad(set_to_none=True)
-                            self.coreset_loss(pl_module(*inputs), y).backward()
+                            with tiled(pl_module, (inputs, y), self.train_samples) as (inputs, y):
+                                self.coreset_loss(pl_module(*inputs), y).backward()
                             self._add_kl_grad(pl_module, scale, prior=prior)
                             opt.step()
             finally:
@@ -466,8 +483,30 @@ class VCLCallback(PosteriorCallback):
                     layer.stochastic = stochastic.get(p, True)
         return True
 
+    def _coreset_tasks_of(self, task_id: int) -> list[int]:
+        """The coresets whose stored task ids contain ``task_id``."""
+        return [t for t, c in sorted(self.coresets.items()) if len(c) == 3 and bool((c[2] == task_id).any())]
+
+    def _finetune_for_batch(self, pl_module: nn.Module, batch: Any) -> None:
+        """``coreset_per_task``: make the layers the fine-tune on the coreset of the batch's task (cached)."""
+        inputs, _ = split_batch(batch)
+        if len(inputs) < 2:
+            raise ValueError("coreset_per_task=True fine-tunes on the coreset of each test batch's task, so test "
+                             "batches must be (x, y, task_id); got (x, y). Use coreset_per_task=False to "
+                             "fine-tune once on the union of the coresets.")
+        ids = torch.as_tensor(inputs[1]).reshape(-1).unique()
+        key: int | str = int(ids[0]) if ids.numel() == 1 else "union"
+        if key == self._finetuned_for and self._backup is not None:
+            return
+        self.restore_pre_coreset(pl_module)
+        tasks = None if key == "union" else self._coreset_tasks_of(int(key))
+        if tasks != []:  # a task without a coreset is predicted by the pre-coreset posterior
+            self.coreset_finetune(pl_module, tasks)
+        self._finetuned_for = key
+
     def restore_pre_coreset(self, pl_module: nn.Module) -> None:
         """Put back the parameters saved by :meth:`coreset_finetune` (no-op if none)."""
+        self._finetuned_for = None
         if self._backup is None:
             return
         with torch.inference_mode(False), torch.no_grad():
@@ -510,9 +549,13 @@ class VCLCallback(PosteriorCallback):
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.coreset_per_task and self.coresets:
+            self._finetune_for_batch(pl_module, batch)
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.coreset_per_task and self.coresets:
+            self._finetune_for_batch(pl_module, batch)
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -526,13 +569,15 @@ class VCLCallback(PosteriorCallback):
             self.end_task(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.coreset_finetune(pl_module)
+        if not self.coreset_per_task:
+            self.coreset_finetune(pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_pre_coreset(pl_module)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.coreset_finetune(pl_module)
+        if not self.coreset_per_task:
+            self.coreset_finetune(pl_module)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_pre_coreset(pl_module)
