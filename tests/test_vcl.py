@@ -311,7 +311,7 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     def run(stop_in_task=None, ckpt_path=None, tag="full"):
         torch.manual_seed(0)
         module = _module()
-        cb = VCLCallback(ml_init=True, ml_epochs=1, coreset_size=4, test_samples=2)
+        cb = VCLCallback(ml_init=True, ml_epochs=1, coreset_size=4, test_samples=2, train_samples=2)
         for i, task in enumerate(s):
             if ckpt_path is not None and i < 1:
                 continue
@@ -346,6 +346,7 @@ def test_recipes_build_the_callback(name):
 
     (cb,) = load_recipe(name).build_callbacks()
     assert isinstance(cb, VCLCallback) and cb.prior_precision == 1.0
-    assert cb.logvar_init == (-6.0 if name == "vcl-coreset" else -8.0)  # the sweep's choices, see the recipes
+    assert cb.logvar_init == (-5.0 if name == "vcl-coreset" else -8.0)  # the sweep's choices, see the recipes
     assert cb.coreset_size == (40 if name == "vcl-coreset" else 0)
+    assert cb.train_samples == 10 and cb.vectorize_samples  # the paper's samples, in one pass
 
