@@ -45,7 +45,9 @@ after_backward → before_update → optimizer.step``):
   (``enable_predictive``), so Avalanche's metrics and loss see the MC-averaged prediction; the noise is seeded
   per evaluated experience.
 
-Not supported by ``VCLPlugin`` yet (``ValueError``): coresets (``coreset_size > 0``) and ``train_samples > 1``.
+Not supported by ``VCLPlugin`` yet (``ValueError``): coresets (``coreset_size > 0``) and
+``vectorize_samples=False``; ``train_samples = k > 1`` repeats the minibatch ``k`` times in ``before_forward`` (one
+pass, :func:`bayescl.variational.tiled`), so Avalanche's criterion averages the ``k`` samples.
 Heads must not grow after conversion (an ``IncrementalClassifier`` growing a converted layer fails): give each
 head its final size (``MultiHeadClassifier`` heads for task-incremental benchmarks do not grow).
 
@@ -88,7 +90,7 @@ from .callbacks.base import PosteriorCallback
 from .callbacks.laplace import LaplaceCallback
 from .callbacks.vcl import VCLCallback
 from .data import Task, TaskStream
-from .variational import convert, enable_predictive, set_stochastic
+from .variational import convert, enable_predictive, is_stochastic, set_stochastic, set_tiles, tile_batch
 
 __all__ = [
     "ExperienceBatches",
@@ -247,12 +249,12 @@ class VCLPlugin(PosteriorPlugin):
 
     Args:
         callback: an existing ``VCLCallback`` to drive instead of building one (then give no other argument).
-        **kwargs: the ``VCLCallback`` arguments (``prior_precision``, ``logvar_init``, ``test_samples``,
-            ``ml_init``, ``ml_epochs``, ``params``, ``seed``); parameter names are the model's logical names
-            (``trunk.1.weight`` for the layer ``trunk.1``).
+        **kwargs: the ``VCLCallback`` arguments (``prior_precision``, ``logvar_init``, ``train_samples``,
+            ``test_samples``, ``ml_init``, ``ml_epochs``, ``params``, ``seed``); parameter names are the model's
+            logical names (``trunk.1.weight`` for the layer ``trunk.1``).
 
     Raises:
-        ValueError: ``coreset_size > 0`` or ``train_samples > 1`` (not supported by VCLPlugin yet), or
+        ValueError: ``coreset_size > 0`` or ``vectorize_samples=False`` (not supported by VCLPlugin yet), or
             Lightning-only arguments.
     """
 
@@ -270,9 +272,10 @@ class VCLPlugin(PosteriorPlugin):
         if callback.coreset_size > 0:
             raise ValueError(f"coreset_size={callback.coreset_size}: coresets are not supported by VCLPlugin yet; "
                              "use coreset_size=0 (or the Lightning VCLCallback).")
-        if callback.train_samples > 1:
-            raise ValueError(f"train_samples={callback.train_samples}: several training samples per step are not "
-                             "supported by VCLPlugin yet; use train_samples=1.")
+        if callback.train_samples > 1 and not callback.vectorize_samples:
+            raise ValueError("vectorize_samples=False (one training pass per sample) is not supported by VCLPlugin "
+                             "yet; use vectorize_samples=True, which runs the samples as one pass over the "
+                             "repeated minibatch.")
         super().__init__(callback)
 
     @staticmethod
@@ -315,6 +318,15 @@ class VCLPlugin(PosteriorPlugin):
         clock = strategy.clock
         self.callback.seed_noise(strategy.model, 0, self.callback.tasks_seen, int(clock.train_exp_epochs),
                                  int(clock.train_epoch_iterations))
+
+    def before_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        k = self.callback.train_samples
+        if k > 1 and is_stochastic(strategy.model):  # k samples in one pass over the repeated minibatch
+            strategy.mbatch = tile_batch(list(strategy.mbatch), k)
+            set_tiles(strategy.model, k)
+
+    def after_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        set_tiles(strategy.model, 1)
 
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         self.callback.add_prior_grad(strategy.model, self._epoch(strategy))

@@ -326,16 +326,29 @@ def set_generator(module: nn.Module, generator: torch.Generator | None) -> None:
         layer.generator = generator
 
 
-def _tile(t: object, k: int) -> object:
-    if isinstance(t, Tensor) and t.dim() > 0:
-        return t.repeat(k, *([1] * (t.dim() - 1)))
-    if isinstance(t, (list, tuple)) and not hasattr(t, "_fields"):
-        return type(t)(_tile(v, k) for v in t)
-    if isinstance(t, tuple):  # a namedtuple
-        return type(t)(*(_tile(v, k) for v in t))
-    if isinstance(t, dict):
-        return type(t)((key, _tile(v, k)) for key, v in t.items())
-    return t
+def tile_batch(batch: object, k: int) -> object:
+    """``batch`` with every tensor of dimension >= 1 (also inside tuples, lists and dicts) repeated ``k`` times
+    along dim 0; anything else is left as it is.
+
+    (``torch.cat``: ``Tensor.repeat`` is several times slower on image batches.)
+    """
+    if isinstance(batch, Tensor) and batch.dim() > 0:
+        return torch.cat([batch] * k)
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(tile_batch(v, k) for v in batch)
+    if isinstance(batch, tuple):  # a namedtuple
+        return type(batch)(*(tile_batch(v, k) for v in batch))
+    if isinstance(batch, dict):
+        return type(batch)((key, tile_batch(v, k)) for key, v in batch.items())
+    return batch
+
+
+def set_tiles(module: nn.Module, samples: int) -> None:
+    """Tell the variational layers of ``module`` that their batches hold ``samples`` copies of one batch (see
+    :func:`tiled`; ``1``: plain batches)."""
+    check_positive_int(samples, "samples")
+    for layer in variational_layers(module).values():
+        layer.tiles = samples
 
 
 @contextmanager
@@ -353,14 +366,11 @@ def tiled(module: nn.Module, batch: object, samples: int):
     if samples == 1:
         yield batch
         return
-    layers = list(variational_layers(module).values())
-    for layer in layers:
-        layer.tiles = samples
+    set_tiles(module, samples)
     try:
-        yield _tile(batch, samples)
+        yield tile_batch(batch, samples)
     finally:
-        for layer in layers:
-            layer.tiles = 1
+        set_tiles(module, 1)
 
 
 def is_stochastic(module: nn.Module) -> bool:

@@ -186,7 +186,7 @@ def test_vcl_plugin_checks_arguments():
     with pytest.raises(ValueError, match="not supported by VCLPlugin yet"):
         VCLPlugin(callback=VCLCallback(coreset_size=5))
     with pytest.raises(ValueError, match="not supported by VCLPlugin yet"):
-        VCLPlugin(train_samples=2)
+        VCLPlugin(train_samples=2, vectorize_samples=False)
     with pytest.raises(ValueError, match="not both"):
         VCLPlugin(callback=VCLCallback(), test_samples=2)
     with pytest.raises(ValueError, match="Lightning-only"):
@@ -240,6 +240,32 @@ def test_vcl_plugin_multihead_two_experiences_sites_layers_optimizer_and_eval():
     x = bm.test_stream[0].dataset[0][0].unsqueeze(0)
     out = model(x, torch.zeros(1, dtype=torch.long))
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(1))
+
+
+def test_vcl_plugin_train_samples_repeat_the_minibatch_in_one_pass():
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    model = TinyMT()
+    plugin = VCLPlugin(test_samples=2, train_samples=3, ml_init=True, ml_epochs=1)
+    rows, losses = [], []
+
+    class Probe(SupervisedPlugin):
+        def after_forward(self, strategy, *args, **kwargs):
+            rows.append((len(strategy.mb_x), len(strategy.mb_y), len(strategy.mb_output)))
+
+        def before_backward(self, strategy, *args, **kwargs):
+            losses.append(float(strategy.loss))
+
+    strategy = naive(model, [plugin, Probe()], epochs=2)
+    strategy.train(bm.train_stream[0])
+    steps = len(rows) // 2
+    # epoch 0: the deterministic maximum-likelihood fit, plain minibatches; epoch 1: three samples per row
+    assert [r[0] for r in rows[:steps]] == [r[0] // 3 for r in rows[steps:]]
+    assert all(a == b == c for a, b, c in rows) and all(torch.isfinite(torch.tensor(losses)))
+    from bayescl.variational import variational_layers
+
+    assert all(layer.tiles == 1 for layer in variational_layers(model).values())
+    assert plugin.server.names == ("task-0",)
 
 
 def test_vcl_plugin_adds_the_kl_gradient_in_before_update():
