@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,17 @@ import yaml
 
 #: ``avalanche`` describes a baseline run through Avalanche itself (benchmarks/avalanche_compare.py), not the harness.
 ALLOWED_KEYS = {"name", "description", "callbacks", "trainer", "data", "module", "avalanche"}
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 rules want ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def recipe_dirs() -> list[Path]:
@@ -96,7 +108,7 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
                 f"{', '.join(available_recipes()) or '(none found)'} or a path to a .yaml file."
             )
         path = found[0]
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = yaml.load(path.read_text(), Loader=_Loader) or {}
     if not isinstance(doc, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping, got {type(doc).__name__}.")
     unknown = set(doc) - ALLOWED_KEYS

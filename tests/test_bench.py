@@ -56,6 +56,15 @@ def test_bad_recipe_file(tmp_path):
         load_recipe(p).build_callbacks()
 
 
+def test_recipe_reads_exponent_floats(tmp_path):
+    p = tmp_path / "vcl-lr.yaml"
+    p.write_text("name: vcl-lr\ncallbacks:\n  - class_path: bayescl.VCLCallback\n    init_args:\n"
+                 "      coreset_lr: 3e-3\n      logvar_init: -1E+1\n      prior_precision: 1.5e0\n"
+                 "      seed: 7\n")
+    (cb,) = load_recipe(p).build_callbacks()
+    assert cb.coreset_lr == 3e-3 and cb.logvar_init == -10.0 and cb.prior_precision == 1.5 and cb.seed == 7
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
