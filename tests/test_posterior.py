@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from bayescl.posterior import DiagGaussian
+from bayescl.posterior import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
 
 DT = torch.float64
 SHAPES = {"a": (3,), "b": (2, 2)}
@@ -58,6 +58,24 @@ def test_kl_log_prob_against_torch_distributions() -> None:
     assert q1.kl(q2).item() == pytest.approx(kl_divergence(mvn(q1), mvn(q2)).item(), rel=1e-12)
     theta = {n: torch.full(s, 0.3, dtype=DT) for n, s in SHAPES.items()}
     assert q1.log_prob(theta).item() == pytest.approx(mvn(q1).log_prob(flat(theta)).item(), rel=1e-12)
+
+
+def test_closed_form_kl_gradient_matches_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    mu, lv = torch.randn(4, 3, dtype=DT, generator=g), torch.randn(4, 3, dtype=DT, generator=g) - 2
+    pm, pp = torch.randn(4, 3, dtype=DT, generator=g), torch.rand(4, 3, dtype=DT, generator=g) * 5 + 0.1
+    mu, lv = mu.requires_grad_(), lv.requires_grad_()
+    ref = diag_gaussian_kl(mu, lv, pm, pp)
+    gm, gl = torch.autograd.grad(ref, (mu, lv))
+    mu.grad = torch.ones_like(mu)  # an existing data gradient is added to
+    kl = add_diag_gaussian_kl_grad_(mu, lv, pm, pp, scale=0.25)
+    assert lv.grad is not None
+    torch.testing.assert_close(kl, ref.detach())
+    torch.testing.assert_close(mu.grad, 1 + 0.25 * gm)
+    torch.testing.assert_close(lv.grad, 0.25 * gl)
+    kl2 = add_diag_gaussian_kl_grad_(mu, lv, pm, pp, log_precision_sum=torch.log(pp).sum())
+    torch.testing.assert_close(kl2, ref.detach())
+    torch.testing.assert_close(lv.grad, 1.25 * gl)
 
 
 def test_kl_monte_carlo_and_sample_moments() -> None:

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from .._checks import as_enum, check_positive_int, check_real
 from ..coresets import CoresetMethod
-from ..posterior import DiagGaussian, diag_gaussian_kl
+from ..posterior import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
 from ..variational import (
     BayesLayer,
     convert,
@@ -285,13 +285,13 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
 
     # ------------------------------------------------------------------ the KL term
     def _prior_tensors(self, ref: Tensor, prior: DiagGaussian | None = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """``name -> (mean, precision, −½ Σ (1 + log precision))`` of ``prior`` (default: the posterior) on
-        ``ref``'s device and dtype, cached for the last Gaussian asked for."""
+        """``name -> (mean, precision, Σ log precision)`` of ``prior`` (default: the posterior) on ``ref``'s device
+        and dtype, cached for the last Gaussian asked for."""
         q = self.posterior() if prior is None else prior
         if self._grad_cache is None or self._grad_cache[0] is not q:
             mean, prec = q.mean, q.precision
-            self._grad_cache = (q, {n: (mean[n].to(ref), prec[n].to(ref),
-                                        -0.5 * (1.0 + torch.log(prec[n].to(ref))).sum()) for n in q.names})
+            self._grad_cache = (q, {n: (mean[n].to(ref), prec[n].to(ref), torch.log(prec[n].to(ref)).sum())
+                                    for n in q.names})
         return self._grad_cache[1]
 
     def kl(self, pl_module: nn.Module, paths: Sequence[str] | None = None,
@@ -324,15 +324,8 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         with torch.no_grad():
             for p in paths:
                 for name, (_, mu, lv) in zip(_layer_names(p, layers[p]), layers[p].variational_params()):
-                    pm, pp, const = tensors[name]
-                    diff, var = mu - pm, lv.exp()
-                    # KL = ½ [Σ λ_p (e^ℓ + (μ − μ_p)²) − Σ ℓ] + const, const = −½ Σ (1 + log λ_p)
-                    kl = kl + 0.5 * (torch.dot(pp.reshape(-1), (var + diff * diff).reshape(-1)) - lv.sum()) + const
-                    for param in (mu, lv):
-                        if param.grad is None:
-                            param.grad = torch.zeros_like(param)
-                    mu.grad.addcmul_(pp, diff, value=scale)  # ∇_μ = λ_p (μ − μ_p)
-                    lv.grad.addcmul_(pp, var, value=0.5 * scale).sub_(0.5 * scale)  # ∇_ℓ = ½ (λ_p e^ℓ − 1)
+                    pm, pp, log_pp = tensors[name]
+                    kl = kl + add_diag_gaussian_kl_grad_(mu, lv, pm, pp, scale, log_pp)
             if not bool(torch.isfinite(kl)):
                 bad = [n for p in paths for n, (_, mu, lv) in zip(_layer_names(p, layers[p]),
                                                                     layers[p].variational_params())
