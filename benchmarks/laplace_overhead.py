@@ -76,12 +76,18 @@ def one_round(name, kwargs, stream, batch_size):
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def overhead_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options the step-time benchmarks share (this one and vcl_overhead.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--root", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/laplace_overhead")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = overhead_parser(__doc__, "benchmarks/results/laplace_overhead")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="methods to time (naive is always included: the ratios divide by it)")
     args = ap.parse_args(argv)

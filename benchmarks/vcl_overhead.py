@@ -11,7 +11,6 @@ passes (``vectorize_samples=False``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from laplace_overhead import StepTimer, trainer
+from laplace_overhead import StepTimer, overhead_parser, trainer
 
 from bayescl import ClassifierModule, MultiHeadMLP, VCLCallback, make_stream
 
@@ -49,11 +48,7 @@ def one_round(samples, stream, batch_size):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=None)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/vcl_overhead")
+    ap = overhead_parser(__doc__, "benchmarks/results/vcl_overhead")
     args = ap.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
