@@ -1,28 +1,94 @@
-"""bayescl: Bayesian continual learning for PyTorch Lightning."""
+"""bayescl: Bayesian continual learning for PyTorch Lightning.
 
-from .callbacks.laplace import LaplaceCallback, Structure
-from .callbacks.vcl import VCLCallback
-from .coresets import split_coreset
-from .data import Scenario, Task, TaskStream, make_stream, permuted_stream, split_stream, synthetic_stream
-from .kron import KronGaussian
-from .metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
-from .models import MLP, MultiHeadMLP, SmallCNN
-from .module import ClassifierModule
-from .posterior import DiagGaussian
-from .sites import PosteriorServer
-from .strategy import PosteriorServerStrategy
+The package is laid out by layer, arrows pointing down only (``docs/design.md``)::
 
-__all__ = [
+    harness     bayescl.harness      benchmark runner, report, CLI, recipes, data, reference models and module
+    adapters    bayescl.lightning    callbacks and the posterior-server Strategy;  bayescl.avalanche: plugins
+    methods     bayescl.methods      variational layers, coresets, predictive, marglik, uncertainty
+    core        bayescl.gaussian     Gaussians, the posterior server, the prior gradient
+                bayescl.curvature    diagonal Fisher, KFAC, Laplace sites
+
+Every public name is imported on first use, so ``import bayescl`` (and ``bayescl --help``) stays fast and an
+optional extra (Avalanche, curvlinops) is needed only by what uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the module that defines it
+_NAMES: dict[str, str] = {
     # callbacks
-    "LaplaceCallback", "Structure", "VCLCallback", "split_coreset",
+    "LaplaceCallback": "bayescl.lightning.laplace", "Structure": "bayescl.lightning.laplace",
+    "VCLCallback": "bayescl.lightning.vcl", "split_coreset": "bayescl.methods.coresets",
     # distributed training (a Lightning Strategy)
-    "PosteriorServerStrategy",
+    "PosteriorServerStrategy": "bayescl.lightning.strategy",
     # posterior core
-    "DiagGaussian", "KronGaussian", "PosteriorServer",
+    "DiagGaussian": "bayescl.gaussian.diag", "KronGaussian": "bayescl.gaussian.kron",
+    "PosteriorServer": "bayescl.gaussian.server",
     # data
-    "Scenario", "Task", "TaskStream", "make_stream", "permuted_stream", "split_stream", "synthetic_stream",
+    **dict.fromkeys(["Scenario", "Task", "TaskStream", "make_stream", "permuted_stream", "split_stream",
+                     "synthetic_stream"], "bayescl.harness.data"),
     # metrics
-    "AccuracyMatrix", "average_accuracy", "backward_transfer", "forgetting",
+    **dict.fromkeys(["AccuracyMatrix", "average_accuracy", "backward_transfer", "forgetting"],
+                    "bayescl.harness.metrics"),
     # reference models
-    "MLP", "MultiHeadMLP", "SmallCNN", "ClassifierModule",
-]
+    "MLP": "bayescl.harness.models", "MultiHeadMLP": "bayescl.harness.models", "SmallCNN": "bayescl.harness.models",
+    "ClassifierModule": "bayescl.harness.module",
+}
+#: submodules users are told to call as ``bayescl.<name>``
+_MODULES: dict[str, str] = {
+    "avalanche": "bayescl.avalanche",  # needs the [avalanche] extra
+    "predictive": "bayescl.methods.predictive",
+    "uncertainty": "bayescl.methods.uncertainty",
+    "marglik": "bayescl.methods.marglik",
+    "variational": "bayescl.methods.variational",
+    "coresets": "bayescl.methods.coresets",
+    "curvature": "bayescl.curvature",
+    "gaussian": "bayescl.gaussian",
+    "lightning": "bayescl.lightning",
+    "methods": "bayescl.methods",
+    "harness": "bayescl.harness",
+}
+
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'bayescl' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES) | set(_MODULES))
+
+
+if TYPE_CHECKING:  # the static view of the lazy names above
+    from bayescl import avalanche, curvature, gaussian, harness, lightning, methods
+    from bayescl.gaussian.diag import DiagGaussian
+    from bayescl.gaussian.kron import KronGaussian
+    from bayescl.gaussian.server import PosteriorServer
+    from bayescl.harness.data import (
+        Scenario,
+        Task,
+        TaskStream,
+        make_stream,
+        permuted_stream,
+        split_stream,
+        synthetic_stream,
+    )
+    from bayescl.harness.metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
+    from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
+    from bayescl.harness.module import ClassifierModule
+    from bayescl.lightning.laplace import LaplaceCallback, Structure
+    from bayescl.lightning.strategy import PosteriorServerStrategy
+    from bayescl.lightning.vcl import VCLCallback
+    from bayescl.methods import coresets, marglik, predictive, uncertainty, variational
+    from bayescl.methods.coresets import split_coreset

@@ -1,7 +1,7 @@
 r"""Avalanche integration, both ways (``pip install "bayescl[avalanche]"``, Avalanche 0.6).
 
 **bayescl inside an Avalanche strategy.** :class:`LaplacePlugin` is a ``SupervisedPlugin`` that holds a
-:class:`~bayescl.callbacks.laplace.LaplaceCallback` and drives it from Avalanche's hooks; the maths is the
+:class:`~bayescl.lightning.laplace.LaplaceCallback` and drives it from Avalanche's hooks; the maths is the
 callback's, not a second implementation::
 
     from avalanche.training import Naive
@@ -24,7 +24,7 @@ after_backward → before_update → optimizer.step``):
   Avalanche ``MultiTaskModule`` (called as ``model(x, task_labels)``), ``(x, y)`` for a single-head model.
   A batch that mixes task labels is split per label, so each head is called on whole sub-batches.
 
-**VCL.** :class:`VCLPlugin` drives a :class:`~bayescl.callbacks.vcl.VCLCallback` the same way:
+**VCL.** :class:`VCLPlugin` drives a :class:`~bayescl.lightning.vcl.VCLCallback` the same way:
 
 * ``before_training_exp``: ``convert`` swaps the model's ``nn.Linear`` / ``nn.Conv2d`` for mean-field Gaussian
   layers (idempotent; heads a ``MultiHeadClassifier`` grew for this experience are converted here). When that
@@ -47,7 +47,7 @@ after_backward → before_update → optimizer.step``):
 
 Not supported by ``VCLPlugin`` yet (``ValueError``): coresets (``coreset_size > 0``) and
 ``vectorize_samples=False``; ``train_samples = k > 1`` repeats the minibatch ``k`` times in ``before_forward`` (one
-pass, :func:`bayescl.variational.tiled`), so Avalanche's criterion averages the ``k`` samples.
+pass, :func:`bayescl.methods.variational.tiled`), so Avalanche's criterion averages the ``k`` samples.
 Heads must not grow after conversion (an ``IncrementalClassifier`` growing a converted layer fails): give each
 head its final size (``MultiHeadClassifier`` heads for task-incremental benchmarks do not grow).
 
@@ -57,7 +57,7 @@ strategy, ``EvaluationPlugin`` and loggers. ``supports_distributed = False``: th
 are not reduced across processes (not verified with Avalanche's distributed support).
 
 **Avalanche benchmarks in Lightning.** :func:`stream_from_benchmark` turns an Avalanche benchmark's train/test
-streams into a :class:`~bayescl.data.TaskStream` (one :class:`~bayescl.data.Task` per experience, batches
+streams into a :class:`~bayescl.harness.data.TaskStream` (one :class:`~bayescl.harness.data.Task` per experience, batches
 ``(x, y, task_id)`` for task-incremental benchmarks, ``(x, y)`` otherwise, task labels and label values kept),
 so a Lightning loop with the bayescl callbacks, or the benchmark harness, runs any Avalanche scenario.
 :func:`make_avalanche_stream` builds one from a spec such as ``"avalanche:SplitMNIST"``.
@@ -85,12 +85,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "bayescl.avalanche needs Avalanche (avalanche-lib >= 0.6): pip install 'bayescl[avalanche]'."
     ) from exc
 
-from ._checks import check_positive_int
-from .callbacks.base import PosteriorCallback
-from .callbacks.laplace import LaplaceCallback
-from .callbacks.vcl import VCLCallback
-from .data import Task, TaskStream
-from .variational import convert, enable_predictive, is_stochastic, set_stochastic, set_tiles, tile_batch
+from bayescl._checks import check_positive_int
+from bayescl.harness.data import Task, TaskStream
+from bayescl.lightning.base import PosteriorCallback
+from bayescl.lightning.laplace import LaplaceCallback
+from bayescl.lightning.vcl import VCLCallback
+from bayescl.methods.variational import (
+    convert,
+    enable_predictive,
+    is_stochastic,
+    set_stochastic,
+    set_tiles,
+    tile_batch,
+)
 
 __all__ = [
     "ExperienceBatches",
@@ -155,7 +162,7 @@ class ExperienceBatches:
 
 # --------------------------------------------------------------------------------------------------- plugins
 class PosteriorPlugin(SupervisedPlugin, supports_distributed=False):
-    """Drives a bayescl :class:`~bayescl.callbacks.base.PosteriorCallback` from Avalanche's hooks.
+    """Drives a bayescl :class:`~bayescl.lightning.base.PosteriorCallback` from Avalanche's hooks.
 
     Subclasses say how an experience ends (:meth:`after_training_exp`). The callback is public
     (:attr:`callback`): its posterior server, ``forget`` and ``reset`` work as in Lightning.
@@ -206,7 +213,7 @@ class LaplacePlugin(PosteriorPlugin):
     """Online Laplace (diagonal = online EWC with a Bayesian scale, or Kronecker-factored) for Avalanche.
 
     Args:
-        structure: ``"diag"`` or ``"kron"`` (see :class:`~bayescl.callbacks.laplace.LaplaceCallback`).
+        structure: ``"diag"`` or ``"kron"`` (see :class:`~bayescl.lightning.laplace.LaplaceCallback`).
         callback: an existing ``LaplaceCallback`` to drive instead of building one (then give no other
             callback argument).
         curvature_batch_size: batch size of the curvature pass (default: the strategy's ``train_mb_size``).
@@ -418,7 +425,7 @@ def stream_from_benchmark(
     train_stream: str = "train_stream",
     test_stream: str = "test_stream",
 ) -> TaskStream:
-    """A bayescl :class:`~bayescl.data.TaskStream` over an Avalanche benchmark (one task per experience).
+    """A bayescl :class:`~bayescl.harness.data.TaskStream` over an Avalanche benchmark (one task per experience).
 
     Args:
         benchmark: an Avalanche benchmark (``CLScenario``) with train and test streams of equal length.
@@ -506,7 +513,7 @@ def make_avalanche_stream(
     limit: int | None = None,
     materialize: bool = True,
 ) -> TaskStream:
-    """Build an Avalanche classic benchmark from a spec and return it as a :class:`~bayescl.data.TaskStream`.
+    """Build an Avalanche classic benchmark from a spec and return it as a :class:`~bayescl.harness.data.TaskStream`.
 
     ``spec`` is ``"avalanche:<Name>[:key=value,...]"``: ``<Name>`` a function of
     ``avalanche.benchmarks.classic``; the options (YAML values) are its keyword arguments, over the presets of
@@ -518,7 +525,7 @@ def make_avalanche_stream(
     """
     from avalanche.benchmarks import classic
 
-    from .data import data_root
+    from bayescl.harness.data import data_root
 
     name, options = _parse_spec(spec)
     factory = getattr(classic, name, None)

@@ -45,8 +45,8 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
 from bayescl.avalanche import LaplacePlugin
-from bayescl.metrics import summarize
-from bayescl.recipes import load_recipe
+from bayescl.harness.metrics import summarize
+from bayescl.harness.recipes import load_recipe
 
 SCENARIO = "split-mnist-task"
 

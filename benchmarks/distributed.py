@@ -8,7 +8,7 @@ fills the accuracy matrix.
 
 * ``ddp``: ``strategy="ddp"`` (gloo), plain fine-tuning (no continual-learning term): it all-reduces the
   gradients, ``P`` floats, at every optimizer step.
-* ``posterior_server``: :class:`bayescl.strategy.PosteriorServerStrategy`, ``sync_every=K``, damping 1/W, the
+* ``posterior_server``: :class:`bayescl.lightning.strategy.PosteriorServerStrategy`, ``sync_every=K``, damping 1/W, the
   next task starts from the previous task's (task, worker) sites (``prior=previous.server``): it all-reduces
   ``2P`` floats every ``K`` steps and all-gathers ``W x 2P`` floats once per task.
 * ``laplace_1proc``: the single-process ``LaplaceCallback`` (diag, mc Fisher) for reference.
@@ -46,9 +46,9 @@ def worker(cfg: dict, result_path: Path) -> None:
     from torch.utils.data import DataLoader
 
     from bayescl import ClassifierModule, MultiHeadMLP, make_stream
-    from bayescl.callbacks.laplace import LaplaceCallback
-    from bayescl.metrics import summarize
-    from bayescl.strategy import PosteriorServerStrategy
+    from bayescl.harness.metrics import summarize
+    from bayescl.lightning.laplace import LaplaceCallback
+    from bayescl.lightning.strategy import PosteriorServerStrategy
 
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):

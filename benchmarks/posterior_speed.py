@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayescl.curvature import diag_fisher, kfac, kfac_layers
-from bayescl.kron import KronGaussian
-from bayescl.models import MultiHeadMLP, SmallCNN
-from bayescl.posterior import DiagGaussian
+from bayescl._params import linear_layers
+from bayescl.curvature import diag_fisher, kfac
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+from bayescl.harness.models import MultiHeadMLP, SmallCNN
 
 TASKS = (1, 5, 20)
 _T0 = time.perf_counter()
@@ -97,7 +98,7 @@ RANK = 32
 def random_site(model: nn.Module, seed: int) -> KronGaussian:
     """A Kronecker site with random PSD factors (timing does not depend on the values)."""
     g = torch.Generator().manual_seed(seed)
-    layers = kfac_layers(model)
+    layers = linear_layers(model)
     named = dict(model.named_parameters())
     factors = {}
     for layer, (w, b) in layers.items():

@@ -176,7 +176,7 @@ def test_experience_batches_split_mixed_task_labels():
 
 # --------------------------------------------------------------------------------------------------- VCL plugin
 def test_vcl_plugin_checks_arguments():
-    from bayescl.callbacks.vcl import VCLCallback
+    from bayescl.lightning.vcl import VCLCallback
 
     p = VCLPlugin(test_samples=3)
     assert isinstance(p, SupervisedPlugin) and p.supports_distributed is False
@@ -200,7 +200,7 @@ def _optimized(strategy) -> set[int]:
 
 
 def test_vcl_plugin_multihead_two_experiences_sites_layers_optimizer_and_eval():
-    from bayescl.variational import BayesLinear, variational_layers
+    from bayescl.methods.variational import BayesLinear, variational_layers
 
     torch.manual_seed(0)
     bm = tiny_benchmark()
@@ -262,14 +262,14 @@ def test_vcl_plugin_train_samples_repeat_the_minibatch_in_one_pass():
     # epoch 0: the deterministic maximum-likelihood fit, plain minibatches; epoch 1: three samples per row
     assert [r[0] for r in rows[:steps]] == [r[0] // 3 for r in rows[steps:]]
     assert all(a == b == c for a, b, c in rows) and all(torch.isfinite(torch.tensor(losses)))
-    from bayescl.variational import variational_layers
+    from bayescl.methods.variational import variational_layers
 
     assert all(layer.tiles == 1 for layer in variational_layers(model).values())
     assert plugin.server.names == ("task-0",)
 
 
 def test_vcl_plugin_adds_the_kl_gradient_in_before_update():
-    from bayescl.posterior import diag_gaussian_kl
+    from bayescl.gaussian.diag import diag_gaussian_kl
 
     torch.manual_seed(0)
     bm = tiny_benchmark()

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from bayescl.bench import BenchConfig, run_benchmark
-from bayescl.cli import main
-from bayescl.recipes import available_recipes, load_recipe
-from bayescl.report import write_report
+from bayescl.harness.bench import BenchConfig, run_benchmark
+from bayescl.harness.cli import main
+from bayescl.harness.recipes import available_recipes, load_recipe
+from bayescl.harness.report import write_report
 
 REQUIRED = {"scenario", "strategy", "command", "seeds", "accuracy_matrix", "avg_accuracy", "bwt", "wall_seconds",
             "peak_rss_mb"}

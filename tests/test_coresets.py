@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from bayescl.coresets import kcenter_coreset, random_coreset, select_coreset, split_coreset, stack_dataset
+from bayescl.methods.coresets import (
+    kcenter_coreset,
+    random_coreset,
+    select_coreset,
+    split_coreset,
+    stack_dataset,
+)
 
 
 def _brute_kcenter(x, size, first=0):

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bayescl.curvature import diag_fisher, kfac, kfac_layers
-from bayescl.models import MLP, MultiHeadMLP
+from bayescl._params import linear_layers
+from bayescl.curvature import diag_fisher, kfac
+from bayescl.harness.models import MLP, MultiHeadMLP
 
 DT = torch.float64
 
@@ -253,7 +254,7 @@ def test_kfac_multihead_unused_heads_and_errors():
         got = kfac(model, DataLoader(TensorDataset(x, y, task_ids), batch_size=3), fisher="mc")
         assert got["heads.2"][1].abs().sum() == 0 and got["heads.0"][1].abs().sum() > 0
         assert got["heads.2"][0].shape == (5, 5)
-    assert kfac_layers(model, ["trunk.1"]) == {"trunk.1": ("trunk.1.weight", "trunk.1.bias")}
+    assert linear_layers(model, layers=["trunk.1"]) == {"trunk.1": ("trunk.1.weight", "trunk.1.bias")}
     with pytest.raises(ValueError, match="module types found: .*LayerNorm"):
         kfac(nn.Sequential(nn.LayerNorm(5)), DataLoader(TensorDataset(x, y)))
     with pytest.raises(ValueError, match="no batches"):

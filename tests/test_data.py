@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bayescl.data import make_stream, permutations, read_idx, split_stream, synthetic_stream
-from bayescl.fetch import FILES, ensure_dataset, idx_from_mnist_pickle, write_idx
+from bayescl.harness.data import make_stream, permutations, read_idx, split_stream, synthetic_stream
+from bayescl.harness.fetch import FILES, ensure_dataset, idx_from_mnist_pickle, write_idx
 
 SPLIT_TRAIN = [12665, 12089, 11263, 12183, 11800]
 SPLIT_TEST = [2115, 2042, 1874, 1986, 1983]
@@ -90,7 +90,7 @@ def test_idx_roundtrip_and_corruption(tmp_path):
 
 
 def test_missing_files_error_names_folder_and_files(tmp_path, monkeypatch):
-    from bayescl import fetch
+    from bayescl.harness import fetch
 
     def fail(*a, **k):
         raise RuntimeError("offline")
@@ -120,7 +120,7 @@ def test_mnist_pickle_rebuild(tmp_path):
 
 
 def test_shared_files_match_published_md5(data_root):
-    from bayescl.fetch import verify
+    from bayescl.harness.fetch import verify
 
     assert all(verify("mnist", data_root).values())
     assert hashlib.md5((data_root / "MNIST/raw/t10k-labels-idx1-ubyte").read_bytes()).hexdigest() == (

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from bayescl.kron import KronGaussian, KronTerm
+from bayescl.gaussian.kron import KronGaussian, KronTerm
 
 DT = torch.float64
 

@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bayescl import ClassifierModule, MultiHeadMLP, synthetic_stream
-from bayescl.callbacks.laplace import LaplaceCallback
-from bayescl.posterior import DiagGaussian
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.lightning.laplace import LaplaceCallback
 
 
 def trainer(cb, epochs=1, **kw):
@@ -273,7 +273,7 @@ def test_fused_prior_gradient_equals_quadratic_grad(kw):
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
 def test_predictive_posterior_uses_the_evidence_prior_precision(structure):
-    from bayescl.marglik import fit_prior_precision, log_evidence
+    from bayescl.methods.marglik import fit_prior_precision, log_evidence
 
     stream = synthetic_stream(num_tasks=1, n_train=128, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3)

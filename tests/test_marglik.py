@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from bayescl.kron import KronGaussian
-from bayescl.marglik import fit_prior_precision, log_evidence, with_prior_precision
-from bayescl.posterior import DiagGaussian
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+from bayescl.methods.marglik import fit_prior_precision, log_evidence, with_prior_precision
 
 DT = torch.float64
 TAU0 = 1e-4

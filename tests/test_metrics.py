@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bayescl.metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting, summarize
+from bayescl.harness.metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting, summarize
 
 R = torch.tensor([
     [0.9, 0.1, 0.2],

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from bayescl.posterior import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
+from bayescl.gaussian.diag import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
 
 DT = torch.float64
 SHAPES = {"a": (3,), "b": (2, 2)}

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from bayescl.kron import KronGaussian
-from bayescl.models import MultiHeadMLP
-from bayescl.posterior import DiagGaussian
-from bayescl.predictive import predictive
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+from bayescl.harness.models import MultiHeadMLP
+from bayescl.methods.predictive import predictive
 
 
 def tiny():
@@ -81,7 +81,7 @@ def _dense_logit_var(model, q, x):
 def test_kron_linearised_variance_matches_dense_covariance(terms):
     """One term: the eigenbasis formula; two terms: the small blocks' dense Cholesky path. LayerNorm's
     parameters sit outside the Kronecker layers (diagonal part)."""
-    from bayescl.predictive import glm_logit_moments
+    from bayescl.methods.predictive import glm_logit_moments
 
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bayescl.kron import KronGaussian
-from bayescl.posterior import DiagGaussian
-from bayescl.sites import PosteriorServer, gaussian_from_state_dict, laplace_site
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+from bayescl.gaussian.server import PosteriorServer, gaussian_from_state_dict, laplace_site
 
 DT = torch.float64
 SHAPES = {"w": (3, 2), "b": (3,)}

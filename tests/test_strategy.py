@@ -39,7 +39,7 @@ def _module():
 
 def _informative_prior(module):
     """A prior with a real pull (precision 5 around a random mean), so that the cavity term matters."""
-    from bayescl.posterior import DiagGaussian
+    from bayescl.gaussian.diag import DiagGaussian
 
     g = torch.Generator().manual_seed(1)
     shapes = {n: p.detach() for n, p in module.named_parameters()}
@@ -57,7 +57,7 @@ def _trainer(strategy, devices):
 
 
 def _strategy(**kw):
-    from bayescl.strategy import PosteriorServerStrategy
+    from bayescl.lightning.strategy import PosteriorServerStrategy
 
     return PosteriorServerStrategy(sync_every=K, fisher="exact", timeout=timedelta(seconds=30),
                                    process_group_backend="gloo", **kw)
@@ -158,8 +158,8 @@ def _result(runs, mode: str, ok: bool = True):
 
 # ================================================================================ in-process tests
 def test_flatten_roundtrip_and_laplace_site_is_local_posterior_over_cavity():
-    from bayescl.posterior import DiagGaussian
-    from bayescl.strategy import flatten_naturals, laplace_site, unflatten_naturals
+    from bayescl.gaussian.diag import DiagGaussian
+    from bayescl.lightning.strategy import flatten_naturals, laplace_site, unflatten_naturals
 
     torch.manual_seed(0)
     like = {"a": torch.randn(2, 3, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
@@ -181,7 +181,7 @@ def test_flatten_roundtrip_and_laplace_site_is_local_posterior_over_cavity():
 
 
 def test_bad_arguments_raise_one_sentence():
-    from bayescl.strategy import PosteriorServerStrategy
+    from bayescl.lightning.strategy import PosteriorServerStrategy
 
     with pytest.raises(ValueError, match="sync_every"):
         PosteriorServerStrategy(sync_every=0)
@@ -196,9 +196,9 @@ def test_bad_arguments_raise_one_sentence():
 
 
 def test_prior_of_the_next_task_from_a_posterior_or_a_server():
-    from bayescl.posterior import DiagGaussian
-    from bayescl.sites import PosteriorServer
-    from bayescl.strategy import PosteriorServerStrategy
+    from bayescl.gaussian.diag import DiagGaussian
+    from bayescl.gaussian.server import PosteriorServer
+    from bayescl.lightning.strategy import PosteriorServerStrategy
 
     module = _module()
     q = DiagGaussian.isotropic(module, 2.0)
@@ -219,9 +219,9 @@ def test_prior_of_the_next_task_from_a_posterior_or_a_server():
 
 def _reference_one_worker() -> tuple[dict, dict]:
     """The same run in plain torch with a PosteriorServer: Adam, cavity term / N, Laplace site every K steps."""
-    from bayescl.curvature import diag_fisher
-    from bayescl.posterior import DiagGaussian
-    from bayescl.sites import PosteriorServer
+    from bayescl.curvature.diag import diag_fisher
+    from bayescl.gaussian.diag import DiagGaussian
+    from bayescl.gaussian.server import PosteriorServer
 
     module = _module()
     params = dict(module.named_parameters())

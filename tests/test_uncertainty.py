@@ -9,11 +9,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from bayescl.models import MultiHeadMLP
-from bayescl.posterior import DiagGaussian
-from bayescl.predictive import predictive
-from bayescl.report import PUBLISHED, load_results, write_report
-from bayescl.uncertainty import (
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.harness.models import MultiHeadMLP
+from bayescl.harness.report import PUBLISHED, load_results, write_report
+from bayescl.methods.predictive import predictive
+from bayescl.methods.uncertainty import (
     PredictiveUncertainty,
     TaskUncertainty,
     decompose,
@@ -186,7 +186,7 @@ def test_evaluate_uncertainty_record_schema_and_zero_variance():
 
 
 def test_point_estimate_and_self_sampling_models():
-    from bayescl.variational import convert
+    from bayescl.methods.variational import convert
 
     model = tiny()
     rec = evaluate_uncertainty(model, None, _loaders(), stage=1, n_samples=4)

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
-from bayescl.models import MultiHeadMLP, SmallCNN
-from bayescl.posterior import DiagGaussian, diag_gaussian_kl
-from bayescl.variational import (
+from bayescl.gaussian.diag import DiagGaussian, diag_gaussian_kl
+from bayescl.harness.models import MultiHeadMLP, SmallCNN
+from bayescl.methods.variational import (
     BayesConv2d,
     BayesLinear,
     convert,

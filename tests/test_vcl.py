@@ -9,9 +9,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from bayescl import ClassifierModule, MultiHeadMLP, synthetic_stream
-from bayescl.callbacks.vcl import VCLCallback
-from bayescl.posterior import diag_gaussian_kl
-from bayescl.variational import BayesLinear, layer_posterior
+from bayescl.gaussian.diag import diag_gaussian_kl
+from bayescl.lightning.vcl import VCLCallback
+from bayescl.methods.variational import BayesLinear, layer_posterior
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -342,7 +342,7 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("name", ["vcl", "vcl-coreset"])
 def test_recipes_build_the_callback(name):
-    from bayescl.recipes import load_recipe
+    from bayescl.harness.recipes import load_recipe
 
     (cb,) = load_recipe(name).build_callbacks()
     assert isinstance(cb, VCLCallback) and cb.prior_precision == 1.0

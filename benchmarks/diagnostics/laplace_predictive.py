@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bayescl import ClassifierModule, LaplaceCallback, MultiHeadMLP, make_stream
-from bayescl.uncertainty import decompose, mc_probs
+from bayescl.methods.uncertainty import decompose, mc_probs
 
 warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bayescl import ClassifierModule, VCLCallback
-from bayescl.bench import BenchConfig, _quiet_lightning, _stream, default_model
+from bayescl.harness.bench import BenchConfig, _quiet_lightning, _stream, default_model
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--seed", type=int, default=1)

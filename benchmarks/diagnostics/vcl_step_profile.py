@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from bayescl import ClassifierModule, MultiHeadMLP, VCLCallback
-from bayescl.variational import tiled
+from bayescl.methods.variational import tiled
 
 
 def median_ms(f, n=300):

@@ -4,7 +4,7 @@
 holds result JSON files), ``README.md`` (a markdown table across strategies with the commands that produced them)
 and PNG plots: the mean accuracy-matrix heatmap of each strategy and the per-task accuracy over the course of the
 stream. When the per-seed results carry an ``"uncertainty"`` section (stage records of
-:func:`bayescl.uncertainty.evaluate_uncertainty`), it adds an uncertainty table, reliability diagrams
+:func:`bayescl.methods.uncertainty.evaluate_uncertainty`), it adds an uncertainty table, reliability diagrams
 (``reliability.png``) and the epistemic uncertainty on old / current / unseen tasks over the stream
 (``epistemic_over_time.png``).
 
@@ -158,7 +158,7 @@ def uncertainty_arrays(run: dict[str, Any]) -> dict[str, np.ndarray] | None:
     statistic (NaN where not evaluated) and ``(seeds, T, T, K)`` per-bin sums; ``None`` when no seed has them.
 
     Raises ``ValueError`` on a malformed section (callers that must not fail catch it)."""
-    from .uncertainty import stage_records_to_arrays
+    from bayescl.methods.uncertainty import stage_records_to_arrays
 
     per_seed = [s.get("uncertainty") for s in run.get("per_seed", []) if isinstance(s, dict)]
     per_seed = [u for u in per_seed if u]

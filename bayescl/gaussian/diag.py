@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_enum, check_positive_int, check_real
+from bayescl._checks import as_enum, check_positive_int, check_real
 
 Params = Mapping[str, Tensor] | nn.Module
 

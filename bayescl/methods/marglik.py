@@ -29,11 +29,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ._checks import check_real
-from ._kron_terms import _eig_factor
-from .kron import KronGaussian
-from .posterior import DiagGaussian
-from .sites import Gaussian
+from bayescl._checks import check_real
+from bayescl.gaussian import Gaussian
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+from bayescl.gaussian.kron_terms import _eig_factor
 
 #: search interval of ``log10 τ``
 LOG10_RANGE = (-6.0, 8.0)

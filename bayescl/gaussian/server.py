@@ -13,7 +13,7 @@ are then additions of natural parameters:
 * ``update(k, t_new)``: ``t_k ← t_k^(1−δ) · t_new^δ`` with the damping ``δ ∈ (0, 1]``.
 
 >>> import torch
->>> from bayescl.posterior import DiagGaussian
+>>> from bayescl.gaussian.diag import DiagGaussian
 >>> prior = DiagGaussian.isotropic({"w": torch.zeros(2)}, precision=1.0)
 >>> server = PosteriorServer(prior)
 >>> server.add("task0", DiagGaussian.from_mean_precision({"w": torch.ones(2)}, {"w": torch.full((2,), 3.0)}))
@@ -26,65 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from ._checks import check_real
-from .kron import KronGaussian
-from .posterior import DiagGaussian, Params, check_same_names
-
-Gaussian = DiagGaussian | KronGaussian
-_KINDS: dict[str, type] = {DiagGaussian.kind: DiagGaussian, KronGaussian.kind: KronGaussian}
-
-
-def gaussian_from_state_dict(state: Mapping[str, Any]) -> Gaussian:
-    """Rebuild a :class:`DiagGaussian` or :class:`KronGaussian` from its ``state_dict`` (by its ``"kind"``)."""
-    kind = state.get("kind") if isinstance(state, Mapping) else None
-    if kind not in _KINDS:
-        raise ValueError(f"state kind={kind!r} is not valid; allowed: {', '.join(map(repr, _KINDS))}.")
-    return _KINDS[kind].from_state_dict(state)
-
-
-class PriorGradient:
-    r"""``grad += scale · (Λθ − η)`` for one Gaussian and a fixed list of parameters, fused: the same numbers as
-    ``q.quadratic_grad`` (then ``add``), without its temporaries. The elementwise part ``D ⊙ θ − η`` is two
-    ``_foreach`` passes over memory; for a :class:`KronGaussian` each layer's ``Σ s_i G_i W̃ A_i`` is then added to
-    the weight and bias gradients. ``q`` is moved once to the parameters' device and dtype.
-
-    Args:
-        q: the Gaussian (its names must cover ``params``).
-        params: name -> parameter, in the order the gradients are added.
-    """
-
-    def __init__(self, q: Gaussian, params: Mapping[str, Tensor]) -> None:
-        self.q, self.names = q, tuple(params)
-        ref = next(iter(params.values()))
-        qd = q.to(device=ref.device, dtype=ref.dtype)
-        self._qd = qd
-        if isinstance(qd, DiagGaussian):
-            diag = qd.precision
-        else:
-            diag = {n: d.expand_as(params[n]).contiguous() for n, d in qd.diag.items() if n in params}
-        self._diag = [diag[n].to(p) for n, p in params.items()]
-        self._eta = [qd.eta[n].to(p) for n, p in params.items()]
-        self._layers = [] if isinstance(qd, DiagGaussian) else [
-            (layer, spec) for layer, spec in qd.layers.items()
-            if qd.num_terms.get(layer) and all(n is None or n in params for n in spec)]
-
-    @torch.no_grad()
-    def add_(self, params: Mapping[str, Tensor], scale: float) -> None:
-        """``p.grad += scale · (Λθ − η)`` for every parameter (a missing ``.grad`` starts at zero)."""
-        ps = [params[n] for n in self.names]
-        for p in ps:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads, thetas = [p.grad for p in ps], [p.detach() for p in ps]
-        torch._foreach_addcmul_(grads, self._diag, thetas, value=scale)
-        torch._foreach_add_(grads, self._eta, alpha=-scale)
-        for layer, spec in self._layers:
-            kb = self._qd._block_apply(layer, {n: params[n].detach() for n in spec if n is not None})
-            for n, v in KronGaussian._from_block(spec, kb, params).items():
-                params[n].grad.add_(v, alpha=scale)
+from bayescl._checks import check_real
+from bayescl.gaussian.diag import DiagGaussian, Params, check_same_names
+from bayescl.gaussian.kinds import Gaussian, gaussian_from_state_dict
+from bayescl.gaussian.kron import KronGaussian
 
 
 def laplace_site(cavity: Gaussian, curvature: Gaussian, mean: Params) -> Gaussian:

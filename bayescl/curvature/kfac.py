@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_enum, check_positive_int
-from .curvature import FisherType, LossType, _prepare, diag_fisher, eval_mode, iter_batches, select_params
-
-_SUPPORTED = (nn.Linear, nn.Conv2d)
+from bayescl._checks import as_enum, check_positive_int
+from bayescl._params import eval_mode, linear_layers, require_layers
+from bayescl.curvature.common import FisherType, LossType, iter_batches, prepare_batch
 
 
 class KFACApprox(str, enum.Enum):
@@ -42,34 +41,6 @@ class KFACApprox(str, enum.Enum):
 
     EXPAND = "expand"
     REDUCE = "reduce"
-
-
-def kfac_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, tuple[str, str | None]]:
-    """Supported layers with a trainable weight: ``{layer_name: (weight_name, bias_name or None)}``.
-
-    The bias name is ``None`` when the layer has no bias or the bias is frozen. ``layers`` restricts to the named
-    modules. Raises ``ValueError`` naming the module types found if no supported layer is left.
-    """
-    modules = dict(model.named_modules())
-    if layers is not None:
-        wanted = [layers] if isinstance(layers, str) else list(layers)
-        bad = [n for n in wanted if n not in modules or not isinstance(modules[n], _SUPPORTED)]
-        if bad:
-            allowed = [n for n, m in modules.items() if isinstance(m, _SUPPORTED)]
-            raise ValueError(f"layers names {bad}, which are not nn.Linear/nn.Conv2d modules; allowed: {allowed}.")
-        modules = {n: modules[n] for n in wanted}
-    out: dict[str, tuple[str, str | None]] = {}
-    for name, mod in modules.items():
-        if isinstance(mod, _SUPPORTED) and mod.weight.requires_grad:
-            prefix = f"{name}." if name else ""
-            has_bias = mod.bias is not None and mod.bias.requires_grad
-            out[name] = (prefix + "weight", prefix + "bias" if has_bias else None)
-    if not out:
-        types = sorted({type(m).__name__ for m in model.modules()})
-        raise ValueError(
-            f"the model has no trainable nn.Linear or nn.Conv2d layer for KFAC; module types found: {types}."
-        )
-    return out
 
 
 class _Wrapped(nn.Module):
@@ -96,7 +67,7 @@ class _Data:
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
         self.count = 0
         for batch in iter_batches(self.dataloader, self.max_batches, self.progress, "KFAC"):
-            inputs, y = _prepare(batch, self.ref)
+            inputs, y = prepare_batch(batch, self.ref)
             self.count += inputs[0].shape[0]
             yield (inputs[0] if len(inputs) == 1 else {"inputs": inputs}), y
 
@@ -117,14 +88,14 @@ def kfac(
     r"""KFAC factors ``{layer_name: (A, G)}`` with ``kron(G, A)`` ≈ the summed Fisher block of ``[W, b]``.
 
     Args:
-        model: Called as ``model(*inputs)`` (see :func:`bayescl.batches.split_batch`); put in ``eval()`` mode for
+        model: Called as ``model(*inputs)`` (see :func:`bayescl._batches.split_batch`); put in ``eval()`` mode for
             the pass and restored.
         dataloader: Yields ``(x, y)`` or ``(x, y, task_id)``.
         fisher: ``"mc"``, ``"exact"`` (type-2) or ``"empirical"``.
         loss: ``"ce"`` or ``"mse"`` (:math:`\sum_c (f_c - y_c)^2` per example).
         kfac_approx: ``"expand"`` or ``"reduce"`` (matters for convolutions only).
         mc_samples: Sampled labels per example for ``"mc"``.
-        layers: Module names to include; ``None`` = every :func:`kfac_layers` layer.
+        layers: Module names to include; ``None`` = every trainable Linear/Conv2d layer.
         generator: Seeds the label sampling of ``"mc"`` (one integer is drawn from it).
         max_batches: Use only the first ``max_batches`` batches.
         progress: Show a tqdm progress bar.
@@ -145,7 +116,8 @@ def kfac(
     check_positive_int(mc_samples, "mc_samples")
     if fisher is not FisherType.MC and mc_samples != 1:
         raise ValueError(f"mc_samples={mc_samples} is only allowed with fisher='mc'; use 1 for {fisher.value!r}.")
-    mapping = kfac_layers(model, layers)
+    mapping = linear_layers(model, layers=layers)
+    require_layers(model, mapping, "KFAC")
     named = dict(model.named_parameters())
     params = [named[n] for pair in mapping.values() for n in pair if n is not None]
     seed = 2147483647 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))
@@ -186,44 +158,3 @@ def kfac(
                 raise ValueError(f"the KFAC factor {what} of layer {layer!r} is not finite (NaN/inf in model or data).")
         out[layer] = (A, G)
     return out
-
-
-def kron_site(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    *,
-    fisher: str | FisherType = FisherType.MC,
-    loss: str | LossType = LossType.CE,
-    kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
-    mc_samples: int = 1,
-    layers: Iterable[str] | None = None,
-    generator: torch.Generator | None = None,
-    max_batches: int | None = None,
-    progress: bool = False,
-) -> Any:
-    r"""Laplace site with Kronecker-factored precision :math:`G\otimes A` per supported layer at the current
-    weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other trainable parameter.
-
-    Arguments as for :func:`kfac`. Returns a :class:`bayescl.kron.KronGaussian`.
-    """
-    from .kron import KronGaussian
-
-    factors = kfac(
-        model, dataloader, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples, layers=layers,
-        generator=generator, max_batches=max_batches, progress=progress,
-    )
-    mapping = kfac_layers(model, layers)
-    # a layer the data never reached (another task's head) has zero factors: it gets no term at all
-    factors = {k: (A, G) for k, (A, G) in factors.items() if bool(A.abs().max() > 0) and bool(G.abs().max() > 0)}
-    covered = {n for pair in mapping.values() for n in pair if n is not None}
-    names = list(select_params(model, None))  # model order
-    rest = [n for n in names if n not in covered]
-    diag = None
-    if rest:
-        diag = diag_fisher(
-            model, dataloader, fisher=fisher, loss=loss, mc_samples=mc_samples, params=rest, generator=generator,
-            max_batches=max_batches, progress=progress,
-        )
-    named = dict(model.named_parameters())
-    mean = {n: named[n].detach().clone() for n in names}
-    return KronGaussian.from_factors(mean, factors, mapping, diag)

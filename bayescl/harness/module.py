@@ -1,7 +1,7 @@
 """A plain classification LightningModule: what a user already has before adding a bayescl callback.
 
 The benchmark harness wraps its reference networks in it; nothing Bayesian happens here. It follows the batch
-convention of :mod:`bayescl.batches` and fills an :class:`~bayescl.metrics.AccuracyMatrix` at test time, with
+convention of :mod:`bayescl._batches` and fills an :class:`~bayescl.harness.metrics.AccuracyMatrix` at test time, with
 one test dataloader per task (``dataloader_idx`` is the task index) and :attr:`stage` set to the index of the
 last task trained on.
 """
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_real
-from .batches import split_batch
-from .metrics import AccuracyMatrix
+from bayescl._batches import split_batch
+from bayescl._checks import check_positive_int, check_real
+from bayescl.harness.metrics import AccuracyMatrix
 
 
 class ClassifierModule(pl.LightningModule):

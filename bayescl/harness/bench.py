@@ -1,7 +1,7 @@
 """The benchmark harness: a recipe over a scenario with a plain Lightning Trainer, one ``fit`` per task.
 
 After each task the model is tested on every task of the stream, which fills one row of the accuracy matrix.
-Results go to ``benchmarks/results/<scenario>/<strategy>.json``; :mod:`bayescl.report` turns the JSON files of a
+Results go to ``benchmarks/results/<scenario>/<strategy>.json``; :mod:`bayescl.harness.report` turns the JSON files of a
 scenario into a markdown table and plots.
 
 Protocol defaults (the ones the README's numbers use): Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1];
@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._checks import as_enum, check_positive_int, check_real
-from .data import Scenario, TaskStream, make_stream
-from .metrics import summarize
-from .models import MLP, MultiHeadMLP, SmallCNN
-from .module import ClassifierModule
-from .recipes import Recipe, load_recipe
-from .uncertainty import evaluate_uncertainty, posterior_for
+from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl.harness.data import Scenario, TaskStream, make_stream
+from bayescl.harness.metrics import summarize
+from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
+from bayescl.harness.module import ClassifierModule
+from bayescl.harness.recipes import Recipe, load_recipe
+from bayescl.methods.uncertainty import evaluate_uncertainty, posterior_for
 
 MODELS = ("mlp", "cnn")
 
@@ -87,7 +87,7 @@ class BenchConfig:
 
 def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
     if cfg.scenario.startswith("avalanche:"):
-        from .avalanche import make_avalanche_stream
+        from bayescl.avalanche import make_avalanche_stream
 
         return make_avalanche_stream(cfg.scenario, root=cfg.root, seed=seed, num_tasks=cfg.num_tasks,
                                      limit=cfg.limit)
@@ -99,7 +99,7 @@ def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
         if sc in (Scenario.PERMUTED_MNIST, Scenario.SYNTHETIC):
             kwargs["num_tasks"] = cfg.num_tasks
         else:
-            from .data import SPLIT_PAIRS
+            from bayescl.harness.data import SPLIT_PAIRS
 
             kwargs["pairs"] = SPLIT_PAIRS[: cfg.num_tasks]
     return make_stream(sc, **kwargs)

@@ -12,7 +12,7 @@ Gaussian posterior and communicates only every ``sync_every = K`` optimizer step
 **Between syncs** worker ``k`` minimises :math:`\ell_k(\theta) + \frac{1}{2N_k}(\theta-\mu_{-k})^\top
 \Lambda_{-k}(\theta-\mu_{-k})` (``ℓ_k`` = the module's batch-mean loss on its shard): before every optimizer step
 the strategy adds :math:`(\Lambda_{-k}\theta - \eta_{-k}) / N_k` (:meth:`DiagGaussian.quadratic_grad`) to the
-gradients, the same formula as :mod:`bayescl.callbacks.base` (and, like the callbacks, not while the cavity is
+gradients, the same formula as :mod:`bayescl.lightning.base` (and, like the callbacks, not while the cavity is
 the base prior alone: :attr:`PosteriorServerStrategy.penalise_prior_alone`). There is no
 ``DistributedDataParallel`` wrapper and no per-step gradient all-reduce.
 
@@ -39,18 +39,18 @@ workers are coupled only through their cavities. A last sync closes the fit when
 
 Why Laplace and not a variational site: it needs only a Fisher pass on batches already in memory and no extra
 parameters, and with one worker and ``δ = 1`` each sync is the online-Laplace step of
-:class:`~bayescl.callbacks.laplace.LaplaceCallback` (``q ← (q_{-k} · curvature)`` re-centred on ``θ_k``), taken every
+:class:`~bayescl.lightning.laplace.LaplaceCallback` (``q ← (q_{-k} · curvature)`` re-centred on ``θ_k``), taken every
 K steps and with the Fisher of the last batches instead of a full pass.
 
 **Continual learning.** Sites are (task, worker). During a fit the server holds ``prior × past sites × the
 current task's total`` (``task-t/total``, the sum of the worker sites); each worker also keeps its own site
 locally. At the end of the fit (:meth:`end_task`, automatic by default) one ``all_gather`` replaces the total by
-the W sites ``task-t/worker-j``, so every rank holds the same :class:`~bayescl.sites.PosteriorServer`
+the W sites ``task-t/worker-j``, so every rank holds the same :class:`~bayescl.gaussian.server.PosteriorServer`
 (:attr:`server`), and :meth:`posterior` is the global posterior, the prior of the next task
 (``gather_sites=False`` skips the gather and keeps the identical total as one site ``task-t``). The next task runs
 with ``PosteriorServerStrategy(prior=previous.server)`` (keeps every (task, worker) site: one can be removed to
 unlearn it) or ``prior=previous.posterior()`` (one Gaussian). Do not attach a
-:class:`~bayescl.callbacks.base.PosteriorCallback` as well: it would add a second prior term (``setup`` raises).
+:class:`~bayescl.lightning.base.PosteriorCallback` as well: it would add a second prior term (``setup`` raises).
 
 Bytes: :attr:`bytes_communicated` counts the sync payloads (``2 P`` floats per sync, the vector each worker puts
 into the all-reduce; a ring all-reduce moves about twice that over the wire), :attr:`bytes_gathered` the end-of-task
@@ -80,12 +80,12 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from . import sites
-from ._checks import as_enum, check_positive_int, check_real
-from .callbacks.base import add_scaled_grads
-from .curvature import FisherType, diag_fisher
-from .posterior import DiagGaussian
-from .sites import PosteriorServer
+from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl.curvature import FisherType, diag_fisher
+from bayescl.gaussian import laplace_site as _laplace_site
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.prior_gradient import add_scaled_grads
+from bayescl.gaussian.server import PosteriorServer
 
 __all__ = ["PosteriorServerStrategy", "flatten_naturals", "laplace_site", "unflatten_naturals"]
 
@@ -115,7 +115,7 @@ def laplace_site(cavity: DiagGaussian, theta: Mapping[str, Tensor], curvature: M
     prec_c = cavity.precision
     theta = {n: theta[n].to(prec_c[n]) for n in prec_c}
     curv = DiagGaussian.from_mean_precision(theta, {n: curvature[n].to(prec_c[n]) for n in prec_c})
-    return sites.laplace_site(cavity, curv, theta)
+    return _laplace_site(cavity, curv, theta)
 
 
 def _cavity(posterior: DiagGaussian, site: DiagGaussian, floor: DiagGaussian) -> DiagGaussian:
@@ -151,7 +151,7 @@ class PosteriorServerStrategy(DDPStrategy):
         prior: the posterior to start from: ``None`` (``N(0, I/prior_precision)``), a :class:`DiagGaussian`
             (e.g. the previous task's :meth:`posterior`) or a :class:`PosteriorServer` (its sites are kept).
         prior_precision: base prior precision, also given to parameters absent from ``prior``.
-        fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see :mod:`bayescl.curvature`).
+        fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see :mod:`bayescl.curvature.diag`).
         fisher_batches: at most this many of the last training batches are used for the Fisher at a sync.
         mc_samples: sampled labels per example for ``fisher="mc"``.
         recenter: restart every worker from the global mean after each sync.
@@ -302,7 +302,7 @@ class PosteriorServerStrategy(DDPStrategy):
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        from .callbacks.base import PosteriorCallback
+        from bayescl.lightning.base import PosteriorCallback
 
         clash = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, PosteriorCallback)]
         if clash:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
+from bayescl._checks import check_positive_int
 
 
 def _trunk(in_features: int, hidden: Sequence[int]) -> nn.Sequential:

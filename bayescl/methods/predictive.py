@@ -9,11 +9,11 @@ r"""Posterior predictive for classification: :math:`p(y\mid x) = \int \mathrm{so
 * ``method="probit"``: the linearised (GLM) predictive with the probit / mean-field approximation
   (MacKay 1992; Immer et al. 2021): :math:`f \approx f(x;\mu) + J(\theta-\mu)`, per-logit variance
   :math:`v_c = \sum_p J_{cp}^2 \sigma_p^2` and :math:`p \approx \mathrm{softmax}\big(f(x;\mu)/\sqrt{1+\pi v/8}\big)`.
-  For a :class:`~bayescl.posterior.DiagGaussian` the per-example Jacobians come from ``torch.func``; for a
-  :class:`~bayescl.kron.KronGaussian` over Linear layers ``v`` is exact in the factors' eigenbasis
+  For a :class:`~bayescl.gaussian.diag.DiagGaussian` the per-example Jacobians come from ``torch.func``; for a
+  :class:`~bayescl.gaussian.kron.KronGaussian` over Linear layers ``v`` is exact in the factors' eigenbasis
   (:func:`glm_logit_moments`), one backward pass per class.
 
-The model is called as ``model(*inputs)`` (see :mod:`bayescl.batches`); parameter names are those of the
+The model is called as ``model(*inputs)`` (see :mod:`bayescl._batches`); parameter names are those of the
 posterior, which must be a subset of ``model.named_parameters()`` (the rest stay at their current values).
 """
 
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from ._checks import as_enum, check_positive_int
-from .kron import KronGaussian
-from .posterior import DiagGaussian
-from .sites import Gaussian
+from bayescl._checks import as_enum, check_positive_int
+from bayescl.gaussian import Gaussian
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
 
 
 class PredictiveMethod(str, enum.Enum):
@@ -92,7 +92,7 @@ def glm_logit_moments(model: nn.Module, posterior: Gaussian, inputs: tuple[Tenso
     :math:`v_{bc} = J_{bc} \Sigma J_{bc}^\top` (``(B, C)`` each).
 
     * :class:`DiagGaussian`: :math:`v_{bc} = \sum_p J_{bcp}^2 \sigma_p^2`, Jacobians from ``torch.func``.
-    * :class:`~bayescl.kron.KronGaussian` over ``nn.Linear`` layers: per example the Jacobian of logit ``c``
+    * :class:`~bayescl.gaussian.kron.KronGaussian` over ``nn.Linear`` layers: per example the Jacobian of logit ``c``
       w.r.t. a layer's ``W̃ = [W, b]`` is the outer product :math:`\delta_c \tilde a^\top` (output gradient,
       input with a 1 appended), so in the eigenbasis of the block precision
       :math:`\Lambda = (U_G \otimes U_A)\,\mathrm{diag}(\ell)\,(U_G \otimes U_A)^\top`

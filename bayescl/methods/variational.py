@@ -16,7 +16,7 @@ positions.
 :func:`convert` swaps ``nn.Linear`` / ``nn.Conv2d`` layers for these in place (idempotent: variational layers are
 left alone); the means start at the layer's current weights. The *logical* parameter of a layer at module path
 ``p`` is ``p.weight`` / ``p.bias`` (the name the plain layer had): :func:`layer_posterior` maps the layers to a
-:class:`~bayescl.posterior.DiagGaussian` over logical names (mean ``μ``, variance ``exp(ℓ)``) and
+:class:`~bayescl.gaussian.diag.DiagGaussian` over logical names (mean ``μ``, variance ``exp(ℓ)``) and
 :func:`load_posterior` maps one back.
 
 Prediction. :func:`enable_predictive` registers a forward hook on a root module: in ``eval()`` mode a call
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int
-from .posterior import DiagGaussian, diag_gaussian_kl
+from bayescl._checks import check_positive_int
+from bayescl.gaussian.diag import DiagGaussian, diag_gaussian_kl
 
 DEFAULT_LOGVAR_INIT = -6.0
 #: Variances below this are clamped before the square root (keeps gradients finite at exactly zero input).
@@ -318,12 +318,6 @@ def set_stochastic(module: nn.Module, stochastic: bool) -> None:
     """Sample (``True``) or use the means only (``False``) in every variational layer of ``module``."""
     for layer in variational_layers(module).values():
         layer.stochastic = bool(stochastic)
-
-
-def set_generator(module: nn.Module, generator: torch.Generator | None) -> None:
-    """Draw the noise of every variational layer of ``module`` from ``generator`` (``None``: the global RNG)."""
-    for layer in variational_layers(module).values():
-        layer.generator = generator
 
 
 def tile_batch(batch: object, k: int) -> object:

@@ -11,7 +11,7 @@ Selection:
   (0 as in the paper's code), then repeatedly add the example farthest from the chosen set. It covers the input
   space: outliers and rare modes are picked first.
 
-Items of a dataset follow :mod:`bayescl.batches`: ``(x, y)`` or ``(x, y, task_id)``.
+Items of a dataset follow :mod:`bayescl._batches`: ``(x, y)`` or ``(x, y, task_id)``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ._checks import as_enum, check_positive_int
+from bayescl._checks import as_enum, check_positive_int
 
 
 class CoresetMethod(str, enum.Enum):

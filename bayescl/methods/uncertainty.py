@@ -23,7 +23,7 @@ every confidence; it also puts a confidence of exactly 1 into a bin of its own, 
 The negative log-likelihood is :math:`-\log \bar p_y` (the predictive log-loss).
 
 Result schema of :func:`evaluate_uncertainty` (one *stage record*; the harness keeps a list of them per seed under
-``"uncertainty"``, which :mod:`bayescl.report` turns into tables and plots)::
+``"uncertainty"``, which :mod:`bayescl.harness.report` turns into tables and plots)::
 
     {"stage": i,                       # index of the last task trained on
      "source": "posterior" | "model" | "point",
@@ -48,8 +48,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 from torchmetrics import Metric
 
-from ._checks import check_positive_int
-from .batches import move_inputs, split_batch
+from bayescl._batches import move_inputs, split_batch
+from bayescl._checks import check_positive_int
 
 #: Default number of equal-width confidence bins (torchmetrics' default).
 N_BINS = 15
@@ -181,7 +181,7 @@ class PredictiveUncertainty(Metric):
 
 class TaskUncertainty(Metric):
     """:class:`PredictiveUncertainty` per (training stage, evaluated task), like
-    :class:`~bayescl.metrics.AccuracyMatrix`: compare old and new tasks as the stream goes on::
+    :class:`~bayescl.harness.metrics.AccuracyMatrix`: compare old and new tasks as the stream goes on::
 
         metric = TaskUncertainty(num_tasks=5)
         metric.update(probs, y, stage=i, task=j)   # probs (S, B, C): after training task i, on task j's data
@@ -227,16 +227,16 @@ class TaskUncertainty(Metric):
 
 # --------------------------------------------------------------------------------------------------- sampling
 def _linear_kron(model: nn.Module, posterior: Any) -> bool:
-    """A :class:`~bayescl.kron.KronGaussian` whose Kronecker layers are all ``nn.Linear`` (linearised predictive)."""
-    from .kron import KronGaussian
-    from .predictive import non_linear_kron_layer
+    """A :class:`~bayescl.gaussian.kron.KronGaussian` whose Kronecker layers are all ``nn.Linear`` (linearised predictive)."""
+    from bayescl.gaussian.kron import KronGaussian
+    from bayescl.methods.predictive import non_linear_kron_layer
 
     return isinstance(posterior, KronGaussian) and non_linear_kron_layer(model, posterior) is None
 
 
 def _self_sampling(model: nn.Module) -> bool:
     """Whether ``model`` samples its own weights at every call (VCL's variational layers)."""
-    from .variational import is_stochastic
+    from bayescl.methods.variational import is_stochastic
 
     return is_stochastic(model)
 
@@ -244,8 +244,8 @@ def _self_sampling(model: nn.Module) -> bool:
 def _draw_weights(model: nn.Module, posterior: Any, n_samples: int,
                   generator: torch.Generator | None) -> list[dict[str, Tensor]]:
     """``n_samples`` draws of ``posterior.sample`` cast to the model's parameters (one call per draw, as in
-    :func:`bayescl.predictive.predictive`, so the same generator gives the same weights)."""
-    from .predictive import _check_names
+    :func:`bayescl.methods.predictive.predictive`, so the same generator gives the same weights)."""
+    from bayescl.methods.predictive import _check_names
 
     named = _check_names(model, posterior)
     return [{n: t.to(named[n]) for n, t in posterior.sample(generator=generator).items()} for _ in range(n_samples)]
@@ -257,7 +257,7 @@ def _probs(model: nn.Module, weights: list[dict[str, Tensor]] | None, inputs: tu
         return torch.stack([torch.softmax(functional_call(model, w, inputs, strict=False), dim=-1) for w in weights])
     if not _self_sampling(model):
         return torch.softmax(model(*inputs), dim=-1).unsqueeze(0)
-    from .variational import predictive_samples
+    from bayescl.methods.variational import predictive_samples
 
     with predictive_samples(model, 1):
         return torch.stack([torch.softmax(model(*inputs), dim=-1) for _ in range(n_samples)])
@@ -278,14 +278,14 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
              generator: torch.Generator | None = None, method: str | None = None) -> Tensor:
     """Monte Carlo samples ``(S, B, C)`` of the softmax of ``model(*inputs)`` under the weight posterior.
 
-    * ``method="glm"`` (the default for a :class:`~bayescl.posterior.DiagGaussian`, and for a
-      :class:`~bayescl.kron.KronGaussian` whose layers are all ``nn.Linear``): samples of the linearised
-      predictive, logits drawn from ``N(f(x; μ), diag v)`` (:func:`bayescl.predictive.glm_logit_moments`) — a
+    * ``method="glm"`` (the default for a :class:`~bayescl.gaussian.diag.DiagGaussian`, and for a
+      :class:`~bayescl.gaussian.kron.KronGaussian` whose layers are all ``nn.Linear``): samples of the linearised
+      predictive, logits drawn from ``N(f(x; μ), diag v)`` (:func:`bayescl.methods.predictive.glm_logit_moments`) — a
       Laplace posterior sampled through the whole network underfits (Immer et al. 2021).
     * ``method="mc"`` (the default for other Kronecker posteriors, e.g. with Conv2d), ``posterior`` over (some of)
       ``model``'s parameters (e.g. ``LaplaceCallback.posterior()`` with the LightningModule as ``model``): ``S =
       n_samples`` draws ``θ_s = posterior.sample(generator)``, each run with ``torch.func.functional_call`` (the
-      same sampling as :func:`bayescl.predictive.predictive`: with the same generator state, the mean of these
+      same sampling as :func:`bayescl.methods.predictive.predictive`: with the same generator state, the mean of these
       samples is its ``"mc"`` predictive).
     * ``posterior=None`` and a model whose variational layers sample themselves (after ``VCLCallback``): ``S``
       eval-mode calls, one weight sample each (``generator`` is not used; the layers draw from their own or torch's
@@ -297,8 +297,8 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
     check_positive_int(n_samples, "n_samples")
     if not isinstance(inputs, tuple):
         raise TypeError(f"inputs must be a tuple of the model's positional inputs, got {type(inputs).__name__}.")
-    from .posterior import DiagGaussian
-    from .predictive import glm_logit_moments, glm_samples
+    from bayescl.gaussian.diag import DiagGaussian
+    from bayescl.methods.predictive import glm_logit_moments, glm_samples
 
     if method is None:
         method = "glm" if isinstance(posterior, DiagGaussian) or _linear_kron(model, posterior) else "mc"

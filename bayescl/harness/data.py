@@ -12,7 +12,7 @@ Scenarios (van de Ven & Tolias 2019; Hsu et al. 2018):
 
 Pixels are in [0, 1] by default (the VCL protocol); ``normalize=True`` standardises with the dataset's mean/std.
 The data root is the ``root`` argument, else ``$BAYESCL_DATA``, else ``./data``; files follow torchvision's
-layout ``<root>/MNIST/raw/train-images-idx3-ubyte`` etc. Missing files are fetched (see :mod:`bayescl.fetch`).
+layout ``<root>/MNIST/raw/train-images-idx3-ubyte`` etc. Missing files are fetched (see :mod:`bayescl.harness.fetch`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
-from ._checks import as_enum, check_positive_int, check_real
+from bayescl._checks import as_enum, check_positive_int, check_real
 
 DATASET_STATS = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530)}
 IDX_FILES = {
@@ -104,9 +104,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 def load_split(dataset: str, split: str, root: str | os.PathLike[str] | None = None) -> tuple[Tensor, Tensor]:
     """Load ``(images uint8 (N, 28, 28), labels int64 (N,))`` of MNIST / FashionMNIST ``train`` or ``test``.
 
-    Missing files are fetched through :func:`bayescl.fetch.ensure_dataset` first.
+    Missing files are fetched through :func:`bayescl.harness.fetch.ensure_dataset` first.
     """
-    from .fetch import ensure_dataset
+    from bayescl.harness.fetch import ensure_dataset
 
     if dataset not in DATASET_STATS:
         raise ValueError(f"dataset={dataset!r} is not known; allowed: {', '.join(DATASET_STATS)}.")

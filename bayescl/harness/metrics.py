@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_positive_int
+from bayescl._checks import check_positive_int
 
 
 def _last_stage(R: Tensor) -> int:

@@ -1,4 +1,4 @@
-"""What every bayescl callback shares: a :class:`~bayescl.sites.PosteriorServer` as its state, task
+"""What every bayescl callback shares: a :class:`~bayescl.gaussian.server.PosteriorServer` as its state, task
 boundaries, unlearning, checkpoints, and the one mechanism that adds a prior term to the gradients.
 
 The prior term. For task ``t`` with ``N_t`` training examples the MAP objective is
@@ -14,27 +14,15 @@ The user's LightningModule is never edited.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int, check_real
-from ..sites import Gaussian, PosteriorServer, PriorGradient
-
-
-@torch.no_grad()
-def add_scaled_grads(params: Mapping[Any, nn.Parameter], grads: Mapping[Any, Tensor], scale: float) -> None:
-    """``p.grad += scale · grads[name]`` (creating ``.grad`` where it is ``None``): the one way a prior term
-    reaches the optimizer, shared by the callbacks, the Avalanche plugins and the distributed strategy."""
-    for n, p in params.items():
-        g = grads[n].to(p.dtype)
-        if p.grad is None:
-            p.grad = g * scale
-        else:
-            p.grad.add_(g, alpha=scale)
+from bayescl._checks import check_positive_int, check_real
+from bayescl.gaussian import Gaussian, PosteriorServer, PriorGradient
 
 
 def _dataset_size(dataloader: Any) -> int | None:
@@ -157,7 +145,7 @@ class PosteriorCallback(pl.Callback):
     def add_prior_grad(self, pl_module: nn.Module) -> None:
         """``p.grad += (Λθ − η) / N_t`` for every selected parameter (the documented mechanism).
 
-        Fused (:class:`~bayescl.sites.PriorGradient`, prepared once per posterior; the parameter list is fixed
+        Fused (:class:`~bayescl.gaussian.server.PriorGradient`, prepared once per posterior; the parameter list is fixed
         once per fit in ``on_train_start``).
         """
         if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
@@ -208,7 +196,3 @@ class PosteriorCallback(pl.Callback):
         server.load_state_dict(state)
         self._grad_cache = None
 
-
-def named_subset(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
-    named = dict(model.named_parameters())
-    return {n: named[n].detach() for n in names}

@@ -1,14 +1,13 @@
-"""Kronecker-term algebra behind :class:`bayescl.kron.KronGaussian`: terms, eigen factorisations and the
+"""Kronecker-term algebra behind :class:`bayescl.gaussian.kron.KronGaussian`: terms, eigen factorisations and the
 nearest-Kronecker-pair merge (Van Loan & Pitsianis 1993). Pure torch."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -93,17 +92,6 @@ class _Factor:
         if inverse:  # eigen basis -> block
             return self.ug @ x @ self.ua.T
         return self.ug.T @ x @ self.ua
-
-
-def _discover_layers(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, tuple[str, str | None]]:
-    layers = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            w = f"{name}.weight" if name else "weight"
-            b = f"{name}.bias" if name else "bias"
-            if w in params:
-                layers[name] = (w, b if b in params else None)
-    return layers
 
 
 def _eig_factor(t: KronTerm, delta: float) -> _Factor:

@@ -9,7 +9,7 @@ with ``vec`` row-major, ``A_i`` (``p × p``, input side) and ``G_i`` (``out × o
 PSD, ``s_i >= 0``. Every other parameter (BatchNorm, LayerNorm, ...) has only the elementwise part ``D``. ``D``
 is, per parameter, a 0-dim tensor (isotropic) or a tensor of the parameter's shape.
 
-Storage is in natural parameters, like :class:`~bayescl.posterior.DiagGaussian`: ``η = Λ μ`` and the terms, so
+Storage is in natural parameters, like :class:`~bayescl.gaussian.diag.DiagGaussian`: ``η = Λ μ`` and the terms, so
 products, quotients and tempering are exact additions (terms are **concatenated**, never ``(A1+A2)⊗(G1+G2)``);
 the mean ``μ = Λ⁻¹ η`` is solved lazily and cached (it is kept as given by the constructor). Each term carries a
 ``tag``; the same tag means the same factors, so dividing by a site removes exactly its terms.
@@ -35,17 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_enum, check_positive_int, check_real
-from ._kron_terms import (
-    KronTerm,
-    _discover_layers,
-    _eig_factor,
-    _Factor,
-    _merge_terms,
-    _new_tag,
-    low_rank_factor,
-)
-from .posterior import (
+from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl._params import linear_layers
+from bayescl.gaussian.diag import (
     ROUND_TOL,
     MeanInit,
     Params,
@@ -53,6 +45,14 @@ from .posterior import (
     check_same_names,
     check_tensors,
     named_tensors,
+)
+from bayescl.gaussian.kron_terms import (
+    KronTerm,
+    _eig_factor,
+    _Factor,
+    _merge_terms,
+    _new_tag,
+    low_rank_factor,
 )
 
 LayerParams = Mapping[str, tuple[str, str | None]]
@@ -152,7 +152,7 @@ class KronGaussian:
         """The prior ``N(μ0, I/precision)`` over ``model``'s trainable parameters, with its Linear/Conv2d layers."""
         p = check_real(precision, "precision", low=0.0, low_open=True)
         params = named_tensors(model, "model")
-        layers = _discover_layers(model, params)
+        layers = linear_layers(model, params)
         if not layers:
             types = sorted({type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(False))})
             raise ValueError(f"model has no Linear or Conv2d layer with trainable weights; found {types}.")
@@ -566,7 +566,7 @@ class KronGaussian:
         mu = {n: (t.clone() if init is MeanInit.CURRENT else torch.zeros_like(t)) for n, t in new.items()}
         layers, terms = dict(self._layers), {k: dict(v) for k, v in self._terms.items()}
         if isinstance(params, nn.Module):
-            for layer, spec in _discover_layers(params, tensors).items():
+            for layer, spec in linear_layers(params, tensors).items():
                 if all(pn in new for pn in spec if pn is not None) and layer not in layers:
                     layers[layer], terms[layer] = spec, {}
         z = torch.zeros((), dtype=self._dtype(), device=self._device())

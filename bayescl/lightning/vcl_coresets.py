@@ -1,7 +1,7 @@
-"""Coresets of :class:`~bayescl.callbacks.vcl.VCLCallback`: held out of each task, fine-tuned on before prediction.
+"""Coresets of :class:`~bayescl.lightning.vcl.VCLCallback`: held out of each task, fine-tuned on before prediction.
 
 As in VCL (Nguyen et al. 2018), a coreset of ``coreset_size`` examples (random or k-center,
-:mod:`bayescl.coresets`) is taken out of each task's training data. Before ``trainer.test`` / ``trainer.predict``
+:mod:`bayescl.methods.coresets`) is taken out of each task's training data. Before ``trainer.test`` / ``trainer.predict``
 the variational parameters are backed up and fine-tuned on the coresets (the union, or with
 ``coreset_per_task=True`` each test batch's own task), by Adam on the module's loss plus ``KL(q || q̃)/|C|`` to the
 pre-coreset posterior ``q̃``; the fine-tuned copy predicts and is then discarded (:meth:`restore_pre_coreset`).
@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..batches import move_inputs, split_batch
-from ..coresets import split_coreset, stack_dataset
-from ..variational import layer_posterior, predictive_samples, set_stochastic, tiled
+from bayescl._batches import move_inputs, split_batch
+from bayescl.methods.coresets import split_coreset, stack_dataset
+from bayescl.methods.variational import layer_posterior, predictive_samples, set_stochastic, tiled
 
 
 class CoresetMixin:
-    """The coreset half of :class:`~bayescl.callbacks.vcl.VCLCallback` (uses its attributes: ``coreset_size``,
+    """The coreset half of :class:`~bayescl.lightning.vcl.VCLCallback` (uses its attributes: ``coreset_size``,
     ``coreset_method``, ``coreset_epochs``, ``coreset_batch_size``, ``coreset_lr``, ``coreset_per_task``,
     ``coresets``, ``train_samples``, ``seed``, ``tasks_seen`` and its layer and KL methods)."""
 

@@ -37,90 +37,20 @@ mode for the pass and every module's mode is restored; parameters and their ``.g
 
 from __future__ import annotations
 
-import contextlib
-import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from ._checks import as_enum, check_positive_int
-from .batches import move_inputs, split_batch
+from bayescl._checks import as_enum, check_positive_int
+from bayescl._params import eval_mode, select_params
+from bayescl.curvature.common import FisherType, LossType, iter_batches, prepare_batch
 
-__all__ = ["FisherType", "LossType", "diag_fisher", "diag_site", "kfac", "kfac_layers", "kron_site"]
+__all__ = ["diag_fisher"]
 
 _VMAP_FLOATS = 1 << 23  # per-chunk budget for materialised per-example gradients (32 MiB in float32)
-
-
-class FisherType(str, enum.Enum):
-    """Which Fisher estimator (see the module docstring)."""
-
-    EXACT = "exact"
-    MC = "mc"
-    EMPIRICAL = "empirical"
-    BATCH_SQUARED = "batch_squared"
-
-
-class LossType(str, enum.Enum):
-    """Likelihoods with a known Fisher: softmax cross-entropy and Gaussian (``MSELoss(reduction="sum")``)."""
-
-    CE = "ce"
-    MSE = "mse"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module of ``model`` in ``eval()`` mode and restore each module's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-
-
-def select_params(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
-    """The trainable parameters to use: all with ``requires_grad`` or those named in ``params`` (frozen skipped)."""
-    named = dict(model.named_parameters())
-    if params is None:
-        out = {n: p for n, p in named.items() if p.requires_grad}
-    else:
-        wanted = [params] if isinstance(params, str) else list(params)
-        unknown = [n for n in wanted if n not in named]
-        if unknown:
-            raise ValueError(f"params names {unknown} that are not parameters of the model; allowed: {list(named)}.")
-        out = {n: named[n] for n in wanted if named[n].requires_grad}
-    if not out:
-        raise ValueError("the model has no trainable parameter to compute curvature for (all are frozen or filtered).")
-    return out
-
-
-def iter_batches(dataloader: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[Any]:
-    """Yield at most ``max_batches`` batches; raise if the dataloader yields none."""
-    if max_batches is not None:
-        check_positive_int(max_batches, "max_batches")
-    it: Iterable[Any] = dataloader
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(dataloader, desc=desc)
-    count = 0
-    for batch in it:
-        if max_batches is not None and count >= max_batches:
-            break
-        count += 1
-        yield batch
-    if count == 0:
-        raise ValueError("dataloader yielded no batches; curvature needs at least one batch of data.")
-
-
-def _prepare(batch: Any, ref: Tensor) -> tuple[tuple[Any, ...], Tensor]:
-    inputs, y = split_batch(batch)
-    tensors = tuple(t if isinstance(t, Tensor) else torch.as_tensor(t) for t in inputs)
-    return move_inputs(tensors, y, ref.device, ref.dtype)
 
 
 def _loss_vectors(
@@ -327,7 +257,7 @@ def diag_fisher(
     r"""Diagonal Fisher summed over the examples of ``dataloader``: :math:`\sum_n \operatorname{diag} F_n`.
 
     Args:
-        model: Called as ``model(*inputs)`` with the inputs of :func:`bayescl.batches.split_batch`.
+        model: Called as ``model(*inputs)`` with the inputs of :func:`bayescl._batches.split_batch`.
         dataloader: Yields ``(x, y)`` or ``(x, y, task_id)``.
         fisher: ``"exact"``, ``"mc"``, ``"empirical"`` or ``"batch_squared"`` (module docstring).
         loss: ``"ce"`` (softmax cross-entropy on the logits), ``"mse"`` (:math:`\sum_c (f_c-y_c)^2`) or a callable
@@ -354,27 +284,9 @@ def diag_fisher(
     ref = next(iter(targets.values()))
     with eval_mode(model):
         for batch in iter_batches(dataloader, max_batches, progress, f"diag Fisher ({fisher.value})"):
-            inputs, y = _prepare(batch, ref)
+            inputs, y = prepare_batch(batch, ref)
             _batch_curvature(model, targets, inputs, y, fisher, loss, mc_samples, generator, out)
     for n, t in out.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"the diagonal Fisher of parameter {n!r} is not finite (NaN/inf in the model or data).")
     return out
-
-
-def diag_site(model: nn.Module, dataloader: Iterable[Any], **kwargs: Any) -> Any:
-    r"""Laplace site with diagonal precision: :math:`\Lambda = \sum_n \operatorname{diag}F_n`,
-    :math:`\eta = \Lambda\odot\theta^*` at the current weights.
-
-    Keyword arguments go to :func:`diag_fisher`. Returns a :class:`bayescl.posterior.DiagGaussian` over the same
-    parameter names.
-    """
-    from .posterior import DiagGaussian
-
-    precision = diag_fisher(model, dataloader, **kwargs)
-    named = dict(model.named_parameters())
-    mean = {n: named[n].detach().clone() for n in precision}
-    return DiagGaussian.from_mean_precision(mean, precision)
-
-
-from .kfac import kfac, kfac_layers, kron_site  # re-export; kfac.py builds on this module

@@ -4,7 +4,7 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
 
 * **Module swap.** At ``setup`` (before ``configure_optimizers``, so the optimizer sees the new parameters) every
   ``nn.Linear`` / ``nn.Conv2d`` of the LightningModule becomes a mean-field Gaussian layer
-  (:mod:`bayescl.variational`, local reparameterisation). ``setup`` runs at every ``fit``; the swap is
+  (:mod:`bayescl.methods.variational`, local reparameterisation). ``setup`` runs at every ``fit``; the swap is
   idempotent. In ``eval()`` mode the LightningModule's call returns the log of the softmax probabilities averaged
   over ``test_samples`` samples, so a plain ``test_step`` (``argmax`` of the output) gets the MC-averaged
   prediction.
@@ -27,7 +27,7 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
 * **Task end** (``on_train_end`` or :meth:`end_task`): the layers' ``q_t`` becomes the prior of the next task.
   In the posterior server the task's site is ``q_t / q_{t−1}`` (natural parameters), so ``prior × sites = q_t``.
   Where the fitted variance of a weight exceeds that of ``q_{t−1}`` the site has negative precision there (a
-  *signed* site, see :mod:`bayescl.posterior`); the product stays ``q_t``. Forgetting a task whose removal would
+  *signed* site, see :mod:`bayescl.gaussian.diag`); the product stays ``q_t``. Forgetting a task whose removal would
   leave a later signed site uncovered is refused (``ValueError``, nothing changes). ``clamp_variance=True``
   instead shrinks such variances to the previous ones (non-negative sites, always forgettable; it changes
   ``q_t``, and costs accuracy: see the README). At the start of the next task the
@@ -62,10 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import as_enum, check_positive_int, check_real
-from ..coresets import CoresetMethod
-from ..posterior import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
-from ..variational import (
+from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl.gaussian.diag import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
+from bayescl.lightning.base import PosteriorCallback
+from bayescl.lightning.vcl_coresets import CoresetMixin
+from bayescl.methods.coresets import CoresetMethod
+from bayescl.methods.variational import (
     BayesLayer,
     convert,
     enable_predictive,
@@ -76,8 +78,6 @@ from ..variational import (
     tiled,
     variational_layers,
 )
-from .base import PosteriorCallback
-from .vcl_coresets import CoresetMixin
 
 _WRAP_ATTR = "_bayescl_mc_wrapped"
 
@@ -85,7 +85,7 @@ _WRAP_ATTR = "_bayescl_mc_wrapped"
 def _mc_training_step(orig: Callable[..., Any], k: int, module: nn.Module, vectorized: bool) -> Callable[..., Any]:
     """``training_step`` over ``k`` Monte Carlo samples of the network.
 
-    ``vectorized``: one call on the batch repeated ``k`` times (:func:`~bayescl.variational.tiled`; the loss, a
+    ``vectorized``: one call on the batch repeated ``k`` times (:func:`~bayescl.methods.variational.tiled`; the loss, a
     batch mean, is then the average over the samples). Otherwise ``k`` calls (fresh noise each) with the returned
     losses averaged. A deterministic network (the maximum-likelihood epochs) runs once.
     """
@@ -244,7 +244,7 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         """Create the server on first use; logical parameters that appeared since get the base prior N(0, 1/p)."""
         params = self.selected_params(pl_module)
         if self.server is None:
-            from ..sites import PosteriorServer
+            from bayescl.gaussian import PosteriorServer
 
             self.server = PosteriorServer(self.make_prior(pl_module))
         new = {n: torch.zeros_like(p.detach()) for n, p in params.items() if n not in self.server.prior}

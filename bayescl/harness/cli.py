@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .data import Scenario
+from bayescl.harness.data import Scenario
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +33,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_benchmark
-    from .report import load_results, markdown_table, write_report
+    from bayescl.harness.bench import BenchConfig, run_benchmark
+    from bayescl.harness.report import load_results, markdown_table, write_report
 
     command = "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for strategy in args.strategy:
@@ -58,8 +58,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from .data import data_root
-    from .fetch import ensure_dataset, verify
+    from bayescl.harness.data import data_root
+    from bayescl.harness.fetch import ensure_dataset, verify
 
     root = data_root(args.data_root)
     raw = ensure_dataset(args.dataset, root)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         if args.cmd == "data":
             return _data(args)
-        from .report import write_report
+        from bayescl.harness.report import write_report
 
         for p in write_report(args.results_dir):
             print(p)

@@ -10,7 +10,7 @@ data (:math:`N_t F_t`, a summed Fisher: diagonal or KFAC) updates the posterior
 (Ritter et al. 2018; Schwarz et al. 2018 for the decay :math:`\gamma`; :math:`\lambda = \gamma = 1` is the plain
 Bayesian recursion), and :math:`q_t = \mathcal N(\mu_t, \Lambda_t^{-1})` is the prior of the next task, whose
 term :math:`\frac{1}{2N}(\theta-\mu_t)^\top\Lambda_t(\theta-\mu_t)` is added to the gradients (see
-:mod:`bayescl.callbacks.base`).
+:mod:`bayescl.lightning.base`).
 
 In the posterior server the new task's site is :math:`t_t = q_t / q_{t-1}` (the curvature terms, and the
 natural mean shift that re-centres the posterior on :math:`\theta^*_t`), so ``prior × Π sites`` is exactly the
@@ -32,16 +32,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 
-from .._checks import as_enum, check_positive_int, check_real
-from ..curvature import FisherType, diag_site, kfac_layers, kron_site
-from ..kron import KronGaussian
-from ..marglik import fit_prior_precision, with_prior_precision
-from ..posterior import DiagGaussian
-from ..sites import Gaussian, laplace_site
-from .base import PosteriorCallback
+from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl._params import linear_layers, require_layers
+from bayescl.curvature import FisherType, diag_site, kron_site
+from bayescl.gaussian import Gaussian, laplace_site
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+from bayescl.lightning.base import PosteriorCallback
+from bayescl.methods.marglik import fit_prior_precision, with_prior_precision
 
 
 class Structure(str, enum.Enum):
@@ -60,7 +61,7 @@ class LaplaceCallback(PosteriorCallback):
     r"""Online Laplace posterior over the weights of the LightningModule it is attached to.
 
     The module's ``forward`` is used for the curvature pass: it must map a batch's inputs (``x`` or
-    ``x, task_id``, see :mod:`bayescl.batches`) to logits.
+    ``x, task_id``, see :mod:`bayescl._batches`) to logits.
 
     Args:
         structure: ``"diag"`` or ``"kron"`` (Linear/Conv2d layers; other parameters get a diagonal).
@@ -71,7 +72,7 @@ class LaplaceCallback(PosteriorCallback):
         gamma: online decay :math:`\gamma \in (0, 1]` of the earlier precision (online EWC); 1 = pure sum.
         online: keep a single site (constant memory; for kron an approximation, see the module docstring).
         rank: kron only: keep the top ``rank`` eigen-directions of every Kronecker factor
-            (:meth:`~bayescl.kron.KronGaussian.low_rank`, an approximation that makes the prior gradient cheap);
+            (:meth:`~bayescl.gaussian.kron.KronGaussian.low_rank`, an approximation that makes the prior gradient cheap);
             ``None`` keeps the full factors.
         rank_diagonal: with ``rank``, each factor also keeps the diagonal of what the rank cuts
             (``A ≈ U_A U_Aᵀ + diag(A − U_A U_Aᵀ)``): every weight keeps curvature, at twice the low-rank cost.
@@ -85,7 +86,7 @@ class LaplaceCallback(PosteriorCallback):
         auto_end_task: close the task at the end of every ``fit`` (else call :meth:`end_task`).
         predictive_prior_precision: base prior precision of :meth:`predictive_posterior` (the posterior used for
             prediction and uncertainty): ``"marglik"`` fits it by the Laplace evidence after every task
-            (:mod:`bayescl.marglik`), ``"train"`` keeps ``prior_precision``, a number uses that value. Training
+            (:mod:`bayescl.methods.marglik`), ``"train"`` keeps ``prior_precision``, a number uses that value. Training
             is not affected. ``laplace/penalty`` is logged every ``trainer.log_every_n_steps`` steps.
     """
 
@@ -155,12 +156,9 @@ class LaplaceCallback(PosteriorCallback):
         return KronGaussian.isotropic(pl_module, self.prior_precision).restrict(params) if layers else None
 
     def _kron_layers(self, pl_module: nn.Module, params: dict[str, Any]) -> list[str]:
-        layers = [name for name, (w, b) in kfac_layers(pl_module).items()
+        layers = [name for name, (w, b) in linear_layers(pl_module).items()
                   if w in params and (b is None or b in params)]
-        if not layers:
-            found = sorted({type(m).__name__ for m in pl_module.modules() if list(m.parameters(recurse=False))})
-            raise ValueError(f"structure='kron' needs a Linear or Conv2d layer among the selected parameters; "
-                             f"found layers of type {found}.")
+        require_layers(pl_module, layers, "structure='kron' (among the selected parameters)")
         return layers
 
     def curvature_site(self, pl_module: nn.Module, dataloader: Iterable[Any]) -> Gaussian:
@@ -278,6 +276,3 @@ class LaplaceCallback(PosteriorCallback):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "structure": self.structure.value, "online": self.online}
 
-
-def _unused(*_: Tensor) -> None:  # keeps type checkers quiet about re-exports
-    return None

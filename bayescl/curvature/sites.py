@@ -1,0 +1,69 @@
+"""Laplace sites from curvature: the curvature at the current weights as a Gaussian over the same parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bayescl._params import linear_layers, require_layers, select_params
+from bayescl.curvature.common import FisherType, LossType
+from bayescl.curvature.diag import diag_fisher
+from bayescl.curvature.kfac import KFACApprox, kfac
+from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kron import KronGaussian
+
+
+def diag_site(model: nn.Module, dataloader: Iterable[Any], **kwargs: Any) -> DiagGaussian:
+    r"""Laplace site with diagonal precision: :math:`\Lambda = \sum_n \operatorname{diag}F_n`,
+    :math:`\eta = \Lambda\odot\theta^*` at the current weights.
+
+    Keyword arguments go to :func:`diag_fisher`. Returns a :class:`bayescl.gaussian.diag.DiagGaussian` over the same
+    parameter names.
+    """
+    precision = diag_fisher(model, dataloader, **kwargs)
+    named = dict(model.named_parameters())
+    mean = {n: named[n].detach().clone() for n in precision}
+    return DiagGaussian.from_mean_precision(mean, precision)
+
+
+def kron_site(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    *,
+    fisher: str | FisherType = FisherType.MC,
+    loss: str | LossType = LossType.CE,
+    kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
+    mc_samples: int = 1,
+    layers: Iterable[str] | None = None,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> KronGaussian:
+    r"""Laplace site with Kronecker-factored precision :math:`G\otimes A` per supported layer at the current
+    weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other trainable parameter.
+
+    Arguments as for :func:`kfac`. Returns a :class:`bayescl.gaussian.kron.KronGaussian`.
+    """
+    factors = kfac(
+        model, dataloader, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples, layers=layers,
+        generator=generator, max_batches=max_batches, progress=progress,
+    )
+    mapping = linear_layers(model, layers=layers)
+    require_layers(model, mapping, "KFAC")
+    # a layer the data never reached (another task's head) has zero factors: it gets no term at all
+    factors = {k: (A, G) for k, (A, G) in factors.items() if bool(A.abs().max() > 0) and bool(G.abs().max() > 0)}
+    covered = {n for pair in mapping.values() for n in pair if n is not None}
+    names = list(select_params(model, None))  # model order
+    rest = [n for n in names if n not in covered]
+    diag = None
+    if rest:
+        diag = diag_fisher(
+            model, dataloader, fisher=fisher, loss=loss, mc_samples=mc_samples, params=rest, generator=generator,
+            max_batches=max_batches, progress=progress,
+        )
+    named = dict(model.named_parameters())
+    mean = {n: named[n].detach().clone() for n in names}
+    return KronGaussian.from_factors(mean, factors, mapping, diag)
