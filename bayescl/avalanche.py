@@ -37,7 +37,7 @@ after_backward → before_update → optimizer.step``):
   with several parameter groups. Then, as in Lightning's ``on_train_start``, the layers are set to the current
   posterior (``q_{t-1}``), ``N_t`` is set and ``enable_predictive(model, test_samples)`` is installed.
 * ``before_training_epoch``: the maximum-likelihood start (``ml_init``) is driven by Avalanche's epoch counter:
-  the callback's ``_ml_phase`` sees ``strategy.clock.train_exp_epochs`` as ``current_epoch`` (first experience
+  the callback's ``in_ml_phase`` gets ``strategy.clock.train_exp_epochs`` as the epoch (first experience
   only, ``ml_epochs`` epochs with means only and no KL); give ``ml_init=False`` to switch it off.
 * ``before_update``: ``callback.add_prior_grad(model, <epoch shim>)`` adds ``∇KL(q || q_{t-1}) / N_t``.
 * ``after_training_exp``: sampling on again and ``callback.end_task(None, model)`` (site ``q_t / q_{t-1}``).
@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -286,16 +285,15 @@ class VCLPlugin(PosteriorPlugin):
         super().__init__(callback)
 
     @staticmethod
-    def _epoch(strategy: Any) -> SimpleNamespace:
-        """What ``VCLCallback._ml_phase`` reads of a Trainer: the epoch within the experience."""
-        clock = getattr(strategy, "clock", None)
-        return SimpleNamespace(current_epoch=int(getattr(clock, "train_exp_epochs", 0)))
+    def _epoch(strategy: Any) -> int:
+        """The epoch within the experience (Avalanche's clock)."""
+        return int(strategy.clock.train_exp_epochs)
 
     def convert_model(self, strategy: Any) -> bool:
         """Make the model's layers variational and update the optimizer; returns whether parameters changed."""
         cb, model = self.callback, strategy.model
         before = {id(p) for p in model.parameters()}
-        convert(model, cb.logvar_init, include=cb._include)
+        convert(model, cb.logvar_init, include=cb.include_layer)
         params = dict(model.named_parameters())
         changed = {id(p) for p in params.values()} != before
         optimizer = getattr(strategy, "optimizer", None)
@@ -319,7 +317,7 @@ class VCLPlugin(PosteriorPlugin):
             cb.task_open = True
 
     def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        set_stochastic(strategy.model, not self.callback._ml_phase(self._epoch(strategy)))
+        set_stochastic(strategy.model, not self.callback.in_ml_phase(self._epoch(strategy)))
 
     def before_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         clock = strategy.clock

@@ -216,14 +216,15 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ------------------------------------------------------------------ layers and names
-    def _include(self, path: str) -> bool:
+    def include_layer(self, path: str) -> bool:
+        """Whether the layer at module path ``path`` carries a posterior (``params`` matches its weight or bias)."""
         if self.param_patterns is None:
             return True
         return any(r.search(f"{path}.{k}" if path else k) for r in self.param_patterns for k in ("weight", "bias"))
 
     def layers(self, pl_module: nn.Module) -> dict[str, BayesLayer]:
         """The variational layers that carry the posterior, by module path."""
-        return {p: m for p, m in variational_layers(pl_module).items() if self._include(p)}
+        return {p: m for p, m in variational_layers(pl_module).items() if self.include_layer(p)}
 
     def selected_params(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
         """Logical name (``<path>.weight`` / ``.bias``) -> the layer's mean parameter."""
@@ -336,18 +337,25 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         return kl
 
     @torch.no_grad()
-    def add_prior_grad(self, pl_module: nn.Module, trainer: pl.Trainer | None = None) -> Tensor | None:
-        """``.grad += ∇KL(q || q_{t−1}) / N_t`` on the layers with a data gradient (the documented mechanism)."""
+    def add_prior_grad(self, pl_module: nn.Module, epoch: int | None = None) -> Tensor | None:
+        """``.grad += ∇KL(q || q_{t−1}) / N_t`` on the layers with a data gradient (the documented mechanism).
+
+        Args:
+            pl_module: the model.
+            epoch: the epoch within the task (``None``: not in the maximum-likelihood phase, see :meth:`in_ml_phase`).
+        """
         self.ensure_server(pl_module)
-        if trainer is not None and self._ml_phase(trainer):
+        if epoch is not None and self.in_ml_phase(epoch):
             for path, layer in self.layers(pl_module).items():
                 if _has_data_grad(layer):
                     self._touched.update(_layer_names(path, layer))
             return None
         return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched)
 
-    def _ml_phase(self, trainer: pl.Trainer) -> bool:
-        return self.ml_init and self.tasks_seen == 0 and trainer.current_epoch < self.ml_epochs
+    def in_ml_phase(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` of the current task is a maximum-likelihood epoch (``ml_init``: the first
+        ``ml_epochs`` epochs of the first task train the means deterministically, without the KL)."""
+        return self.ml_init and self.tasks_seen == 0 and epoch < self.ml_epochs
 
     # ------------------------------------------------------------------ task boundaries
     @torch.no_grad()
@@ -403,7 +411,7 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        convert(pl_module, self.logvar_init, include=self._include)
+        convert(pl_module, self.logvar_init, include=self.include_layer)
         enable_predictive(pl_module, self.test_samples)
         if self.train_samples > 1 and not hasattr(pl_module.training_step, _WRAP_ATTR):
             pl_module.training_step = _mc_training_step(pl_module.training_step, self.train_samples, pl_module,
@@ -423,7 +431,7 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
             self.task_open = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        set_stochastic(pl_module, not self._ml_phase(trainer))
+        set_stochastic(pl_module, not self.in_ml_phase(trainer.current_epoch))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -446,7 +454,7 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        kl = self.add_prior_grad(pl_module, trainer)
+        kl = self.add_prior_grad(pl_module, trainer.current_epoch)
         if kl is not None:
             pl_module.log("vcl/kl", kl, on_step=False, on_epoch=True)
 
