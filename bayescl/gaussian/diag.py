@@ -22,129 +22,47 @@ inside a product that is proper.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl.gaussian.diag_kl import add_diag_gaussian_kl_grad_, diag_gaussian_kl
+from bayescl.gaussian.tensors import (
+    ROUND_TOL,
+    MeanInit,
+    Params,
+    check_known,
+    check_new_shapes,
+    check_same_names,
+    check_state_kind,
+    check_tensors,
+    first_dtype_device,
+    initial_mean,
+    named_tensors,
+    nonneg_precision,
+)
 
-Params = Mapping[str, Tensor] | nn.Module
-
-#: Relative tolerance below which a negative precision produced by a subtraction is taken as rounding (-> 0).
-ROUND_TOL = 1e-9
-
-
-class MeanInit(str, enum.Enum):
-    """Where the mean of an isotropic Gaussian comes from."""
-
-    ZEROS = "zeros"
-    CURRENT = "current"
-
-
-def named_tensors(params: Params, name: str = "params", *, detach: bool = True) -> dict[str, Tensor]:
-    """Return ``params`` as an ordered ``dict`` name -> tensor.
-
-    Args:
-        params: an ``nn.Module`` (its ``named_parameters()`` with ``requires_grad``) or a mapping name -> Tensor.
-        name: the argument name used in error messages.
-        detach: detach the tensors (keep ``False`` when the result must stay differentiable).
-    """
-    if isinstance(params, nn.Module):
-        items = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-    elif isinstance(params, Mapping):
-        items = list(params.items())
-    else:
-        raise TypeError(f"{name} must be an nn.Module or a mapping name -> Tensor, got {type(params).__name__}.")
-    out: dict[str, Tensor] = {}
-    for n, t in items:
-        if not isinstance(n, str) or not isinstance(t, Tensor):
-            raise TypeError(f"{name} must map str -> Tensor; entry {n!r} is {type(t).__name__}.")
-        out[n] = t.detach() if detach else t
-    return out
+#: names other modules import from here (their homes: :mod:`~bayescl.gaussian.tensors`, ``diag_kl``)
+__all__ = ["ROUND_TOL", "DiagGaussian", "MeanInit", "Params", "add_diag_gaussian_kl_grad_", "check_same_names",
+           "check_tensors", "diag_gaussian_kl", "elementwise_spectrum", "named_tensors"]
 
 
-def check_same_names(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str = "other") -> None:
-    """Raise ``ValueError`` naming the first parameter that is missing on one side or has another shape."""
-    for n, t in a.items():
-        if n not in b:
-            raise ValueError(f"parameter {n!r} is in self but not in {what}; both must hold the same parameters.")
-        if tuple(b[n].shape) != tuple(t.shape):
-            raise ValueError(
-                f"parameter {n!r} has shape {tuple(t.shape)} in self but {tuple(b[n].shape)} in {what}; "
-                "shapes must match."
-            )
-    for n in b:
-        if n not in a:
-            raise ValueError(f"parameter {n!r} is in {what} but not in self; both must hold the same parameters.")
+def elementwise_spectrum(precision: Tensor, mean: Tensor, base: float) -> tuple[Tensor, float]:
+    """The data part ``h = (λ − base)₊`` of an elementwise precision where it is ``> 0`` (float64, flat) and
+    ``‖μ‖²`` over those entries: one parameter's share of :meth:`DiagGaussian.data_spectrum`."""
+    h = (precision.double().expand(mean.shape) - base).clamp_min(0).reshape(-1)
+    keep = h > 0
+    return h[keep], float((mean.double().reshape(-1)[keep] ** 2).sum())
 
 
-def check_tensors(tensors: Mapping[str, Tensor], what: str, ref: Tensor | None = None) -> Tensor | None:
-    """Check that all tensors are floating, finite and share dtype/device (with ``ref`` if given)."""
-    for n, t in tensors.items():
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{what}[{n!r}] must be a floating-point Tensor, got {getattr(t, 'dtype', type(t))}.")
-        if ref is None:
-            ref = t
-        if t.dtype != ref.dtype:
-            raise ValueError(f"{what}[{n!r}] has dtype {t.dtype} but other tensors have {ref.dtype}; use one dtype.")
-        if t.device != ref.device:
-            raise ValueError(
-                f"{what}[{n!r}] is on device {t.device} but other tensors are on {ref.device}; use one device."
-            )
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what}[{n!r}] contains non-finite values; all entries must be finite.")
-    return ref
-
-
-def _nonneg_precision(prec: Tensor, ref: Tensor, name: str, what: str, allow_zero: bool) -> Tensor:
-    """Clamp rounding-level negatives of a subtracted precision to 0; raise on real negatives (or zeros)."""
-    tol = ROUND_TOL * ref.abs()
-    if bool((prec < -tol).any()):
-        raise ValueError(
-            f"{what}: parameter {name!r} would get negative precision (min {float(prec.min()):.3g}); "
-            "the divisor must not hold more precision than the dividend."
-        )
-    prec = torch.where(prec.abs() <= tol, torch.zeros_like(prec), prec)
-    if not allow_zero and bool((prec <= 0).any()):
-        raise ValueError(
-            f"{what}: parameter {name!r} would get precision <= 0 on {int((prec <= 0).sum())} entries; "
-            "the result must be proper (pass allow_improper=True to keep an improper site)."
-        )
-    return prec
-
-
-def diag_gaussian_kl(mu: Tensor, logvar: Tensor, prior_mean: Tensor, prior_precision: Tensor) -> Tensor:
-    r"""``KL(N(μ, e^ℓ) || N(μ_p, 1/λ_p))`` summed over entries, differentiable in ``μ`` and ``ℓ``:
-    ``½ Σ [λ_p e^ℓ + λ_p (μ − μ_p)² − 1 − log λ_p − ℓ]`` (the one elementwise Gaussian KL: DiagGaussian.kl and the
-    variational layers both use it)."""
-    return 0.5 * (prior_precision * (logvar.exp() + (mu - prior_mean) ** 2) - 1.0
-                  - torch.log(prior_precision) - logvar).sum()
-
-
-@torch.no_grad()
-def add_diag_gaussian_kl_grad_(mu: Tensor, logvar: Tensor, prior_mean: Tensor, prior_precision: Tensor,
-                               scale: float = 1.0, log_precision_sum: Tensor | None = None) -> Tensor:
-    r"""Add ``scale · ∇ KL(N(μ, e^ℓ) || N(μ_p, 1/λ_p))`` to ``mu.grad`` and ``logvar.grad`` (zeros where ``None``)
-    in closed form, :math:`\nabla_\mu = \lambda_p(\mu - \mu_p)`, :math:`\nabla_\ell = \tfrac12(\lambda_p e^\ell - 1)`,
-    and return the KL itself (unscaled; the value of :func:`diag_gaussian_kl`).
-
-    Fewer passes over the weights than autograd through :func:`diag_gaussian_kl`. ``log_precision_sum`` is
-    ``Σ log λ_p`` when the caller keeps it per prior (it is computed otherwise).
-    """
-    for p in (mu, logvar):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    diff, var = mu - prior_mean, logvar.exp()
-    mu.grad.addcmul_(prior_precision, diff, value=scale)
-    logvar.grad.addcmul_(prior_precision, var, value=0.5 * scale).sub_(0.5 * scale)
-    if log_precision_sum is None:
-        log_precision_sum = torch.log(prior_precision).sum()
-    quad = torch.dot(prior_precision.reshape(-1), (var + diff * diff).reshape(-1))
-    return 0.5 * (quad - logvar.sum() - mu.numel() - log_precision_sum)
+def spectrum_total(parts: list[tuple[Tensor, float]]) -> tuple[Tensor, float]:
+    """Concatenate ``(eigenvalues, squared norm)`` parts (an empty float64 tensor when there are none)."""
+    eigs = [e for e, _ in parts]
+    return (torch.cat(eigs) if eigs else torch.zeros(0, dtype=torch.float64)), sum(s for _, s in parts)
 
 
 class DiagGaussian:
@@ -202,7 +120,7 @@ class DiagGaussian:
         tensors = named_tensors(params)
         check_tensors(tensors, "params")
         prec = {n: torch.full_like(t, p) for n, t in tensors.items()}
-        eta = {n: (p * t.clone() if init is MeanInit.CURRENT else torch.zeros_like(t)) for n, t in tensors.items()}
+        eta = {n: p * initial_mean(t, init) for n, t in tensors.items()}
         return cls._trusted(eta, prec)
 
     @classmethod
@@ -294,7 +212,7 @@ class DiagGaussian:
             if allow_negative:
                 prec[n] = torch.where(diff.abs() <= ROUND_TOL * p.abs(), torch.zeros_like(diff), diff)
             else:
-                prec[n] = _nonneg_precision(diff, p, n, "division", allow_improper)
+                prec[n] = nonneg_precision(diff, p, n, "division", allow_improper)
         return DiagGaussian._trusted({n: t - other._eta[n] for n, t in self._eta.items()}, prec)
 
     def __truediv__(self, other: DiagGaussian) -> DiagGaussian:
@@ -323,7 +241,8 @@ class DiagGaussian:
         self._require_proper("kl")
         other._require_proper("kl (other)")
         mp, mq = self.mean, other.mean
-        total = torch.zeros((), dtype=self._dtype(), device=self._device())
+        dtype, device = first_dtype_device(self._eta)
+        total = torch.zeros((), dtype=dtype, device=device)
         for n, lp in self._prec.items():
             total = total + diag_gaussian_kl(mp[n], -torch.log(lp), mq[n], other._prec[n])
         return total
@@ -376,10 +295,7 @@ class DiagGaussian:
     # ------------------------------------------------------------------ structure
     def restrict(self, names: Iterable[str]) -> DiagGaussian:
         """The marginal over ``names`` (in the given order); ``KeyError`` naming the first unknown one."""
-        names = list(names)
-        for n in names:
-            if n not in self._eta:
-                raise KeyError(f"parameter {n!r} is not in this Gaussian; known: {', '.join(self._eta)}.")
+        names = check_known(names, self._eta)
         return DiagGaussian._trusted({n: self._eta[n] for n in names}, {n: self._prec[n] for n in names})
 
     def extend(self, params: Params, precision: float, mean: MeanInit | str = "current") -> DiagGaussian:
@@ -392,27 +308,46 @@ class DiagGaussian:
         p = check_real(precision, "precision", low=0.0)
         init = as_enum(MeanInit, mean, "mean")
         tensors = named_tensors(params)
+        check_new_shapes(tensors, self._eta)
+        dtype, device = first_dtype_device(self._eta)
         eta, prec = dict(self._eta), dict(self._prec)
         for n, t in tensors.items():
-            if n in eta:
-                if tuple(t.shape) != tuple(eta[n].shape):
-                    raise ValueError(f"parameter {n!r} has shape {tuple(t.shape)} in params but "
-                                     f"{tuple(eta[n].shape)} in self; shapes must match.")
-                continue
-            t = t.to(device=self._device(), dtype=self._dtype())
-            prec[n] = torch.full_like(t, p)
-            eta[n] = p * t.clone() if init is MeanInit.CURRENT else torch.zeros_like(t)
+            if n not in eta:
+                t = t.to(device=device, dtype=dtype)
+                prec[n] = torch.full_like(t, p)
+                eta[n] = p * initial_mean(t, init)
         return DiagGaussian._trusted(eta, prec)
-
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self._eta.values())).dtype if self._eta else torch.get_default_dtype()
-
-    def _device(self) -> torch.device:
-        return next(iter(self._eta.values())).device if self._eta else torch.device("cpu")
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiagGaussian:
         return DiagGaussian._trusted({n: t.to(device=device, dtype=dtype) for n, t in self._eta.items()},
                                      {n: t.to(device=device, dtype=dtype) for n, t in self._prec.items()})
+
+    # ------------------------------------------------------------------ the interface both kinds share
+    @property
+    def layers(self) -> dict[str, tuple[str, str | None]]:
+        """The Kronecker-factored layers: none (every parameter is elementwise)."""
+        return {}
+
+    def blocks(self) -> dict[str, Any]:
+        """The per-layer Kronecker blocks (:class:`~bayescl.gaussian.kron_block.KronBlock`): none."""
+        return {}
+
+    def elementwise_precision(self) -> dict[str, Tensor]:
+        """The elementwise part of ``Λ`` per parameter, in the parameter's shape: here all of ``Λ``, ``λ``."""
+        return dict(self._prec)
+
+    def data_spectrum(self, base_precision: float) -> tuple[Tensor, float]:
+        """``(h, ‖μ‖²)``: the eigenvalues ``h_j = λ_j − τ₀ > 0`` of the data part ``H = Λ − τ₀ I`` (float64) and
+        ``Σ μ_j²`` over those entries (the entries the data never touched are left out); see
+        :mod:`bayescl.methods.marglik`."""
+        mean = self.mean
+        return spectrum_total([elementwise_spectrum(p, mean[n], base_precision) for n, p in self._prec.items()])
+
+    def with_base_precision(self, old: float, new: float) -> DiagGaussian:
+        """The same mean with the isotropic base precision ``old`` replaced by ``new``: ``λ' = (λ − old)₊ + new``."""
+        old, new = check_real(old, "old", low=0.0), check_real(new, "new", low=0.0, low_open=True)
+        return DiagGaussian.from_mean_precision(self.mean,
+                                                {n: (p - old).clamp_min(0) + new for n, p in self._prec.items()})
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -425,9 +360,7 @@ class DiagGaussian:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> DiagGaussian:
-        if not isinstance(state, Mapping) or state.get("kind") != cls.kind:
-            got = state.get("kind") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"state kind={got!r} cannot be loaded into DiagGaussian; expected 'diag'.")
+        state = check_state_kind(state, cls.kind, cls.__name__)
         return cls(state["eta"], state["precision"], signed=bool(state.get("signed", False)))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""Kronecker-term algebra behind :class:`bayescl.gaussian.kron.KronGaussian`: terms, eigen factorisations and the
-nearest-Kronecker-pair merge (Van Loan & Pitsianis 1993). Pure torch."""
+"""Kronecker terms ``s (G ⊗ A)`` of a :class:`bayescl.gaussian.kron.KronGaussian`: the term, its low-rank
+truncation and the nearest-Kronecker-pair merge of a sum of terms (Van Loan & Pitsianis 1993). Pure torch."""
 
 from __future__ import annotations
 
@@ -59,49 +59,12 @@ def low_rank_factor(M: Tensor, rank: int, keep_diagonal: bool = False) -> tuple[
     return low + torch.diag(d), U, d
 
 
-def _new_tag() -> str:
+def new_tag() -> str:
+    """A fresh random tag (terms with the same tag share their factors)."""
     return uuid.uuid4().hex
 
 
-@dataclass
-class _Factor:
-    """Factorised block precision: eigen form ``(U_G ⊗ U_A) diag(lam) (…)ᵀ`` (``U=None`` is ``I``) or dense."""
-
-    lam: Tensor | None = None  # (out, p)
-    ug: Tensor | None = None
-    ua: Tensor | None = None
-    chol: Tensor | None = None  # (n, n) lower Cholesky factor of the dense Λ
-
-    def logdet(self) -> Tensor:
-        if self.chol is not None:
-            return 2.0 * torch.log(torch.diagonal(self.chol)).sum()
-        return torch.log(self.lam).sum()
-
-    def cov_diag(self) -> Tensor:
-        """Diagonal of ``Λ⁻¹`` (block shape for the eigen form, flat for dense)."""
-        if self.chol is not None:
-            return torch.diagonal(torch.cholesky_inverse(self.chol))
-        inv = 1.0 / self.lam
-        if self.ug is None:
-            return inv
-        return (self.ug**2) @ inv @ (self.ua**2).T
-
-    def rot(self, x: Tensor, inverse: bool = False) -> Tensor:
-        if self.ug is None:
-            return x
-        if inverse:  # eigen basis -> block
-            return self.ug @ x @ self.ua.T
-        return self.ug.T @ x @ self.ua
-
-
-def _eig_factor(t: KronTerm, delta: float) -> _Factor:
-    g, ug = torch.linalg.eigh(t.G)
-    a, ua = torch.linalg.eigh(t.A)
-    g, a = g.clamp_min(0), a.clamp_min(0)  # PSD factors: clip rounding-level negative eigenvalues
-    return _Factor(lam=delta + t.scale * torch.outer(g, a), ug=ug, ua=ua)
-
-
-def _merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm | None:
+def merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm | None:
     """Nearest Kronecker pair (Frobenius) to ``Σ s_i G_i ⊗ A_i`` by power iteration on the Gram matrices.
 
     Zero terms (a layer the data never reached: ``G = 0``) are dropped first; ``None`` when all are zero.
@@ -133,4 +96,4 @@ def _merge_terms(ts: list[KronTerm], iters: int = 100) -> KronTerm | None:
     c = num / ((gamma @ kg @ gamma) * (alpha @ ka @ alpha))
     a_m, g_m = torch.einsum("i,iab->ab", alpha, A), torch.einsum("i,iab->ab", gamma, G)
     na, ng = a_m.norm(), g_m.norm()  # balance: unit-norm factors, size in the scale
-    return KronTerm(a_m / na, g_m / ng, float(c * na * ng), _new_tag())
+    return KronTerm(a_m / na, g_m / ng, float(c * na * ng), new_tag())

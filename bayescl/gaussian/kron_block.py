@@ -1,0 +1,254 @@
+r"""One layer's block of a :class:`~bayescl.gaussian.kron.KronGaussian`: the public per-layer API.
+
+A ``Linear`` / ``Conv2d`` layer with weight ``W`` (``out × in…``) and bias ``b`` is the block
+``W̃ = [W.reshape(out, -1), b]`` (``out × p``, the bias is the last input column; :func:`to_block`,
+:func:`from_block`). Its precision
+
+.. math::
+
+    \Lambda = \operatorname{diag}(D) + \textstyle\sum_i s_i\, (G_i \otimes A_i),\qquad
+    \Lambda\,\mathrm{vec}(\tilde W) \leftrightarrow D \odot \tilde W + \textstyle\sum_i s_i\, G_i \tilde W A_i
+
+(``vec`` row-major) is a :class:`KronBlock`; :meth:`KronBlock.factor` factorises it as a :class:`BlockFactor`:
+
+* the eigen form ``Λ = (U_G ⊗ U_A) diag(ℓ) (U_G ⊗ U_A)ᵀ`` with ``ℓ = δ + s g aᵀ`` when the block has at most one
+  term and an isotropic ``D = δ`` (exact);
+* the dense Cholesky factor when the block has at most ``dense_limit`` entries (exact);
+* with ``approx``, the eigen form of the terms merged into one pair and ``D`` replaced by its mean (otherwise
+  ``None``: :meth:`KronBlock.solve` then uses Jacobi-preconditioned conjugate gradients).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from bayescl.gaussian.kron_terms import KronTerm, merge_terms
+
+#: a layer's ``(weight name, bias name or None)``
+LayerSpec = tuple[str, str | None]
+
+
+def block_shape(spec: LayerSpec, tensors: Mapping[str, Tensor]) -> tuple[int, int]:
+    """``(out, p)`` of the layer's block ``W̃`` (``p`` counts the bias column)."""
+    w, b = spec
+    return tensors[w].shape[0], tensors[w][0].numel() + (b is not None)
+
+
+def to_block(spec: LayerSpec, tensors: Mapping[str, Tensor]) -> Tensor:
+    """The block ``W̃ = [W.reshape(out, -1), b]`` of one layer from named tensors."""
+    w, b = spec
+    wt = tensors[w].reshape(tensors[w].shape[0], -1)
+    return wt if b is None else torch.cat([wt, tensors[b].reshape(-1, 1)], dim=1)
+
+
+def from_block(spec: LayerSpec, x: Tensor, shapes: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The named tensors of a block ``x`` (``(..., out, p)``, leading dimensions kept), shaped like ``shapes``."""
+    w, b = spec
+    out = {w: x[..., : shapes[w][0].numel()].reshape(x.shape[:-2] + tuple(shapes[w].shape))}
+    if b is not None:
+        out[b] = x[..., -1]
+    return out
+
+
+def apply_terms(terms: Iterable[KronTerm], x: Tensor) -> Tensor | None:
+    """``Σ_i s_i G_i x A_i`` for a block ``x`` (``None`` when there is no term)."""
+    terms = list(terms)
+    return sum(t.scale * t.apply(x) for t in terms) if terms else None
+
+
+@dataclass
+class BlockFactor:
+    """A factorised block precision: eigen form ``(U_G ⊗ U_A) diag(lam) (U_G ⊗ U_A)ᵀ`` (``U = None`` is ``I``;
+    ``lam`` has the block's shape ``(out, p)``) or dense (``chol``, the lower Cholesky factor of ``Λ``)."""
+
+    lam: Tensor | None = None
+    ug: Tensor | None = None
+    ua: Tensor | None = None
+    chol: Tensor | None = None
+
+    def logdet(self) -> Tensor:
+        """``log det Λ``."""
+        if self.chol is not None:
+            return 2.0 * torch.log(torch.diagonal(self.chol)).sum()
+        return torch.log(self.lam).sum()
+
+    def cov_diag(self) -> Tensor:
+        """Diagonal of ``Λ⁻¹`` (block shape for the eigen form, flat for dense)."""
+        if self.chol is not None:
+            return torch.diagonal(torch.cholesky_inverse(self.chol))
+        inv = 1.0 / self.lam
+        if self.ug is None:
+            return inv
+        return (self.ug**2) @ inv @ (self.ua**2).T
+
+    def rot(self, x: Tensor, inverse: bool = False) -> Tensor:
+        """A block into the eigenbasis, ``U_Gᵀ x U_A`` (``inverse``: back, ``U_G x U_Aᵀ``)."""
+        if self.ug is None:
+            return x
+        if inverse:
+            return self.ug @ x @ self.ua.T
+        return self.ug.T @ x @ self.ua
+
+    def solve(self, r: Tensor) -> Tensor:
+        """``Λ⁻¹ r`` for a block ``r``."""
+        if self.chol is not None:
+            return torch.cholesky_solve(r.reshape(-1, 1), self.chol).reshape(r.shape)
+        return self.rot(self.rot(r) / self.lam, inverse=True)
+
+    def sample(self, lead: tuple[int, ...], shape: tuple[int, int], **kw) -> Tensor:
+        """Blocks ``x ~ N(0, Λ⁻¹)`` of shape ``lead + shape`` (``kw``: ``torch.randn``'s dtype/device/generator)."""
+        if self.chol is not None:
+            z = torch.randn(lead + (shape[0] * shape[1], 1), **kw)
+            return torch.linalg.solve_triangular(self.chol.mT, z, upper=True).reshape(lead + shape)
+        return self.rot(torch.randn(lead + shape, **kw) / self.lam.sqrt(), inverse=True)
+
+    def trace_with(self, other: KronBlock) -> Tensor:
+        """``tr(Λ_other Λ⁻¹)``, ``Λ`` this factor's block (``Σ_i s_i (g̃_i ⊗ ã_i)ᵀ ℓ⁻¹`` in the eigen form, with
+        ``g̃_i = diag(U_Gᵀ G_i U_G)``, ``ã_i = diag(U_Aᵀ A_i U_A)``)."""
+        if self.chol is not None:
+            return (other.dense() * torch.cholesky_inverse(self.chol)).sum()
+        inv = 1.0 / self.lam
+        total = (other.diag * self.cov_diag()).sum()
+        for t in other.terms:
+            gd = torch.diagonal(self.ug.T @ t.G @ self.ug) if self.ug is not None else torch.diagonal(t.G)
+            ad = torch.diagonal(self.ua.T @ t.A @ self.ua) if self.ua is not None else torch.diagonal(t.A)
+            total = total + t.scale * (gd @ inv @ ad)
+        return total
+
+    def outer_quadratic(self, delta: Tensor, a: Tensor) -> Tensor:
+        """``(δ ⊗ a) Λ⁻¹ (δ ⊗ a)ᵀ`` per row of ``delta`` (``B × out``) and ``a`` (``B × p``): the variance of a
+        linear function whose gradient with respect to ``W̃`` is the outer product ``δ aᵀ``."""
+        if self.chol is not None:
+            j = (delta[:, :, None] * a[:, None, :]).reshape(delta.shape[0], -1)
+            return (j * torch.cholesky_solve(j.T, self.chol).T).sum(-1)
+        dr = delta if self.ug is None else delta @ self.ug
+        ar = a if self.ua is None else a @ self.ua
+        return ((dr**2) @ (1.0 / self.lam) * ar**2).sum(-1)
+
+
+def eig_factor(t: KronTerm, delta: float) -> BlockFactor:
+    """The eigen form of ``δ I + s (G ⊗ A)``: ``ℓ = δ + s g aᵀ`` (rounding-level negative eigenvalues clipped)."""
+    g, ug = torch.linalg.eigh(t.G)
+    a, ua = torch.linalg.eigh(t.A)
+    g, a = g.clamp_min(0), a.clamp_min(0)
+    return BlockFactor(lam=delta + t.scale * torch.outer(g, a), ug=ug, ua=ua)
+
+
+class KronBlock:
+    """The precision ``Λ = diag(D) + Σ_i s_i (G_i ⊗ A_i)`` of one layer's block (see the module docstring).
+
+    Args:
+        layer: the layer's name (for error messages).
+        spec: ``(weight name, bias name or None)``.
+        diag: ``D`` in block form (``out × p``).
+        terms: the Kronecker terms.
+        dense_limit: the largest block (entries) factorised densely.
+    """
+
+    def __init__(self, layer: str, spec: LayerSpec, diag: Tensor, terms: Sequence[KronTerm],
+                 dense_limit: int = 2000) -> None:
+        self.layer, self.spec, self.diag, self.terms = layer, spec, diag, tuple(terms)
+        self.dense_limit = dense_limit
+
+    def __repr__(self) -> str:
+        return f"KronBlock({self.layer!r}, shape {tuple(self.diag.shape)}, {len(self.terms)} terms)"
+
+    def apply(self, x: Tensor) -> Tensor | None:
+        """The Kronecker part ``Σ_i s_i G_i x A_i`` of ``Λ x`` for a block ``x`` (``None`` without terms)."""
+        return apply_terms(self.terms, x)
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """``Λ x = D ⊙ x + Σ_i s_i G_i x A_i`` for a block ``x``."""
+        kx = self.apply(x)
+        return self.diag * x if kx is None else self.diag * x + kx
+
+    def dense(self) -> Tensor:
+        """The dense ``Λ`` (``out·p × out·p``, row-major ``vec``)."""
+        lam = torch.diag(self.diag.reshape(-1))
+        for t in self.terms:
+            lam = lam + t.scale * torch.kron(t.G, t.A)
+        return lam
+
+    def isotropic_diag(self) -> float | None:
+        """``δ`` when ``D = δ`` everywhere in the block, else ``None``."""
+        lo, hi = float(self.diag.min()), float(self.diag.max())
+        return lo if lo == hi else None
+
+    def data_spectrum(self, mean: Tensor, base: float) -> tuple[Tensor, float] | None:
+        r"""``(ℓ, ‖μ‖²)`` of the data part ``Λ − base·I`` of this block (float64), for a Laplace evidence.
+
+        The terms are merged into one pair ``s G ⊗ A`` (:func:`~bayescl.gaussian.kron_terms.merge_terms`; exact
+        for one term) and ``D`` is replaced by the mean ``d̄`` of ``(D − base)₊``, so ``ℓ_ij = d̄ + s g_i a_j``;
+        the entries ``ℓ > 0`` are kept, and ``μ`` (the block ``mean``) is measured in the eigenbasis,
+        ``U_Gᵀ μ U_A``, over the same entries: its components in the null space of ``A`` or ``G`` (never touched by
+        the data) are left out. ``None`` when no term is left (the caller treats the block elementwise).
+        """
+        t = self.terms[0] if len(self.terms) == 1 else merge_terms(list(self.terms)) if self.terms else None
+        if t is None:
+            return None
+        d = (self.diag.double() - base).reshape(-1)
+        f = eig_factor(replace(t, A=t.A.double(), G=t.G.double()), float(d.clamp_min(0).mean()))
+        keep = f.lam > 0
+        return f.lam[keep], float((f.rot(mean.double())[keep] ** 2).sum())
+
+    def _singular(self) -> ValueError:
+        return ValueError(f"layer {self.layer!r} has a singular precision (an improper site).")
+
+    def factor(self, approx: bool = False) -> BlockFactor | None:
+        """Exact factor (eigen or dense) or, with ``approx``, the merged-pair approximation; ``None`` if neither.
+
+        Raises ``ValueError`` naming the layer when the block is singular."""
+        ts = self.terms
+        delta = self.isotropic_diag()
+        if not ts:
+            f = BlockFactor(lam=self.diag)
+        elif len(ts) == 1 and delta is not None:
+            f = eig_factor(ts[0], delta)
+        elif self.diag.numel() <= self.dense_limit:
+            try:
+                return BlockFactor(chol=torch.linalg.cholesky(self.dense()))
+            except RuntimeError:
+                raise self._singular() from None
+        elif approx:
+            f = eig_factor(merge_terms(list(ts)), float(self.diag.mean()))
+        else:
+            return None
+        if bool((f.lam <= 0).any()):
+            raise self._singular()
+        return f
+
+    def solve(self, r: Tensor) -> Tensor:
+        """``Λ⁻¹ r`` for a block ``r``: exact through :meth:`factor`, else by conjugate gradients."""
+        f = self.factor(approx=False)
+        return self._cg(r) if f is None else f.solve(r)
+
+    def _cg(self, r: Tensor, maxiter: int = 5000) -> Tensor:
+        """Jacobi-preconditioned conjugate gradients to relative residual ``1e-10`` (float64) or ``1e-5``."""
+        pre = self.diag + sum(t.scale * torch.outer(torch.diagonal(t.G), torch.diagonal(t.A)) for t in self.terms)
+        if bool((pre <= 0).any()):
+            raise self._singular()
+
+        tol = (1e-10 if r.dtype == torch.float64 else 1e-5) * float(r.norm())
+        x = torch.zeros_like(r)
+        res = r.clone()
+        z = res / pre
+        d = z.clone()
+        rz = (res * z).sum()
+        for _ in range(maxiter):
+            if float(res.norm()) <= tol:
+                return x
+            q = self.matvec(d)
+            alpha = rz / (d * q).sum()
+            x, res = x + alpha * d, res - alpha * q
+            z = res / pre
+            rz_new = (res * z).sum()
+            d, rz = z + (rz_new / rz) * d, rz_new
+        warnings.warn(f"conjugate gradients for layer {self.layer!r} stopped at relative residual "
+                      f"{float(res.norm()) / max(float(r.norm()), 1e-300):.2e} after {maxiter} iterations.",
+                      stacklevel=4)
+        return x
