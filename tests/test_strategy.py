@@ -197,7 +197,7 @@ def test_bad_arguments_raise_one_sentence():
 
 def test_prior_of_the_next_task_from_a_posterior_or_a_server():
     from bayescl.gaussian.diag import DiagGaussian
-    from bayescl.gaussian.server import PosteriorServer
+    from bayescl.gaussian.server import PosteriorServer, SiteKey
     from bayescl.lightning.strategy import PosteriorServerStrategy
 
     module = _module()
@@ -208,11 +208,12 @@ def test_prior_of_the_next_task_from_a_posterior_or_a_server():
     torch.testing.assert_close(server.posterior().precision["model.trunk.1.weight"],
                                q.precision["model.trunk.1.weight"])
     prev = PosteriorServer(DiagGaussian.isotropic(module, 1e-4))
-    for name in ("task-0/worker-0", "task-0/worker-1", "task-1"):
+    for name in (SiteKey(0, 0), SiteKey(0, 1), SiteKey(1), "from-a-callback"):  # keys are data, never parsed
         prev.add(name, DiagGaussian.zeros_like(module))
     s = PosteriorServerStrategy(prior=prev)
     assert list(s._ensure_server(module).names) == list(prev.names) and s.tasks_seen == 2
-    assert s.site_names == ("task-2/worker-0", "task-2/total")
+    assert (s.own_key, s.others_key) == (SiteKey(2, 0), SiteKey(2, 0, others=True))
+    assert str(s.own_key) == "task-2/worker-0" and s.local_site is None
     with pytest.raises(ValueError, match="select"):
         PosteriorServerStrategy(prior=q, params=["heads"])._ensure_server(module)
 

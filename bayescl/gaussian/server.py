@@ -24,12 +24,52 @@ tensor([0.7500, 0.7500])
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from bayescl._checks import check_real
 from bayescl.gaussian.diag import DiagGaussian, Params, check_same_names
 from bayescl.gaussian.kinds import Gaussian, gaussian_from_state_dict
 from bayescl.gaussian.kron import KronGaussian
+
+
+@dataclass(frozen=True, order=True)
+class SiteKey:
+    """The name of a site as data: the data of ``task`` seen by ``worker``.
+
+    Args:
+        task: the task index (``>= 0``).
+        worker: the worker (rank) index, or ``None`` for the whole task (every worker's data in one site).
+        others: ``True`` for the running sum of the task's sites of every worker *but* ``worker`` (what a
+            worker of :class:`~bayescl.lightning.strategy.PosteriorServerStrategy` learns from the all-reduce
+            during a fit; replaced by the gathered worker sites when the task ends).
+
+    ``str(key)`` is ``"task-3"``, ``"task-3/worker-1"`` or ``"task-3/others-of-1"``.
+    """
+
+    task: int
+    worker: int | None = None
+    others: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, bool) or not isinstance(self.task, int) or self.task < 0:
+            raise ValueError(f"task must be an int >= 0, got {self.task!r}.")
+        if self.worker is not None and (isinstance(self.worker, bool) or not isinstance(self.worker, int)
+                                        or self.worker < 0):
+            raise ValueError(f"worker must be None or an int >= 0, got {self.worker!r}.")
+        if self.others and self.worker is None:
+            raise ValueError("others=True needs the worker whose share is left out; got worker=None.")
+
+    def __str__(self) -> str:
+        if self.worker is None:
+            return f"task-{self.task}"
+        return f"task-{self.task}/{'others-of' if self.others else 'worker'}-{self.worker}"
+
+
+#: a site's name: a plain string or a :class:`SiteKey`
+Key = str | SiteKey
 
 
 def laplace_site(cavity: Gaussian, curvature: Gaussian, mean: Params) -> Gaussian:
@@ -54,7 +94,7 @@ class PosteriorServer:
         if not isinstance(prior, (DiagGaussian, KronGaussian)):
             raise TypeError(f"prior must be a DiagGaussian or KronGaussian, got {type(prior).__name__}.")
         self._prior = prior
-        self._sites: dict[str, Gaussian] = {}
+        self._sites: dict[Key, Gaussian] = {}
         self.damping = damping
         self._cache: Gaussian | None = None
 
@@ -72,13 +112,17 @@ class PosteriorServer:
         self._damping = check_real(value, "damping", low=0.0, high=1.0, low_open=True)
 
     @property
-    def names(self) -> tuple[str, ...]:
+    def names(self) -> tuple[Key, ...]:
         return tuple(self._sites)
 
-    def __iter__(self) -> Iterator[str]:
+    def tasks(self) -> tuple[int, ...]:
+        """The sorted task indices of the :class:`SiteKey` sites (string names carry no task)."""
+        return tuple(sorted({k.task for k in self._sites if isinstance(k, SiteKey)}))
+
+    def __iter__(self) -> Iterator[Key]:
         return iter(tuple(self._sites))
 
-    def items(self) -> list[tuple[str, Gaussian]]:
+    def items(self) -> list[tuple[Key, Gaussian]]:
         return list(self._sites.items())
 
     def __len__(self) -> int:
@@ -87,41 +131,47 @@ class PosteriorServer:
     def __contains__(self, name: object) -> bool:
         return name in self._sites
 
-    def __getitem__(self, name: str) -> Gaussian:
+    def __getitem__(self, name: Key) -> Gaussian:
         return self._sites[self._known(name)]
 
     def __repr__(self) -> str:
-        return f"PosteriorServer({type(self._prior).__name__}, sites={list(self._sites)}, damping={self._damping})"
+        return (f"PosteriorServer({type(self._prior).__name__}, sites={[str(k) for k in self._sites]}, "
+                f"damping={self._damping})")
 
     # ------------------------------------------------------------------ sites
-    def _known(self, name: str) -> str:
+    def _known(self, name: Key) -> Key:
         if name not in self._sites:
-            raise KeyError(f"site {name!r} is unknown; known sites: {list(self._sites)}.")
+            raise KeyError(f"site {str(name)!r} is unknown; known sites: {[str(k) for k in self._sites]}.")
         return name
 
-    def _check_site(self, name: str, site: object) -> Gaussian:
-        if not isinstance(name, str):
-            raise TypeError(f"site name must be a str, got {type(name).__name__} {name!r}.")
+    def _check_site(self, name: Key, site: object) -> Gaussian:
+        if not isinstance(name, (str, SiteKey)):
+            raise TypeError(f"site name must be a str or a SiteKey, got {type(name).__name__} {name!r}.")
         if type(site) is not type(self._prior):
-            raise TypeError(f"site {name!r} must be a {type(self._prior).__name__} like the prior, "
+            raise TypeError(f"site {str(name)!r} must be a {type(self._prior).__name__} like the prior, "
                             f"got {type(site).__name__}.")
-        check_same_names(self._prior.eta, site.eta, f"site {name!r}")
+        check_same_names(self._prior.eta, site.eta, f"site {str(name)!r}")
         return site
 
-    def add(self, name: str, site: Gaussian) -> None:
-        """Add a new site; ``KeyError`` if ``name`` exists."""
+    def add(self, name: Key, site: Gaussian) -> None:
+        """Add a new site; ``KeyError`` if ``name`` exists or another site's name has the same ``str``
+        (``"task-0"`` and ``SiteKey(0)``: their ``state_dict`` entries would collide)."""
         if name in self._sites:
-            raise KeyError(f"site {name!r} exists already; use replace() or update().")
+            raise KeyError(f"site {str(name)!r} exists already; use replace() or update().")
+        clash = [k for k in self._sites if str(k) == str(name)]
+        if clash:
+            raise KeyError(f"site name {name!r} prints as {str(name)!r} like the existing site {clash[0]!r}; "
+                           "use another name.")
         self._sites[name] = self._check_site(name, site)
         self._cache = None
 
-    def replace(self, name: str, site: Gaussian) -> None:
+    def replace(self, name: Key, site: Gaussian) -> None:
         """Replace an existing site (``KeyError`` naming an unknown site)."""
         self._known(name)
         self._sites[name] = self._check_site(name, site)
         self._cache = None
 
-    def remove(self, name: str) -> Gaussian:
+    def remove(self, name: Key) -> Gaussian:
         """Remove and return a site: the posterior forgets (unlearns) that source of data.
 
         Raises ``ValueError`` (and keeps the site) if another site is signed (has negative precision, as VCL's
@@ -134,20 +184,24 @@ class PosteriorServer:
             for param, p in rest.precision.items():
                 if bool((p <= 0).any()):
                     raise ValueError(
-                        f"cannot remove site {name!r}: without it the posterior's precision of parameter {param!r} "
+                        f"cannot remove site {str(name)!r}: without it the posterior's precision of parameter {param!r} "
                         f"is <= 0 on {int((p <= 0).sum())} entries, because a later site has negative precision "
                         "(a variational posterior wider than its prior). The site is kept.")
         site = self._sites.pop(name)
         self._cache = None
         return site
 
-    def update(self, name: str, new_site: Gaussian) -> Gaussian:
-        """Damped update ``t ← t^(1−δ) · t_new^δ`` (natural parameters interpolated); returns the new site.
+    def update(self, name: Key, new_site: Gaussian, damping: float | None = None) -> Gaussian:
+        r"""Damped update :math:`t \leftarrow t^{1-\delta}\, t_{new}^{\delta}` (natural parameters interpolated,
+        :math:`\lambda \leftarrow (1-\delta)\lambda + \delta\lambda_{new}`); returns the new site.
 
-        An unknown ``name`` starts from the empty site, i.e. it is added as ``t_new^δ``.
+        Args:
+            name: the site; an unknown one starts from the empty site, i.e. it is added as ``t_new^δ``.
+            new_site: the undamped new site.
+            damping: ``δ ∈ (0, 1]`` for this update; ``None`` uses :attr:`damping`.
         """
         self._check_site(name, new_site)
-        d = self._damping
+        d = self._damping if damping is None else check_real(damping, "damping", low=0.0, high=1.0, low_open=True)
         site = new_site.temper(d) if name not in self._sites or d == 1.0 else \
             self._sites[name].temper(1.0 - d) * new_site.temper(d)
         self._sites[name] = site
@@ -155,10 +209,10 @@ class PosteriorServer:
         return site
 
     # ------------------------------------------------------------------ posterior
-    def _product(self, skip: str | None = None) -> Gaussian:
+    def _product(self, skip: Key | None = None, keep: Any = None) -> Gaussian:
         q = self._prior
         for n, site in self._sites.items():
-            if n != skip:
+            if n != skip and (keep is None or keep(n)):
                 q = q * site
         return q
 
@@ -168,9 +222,33 @@ class PosteriorServer:
             self._cache = self._product()
         return self._cache
 
-    def cavity(self, name: str) -> Gaussian:
-        """``posterior / t_name``, computed exactly as ``p0 · Π_{k ≠ name} t_k``."""
-        return self._product(skip=self._known(name))
+    def cavity(self, name: Key, *, floor: bool = False) -> Gaussian:
+        r"""``posterior / t_name``, computed exactly as :math:`p_0 \prod_{k \ne name} t_k`.
+
+        Args:
+            name: the site left out.
+            floor: (diagonal only) clamp the cavity's precision below at that of the prior of ``name``'s task,
+                :math:`\Lambda_{-k} \leftarrow \max(\Lambda_{-k},\ \Lambda_0 + \sum_{j:\ task(j) \ne task(k)}
+                \Lambda_j)` (elementwise, ``η`` kept; sites named by a
+                string count as other tasks, and for a string ``name`` the clamp is a no-op). When the sites of one task have precision ``>= 0`` this changes nothing in exact
+                arithmetic; it removes float rounding where a site is accumulated as a difference (a worker's
+                :class:`SiteKey` ``others`` site is an all-reduce sum minus its own change, so an exact 0 may
+                come back as ±1 ulp of the sum, and a cavity below the task's prior, even negative).
+
+        Raises:
+            KeyError: ``name`` is unknown.
+            TypeError: ``floor=True`` with a Kronecker-factored prior.
+        """
+        q = self._product(skip=self._known(name))
+        if not floor:
+            return q
+        if not isinstance(q, DiagGaussian):
+            raise TypeError(f"floor=True needs DiagGaussian sites, this server holds {type(q).__name__}.")
+        task = name.task if isinstance(name, SiteKey) else None
+        base = self._product(keep=lambda k: k != name and (task is None or not isinstance(k, SiteKey)
+                                                            or k.task != task))
+        return DiagGaussian(q.eta, {n: torch.maximum(p, base.precision[n]) for n, p in q.precision.items()},
+                            signed=True)
 
     def extend_prior(self, params: Params, precision: float) -> None:
         """Add parameters not seen so far (heads that appear later): base prior ``precision`` in the prior and
@@ -181,9 +259,15 @@ class PosteriorServer:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """``{"prior": ..., "sites": {name: ...} (ordered), "damping": δ}``."""
-        return {"prior": self._prior.state_dict(), "sites": {n: s.state_dict() for n, s in self._sites.items()},
-                "damping": self._damping}
+        """``{"prior": ..., "sites": {str(name): ...} (ordered), "damping": δ}``, plus ``"keys": {str(key):
+        (task, worker, others)}`` for the :class:`SiteKey` names (plain tuples: loadable with
+        ``torch.load(weights_only=True)``)."""
+        out = {"prior": self._prior.state_dict(), "sites": {str(n): s.state_dict() for n, s in self._sites.items()},
+               "damping": self._damping}
+        keys = {str(k): (k.task, k.worker, k.others) for k in self._sites if isinstance(k, SiteKey)}
+        if keys:
+            out["keys"] = keys
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load in place; the prior's parameters must match (``ValueError`` naming the first that differs)."""
@@ -195,7 +279,9 @@ class PosteriorServer:
             raise ValueError(f"state holds a {type(prior).__name__} prior but this server has a "
                              f"{type(self._prior).__name__}; kinds must match.")
         check_same_names(self._prior.eta, prior.eta, "state prior")
-        sites = {n: gaussian_from_state_dict(sd) for n, sd in state["sites"].items()}
+        keys = state.get("keys", {})
+        sites = {(SiteKey(*keys[n]) if n in keys else n): gaussian_from_state_dict(sd)
+                 for n, sd in state["sites"].items()}
         self._prior, self._sites, self._cache = prior, {}, None
         self.damping = state["damping"]
         for n, s in sites.items():

@@ -11,15 +11,14 @@ Gaussian posterior and communicates only every ``sync_every = K`` optimizer step
 
 **Between syncs** worker ``k`` minimises :math:`\ell_k(\theta) + \frac{1}{2N_k}(\theta-\mu_{-k})^\top
 \Lambda_{-k}(\theta-\mu_{-k})` (``ℓ_k`` = the module's batch-mean loss on its shard): before every optimizer step
-the strategy adds :math:`(\Lambda_{-k}\theta - \eta_{-k}) / N_k` (:meth:`DiagGaussian.quadratic_grad`) to the
-gradients, the same formula as :mod:`bayescl.lightning.base` (and, like the callbacks, not while the cavity is
-the base prior alone: :attr:`PosteriorServerStrategy.penalise_prior_alone`). There is no
-``DistributedDataParallel`` wrapper and no per-step gradient all-reduce.
+it adds :math:`(\Lambda_{-k}\theta - \eta_{-k}) / N_k` to the gradients through
+:class:`~bayescl.gaussian.prior_gradient.PriorGradient`, the callbacks' path (and like them, not while the cavity
+is the base prior alone: :attr:`PosteriorServerStrategy.penalise_prior_alone`). There is no
+``DistributedDataParallel`` wrapper (rank 0's weights are broadcast once) and no per-step gradient all-reduce.
 
-**Every K steps** (the site update, Laplace-style): with :math:`\theta_k` the local weights and
-:math:`F_k` a diagonal Fisher estimated by :func:`bayescl.curvature.diag_fisher` on the last
-``min(K, fisher_batches)`` training batches of the shard (``fisher="mc"`` by default: one sampled label per
-example, unbiased), rescaled from the :math:`n_b` buffered examples to the shard,
+**Every K steps** (a Laplace site update): with :math:`\theta_k` the local weights and :math:`F_k` the diagonal
+Fisher (:func:`bayescl.curvature.diag_fisher`, ``fisher="mc"`` by default) of the last ``min(K, fisher_batches)``
+batches (:math:`n_b` examples), rescaled to the shard,
 
 .. math::
 
@@ -27,117 +26,63 @@ example, unbiased), rescaled from the :math:`n_b` buffered examples to the shard
     \lambda_k^{new} = q_k / q_{-k}: \quad \Lambda = \tfrac{N_k}{n_b}F_k,\ \
     \eta = (\Lambda_{-k} + \Lambda)\,\theta_k - \eta_{-k},
 
-damped in natural parameters, :math:`\lambda_k \leftarrow (1-\delta)\lambda_k + \delta\lambda_k^{new}`
-(``damping=None`` means :math:`\delta = 1/W`: the W sites are updated in parallel against the same posterior and
-undamped parallel EP steps add up W mean shifts and overshoot; with one worker :math:`\delta = 1`, the plain
-online-Laplace step). Then **one** ``all_reduce(SUM)`` of the flat vector :math:`[\Delta\eta_k, \Delta\Lambda_k]`
-(2 floats per parameter) gives every worker the same :math:`\sum_k\Delta\lambda_k`, added to the current task's
-total site, so every rank holds a bitwise identical global posterior. With ``recenter=True`` (default) every
-worker then restarts from the global mean :math:`\mu_q` (so all ranks hold identical weights after a sync; the
-optimizer's state, e.g. Adam's moments, is kept); with ``recenter=False`` each keeps its local weights and the
-workers are coupled only through their cavities. A last sync closes the fit when steps are left over.
+damped, :math:`\lambda_k \leftarrow (1-\delta)\lambda_k + \delta\lambda_k^{new}` (``damping=None``:
+:math:`\delta = 1/W`, since W parallel undamped EP steps add up W mean shifts and overshoot; one worker: the plain
+online-Laplace step of :class:`~bayescl.lightning.laplace.LaplaceCallback`, every K steps). Then **one**
+``all_reduce(SUM)`` of :math:`[\Delta\eta_k, \Delta\Lambda_k]` (2 floats per parameter) gives every worker
+:math:`\sum_j\Delta\lambda_j`; minus its own change it is the change of the other workers' share. With
+``recenter=True`` (default) every worker then restarts from the global mean :math:`\mu_q` (the optimizer's state is
+kept); with ``recenter=False`` the workers are coupled only through their cavities. A last sync closes the fit.
 
-Why Laplace and not a variational site: it needs only a Fisher pass on batches already in memory and no extra
-parameters, and with one worker and ``δ = 1`` each sync is the online-Laplace step of
-:class:`~bayescl.lightning.laplace.LaplaceCallback` (``q ← (q_{-k} · curvature)`` re-centred on ``θ_k``), taken every
-K steps and with the Fisher of the last batches instead of a full pass.
-
-**Continual learning.** Sites are (task, worker). During a fit the server holds ``prior × past sites × the
-current task's total`` (``task-t/total``, the sum of the worker sites); each worker also keeps its own site
-locally. At the end of the fit (:meth:`end_task`, automatic by default) one ``all_gather`` replaces the total by
-the W sites ``task-t/worker-j``, so every rank holds the same :class:`~bayescl.gaussian.server.PosteriorServer`
-(:attr:`server`), and :meth:`posterior` is the global posterior, the prior of the next task
-(``gather_sites=False`` skips the gather and keeps the identical total as one site ``task-t``). The next task runs
-with ``PosteriorServerStrategy(prior=previous.server)`` (keeps every (task, worker) site: one can be removed to
-unlearn it) or ``prior=previous.posterior()`` (one Gaussian). Do not attach a
+**The server.** The posterior is held one way, by a :class:`~bayescl.gaussian.server.PosteriorServer`
+(:attr:`server`) whose sites are keyed by :class:`~bayescl.gaussian.server.SiteKey` ``(task, worker)``. During
+task ``t`` worker ``k``'s server holds ``prior × past sites × λ_k × λ_others``: its own site ``SiteKey(t, k)``, and
+the other workers' share ``SiteKey(t, k, others=True)`` (absent with one worker). The cavity is the server's
+(:meth:`PosteriorServer.cavity`, a product without subtraction) with ``floor=True``: the precision is clamped at the
+task's prior, since the others' share is a difference of all-reduce sums and an exact 0 may round to either sign.
+The damped update is :meth:`PosteriorServer.update`. So every rank holds the same posterior up to float rounding.
+At the end of the fit (:meth:`end_task`, automatic by default) one ``all_gather`` replaces the pair by the W sites
+``SiteKey(t, j)`` (``"task-t/worker-j"`` in the state dict), bitwise identical on every rank, and
+:meth:`posterior` is the prior of the next task (``gather_sites=False``: one ``all_reduce`` merges the own sites
+into ``SiteKey(t)``). The next task runs with ``PosteriorServerStrategy(prior=previous.server)`` (keeps every
+(task, worker) site: one can be removed to unlearn it) or ``prior=previous.posterior()``. Do not attach a
 :class:`~bayescl.lightning.base.PosteriorCallback` as well: it would add a second prior term (``setup`` raises).
 
-Bytes: :attr:`bytes_communicated` counts the sync payloads (``2 P`` floats per sync, the vector each worker puts
-into the all-reduce; a ring all-reduce moves about twice that over the wire), :attr:`bytes_gathered` the end-of-task
-gathers (``W × 2P`` floats per task); both stay 0 with one worker (no collective is called). Data-parallel SGD puts ``P`` floats (the gradients) into an all-reduce at
-every step.
+Bytes: :attr:`bytes_communicated` counts the sync payloads (``2P`` floats per sync per worker; a ring all-reduce
+moves about twice that), :attr:`bytes_gathered` the end-of-task collective (``W × 2P`` floats, ``2P`` with
+``gather_sites=False``); both stay 0 with one worker. Data-parallel SGD all-reduces ``P`` floats every step.
 
-Limits: synchronous only (an asynchronous server, where workers push deltas without waiting, is not provided);
-every rank must run the same number of optimizer steps (Lightning's ``DistributedSampler`` pads the shards to equal
-length), otherwise a rank waits at a sync until ``timeout`` and the run fails; 16-bit mixed precision with a
-``GradScaler`` is refused (the cavity term would be added to scaled gradients); the server is not saved in
-checkpoints yet.
+Limits: synchronous only; every rank must run the same number of optimizer steps (Lightning's
+``DistributedSampler`` pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails;
+``precision='16-mixed'`` with a ``GradScaler`` is refused (the term would be added to scaled gradients); the server
+is not saved in checkpoints yet.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int, check_real
-from bayescl.curvature import FisherType, diag_fisher
-from bayescl.gaussian import laplace_site as _laplace_site
+from bayescl._params import param_filter, select_params
+from bayescl.curvature import FisherType
 from bayescl.gaussian.diag import DiagGaussian
-from bayescl.gaussian.prior_gradient import add_scaled_grads
-from bayescl.gaussian.server import PosteriorServer
+from bayescl.gaussian.prior_gradient import PriorGradient
+from bayescl.gaussian.server import PosteriorServer, SiteKey
+from bayescl.lightning import strategy_sites as ops
+from bayescl.lightning.strategy_sites import flatten_naturals, laplace_site, unflatten_naturals
 
 __all__ = ["PosteriorServerStrategy", "flatten_naturals", "laplace_site", "unflatten_naturals"]
 
 
-# ------------------------------------------------------------------------------------------- pure helpers
-def flatten_naturals(g: DiagGaussian) -> Tensor:
-    """``[η_1, …, η_P, λ_1, …, λ_P]`` as one flat vector (parameter order of ``g.names``)."""
-    return torch.cat([t.reshape(-1) for t in g.eta.values()] + [t.reshape(-1) for t in g.precision.values()])
-
-
-def unflatten_naturals(vec: Tensor, like: DiagGaussian) -> DiagGaussian:
-    """Inverse of :func:`flatten_naturals`: a :class:`DiagGaussian` with ``like``'s names and shapes."""
-    n = len(like)
-    if vec.numel() != 2 * n:
-        raise ValueError(f"vec has {vec.numel()} entries but a Gaussian over {n} scalars needs {2 * n}.")
-    out_eta, out_prec, i = {}, {}, 0
-    for name, t in like.eta.items():
-        out_eta[name] = vec[i:i + t.numel()].view_as(t).clone()
-        out_prec[name] = vec[n + i:n + i + t.numel()].view_as(t).clone()
-        i += t.numel()
-    return DiagGaussian._trusted(out_eta, out_prec)
-
-
-def laplace_site(cavity: DiagGaussian, theta: Mapping[str, Tensor], curvature: Mapping[str, Tensor]) -> DiagGaussian:
-    r"""The site :math:`q_k / q_{-k}` of the local Laplace posterior :math:`q_k = N(\theta, (\Lambda_{-k} + C)^{-1})`:
-    precision ``C`` (the curvature, >= 0) and :math:`\eta = (\Lambda_{-k} + C)\theta - \eta_{-k}`."""
-    prec_c = cavity.precision
-    theta = {n: theta[n].to(prec_c[n]) for n in prec_c}
-    curv = DiagGaussian.from_mean_precision(theta, {n: curvature[n].to(prec_c[n]) for n in prec_c})
-    return _laplace_site(cavity, curv, theta)
-
-
-def _cavity(posterior: DiagGaussian, site: DiagGaussian, floor: DiagGaussian) -> DiagGaussian:
-    """``posterior / site`` with the precision floored at ``floor``'s (true value: >= the task prior's; the floor
-    only removes float rounding of the subtraction)."""
-    eta, prec = posterior.eta, posterior.precision
-    s_eta, s_prec, f_prec = site.eta, site.precision, floor.precision
-    return DiagGaussian._trusted({n: eta[n] - s_eta[n] for n in eta},
-                                 {n: torch.maximum(prec[n] - s_prec[n], f_prec[n]) for n in prec})
-
-
-def _batch_size(batch: Any) -> int:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1
-
-
-def _task_index(name: str) -> int | None:
-    m = re.match(r"task-(\d+)(/|$)", name)
-    return int(m.group(1)) if m else None
-
-
-# ------------------------------------------------------------------------------------------- the strategy
 class PosteriorServerStrategy(DDPStrategy):
     """Lightning strategy: workers keep sites of one shared diagonal Gaussian posterior (module docstring).
 
@@ -149,7 +94,8 @@ class PosteriorServerStrategy(DDPStrategy):
         sync_every: ``K``, optimizer steps between two site updates (each one all-reduce of ``2P`` floats).
         damping: ``δ ∈ (0, 1]`` of the site update; ``None`` = ``1 / world_size``.
         prior: the posterior to start from: ``None`` (``N(0, I/prior_precision)``), a :class:`DiagGaussian`
-            (e.g. the previous task's :meth:`posterior`) or a :class:`PosteriorServer` (its sites are kept).
+            (e.g. the previous task's :meth:`posterior`) or a :class:`PosteriorServer` (its sites are kept; the
+            next task is numbered after its largest :class:`SiteKey` task).
         prior_precision: base prior precision, also given to parameters absent from ``prior``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see :mod:`bayescl.curvature.diag`).
         fisher_batches: at most this many of the last training batches are used for the Fisher at a sync.
@@ -159,8 +105,7 @@ class PosteriorServerStrategy(DDPStrategy):
         num_examples: the shard size ``N_k`` (default: the length of the training sampler on this rank).
         auto_end_task: close the task (:meth:`end_task`) at the end of every ``fit``.
         gather_sites: at the end of a task, all-gather the worker sites (one site per (task, worker), ``W × 2P``
-            floats); ``False`` keeps the task's total as one site ``task-t`` (no communication: every rank already
-            holds it).
+            floats); ``False`` all-reduces them into one site ``SiteKey(t)`` (``2P`` floats).
         seed: seeds the Monte Carlo labels (with the rank and the sync index).
         timeout: timeout of every collective; a worker that dies or stalls makes the others fail after it.
         process_group_backend: ``None`` picks gloo on CPU, nccl on CUDA.
@@ -168,6 +113,10 @@ class PosteriorServerStrategy(DDPStrategy):
     """
 
     strategy_name = "posterior_server"
+
+    #: apply the term when the cavity is the base prior alone (first task, before any other worker's site has
+    #: arrived; with one worker, the whole first task): a weak weight decay, off by default as in the callbacks
+    penalise_prior_alone = False
 
     def __init__(
         self,
@@ -208,9 +157,7 @@ class PosteriorServerStrategy(DDPStrategy):
         self.fisher_batches = check_positive_int(fisher_batches, "fisher_batches")
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.recenter = bool(recenter)
-        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
-            raise TypeError(f"params must be a list of regular expressions (str) or None, got {params!r}.")
-        self.param_patterns = None if params is None else [re.compile(p) for p in params]
+        self._include = param_filter(params, "params")
         self.num_examples = None if num_examples is None else check_positive_int(num_examples, "num_examples")
         self.auto_end_task = bool(auto_end_task)
         self.gather_sites = bool(gather_sites)
@@ -220,10 +167,8 @@ class PosteriorServerStrategy(DDPStrategy):
         if isinstance(prior, PosteriorServer) and not isinstance(prior.prior, DiagGaussian):
             raise TypeError("prior must hold DiagGaussian sites; this strategy is diagonal only.")
         self._initial_prior = prior
-        #: the (task, worker) sites; identical on every rank after :meth:`end_task`
+        #: the posterior, as a prior times (task, worker) sites; identical on every rank after :meth:`end_task`
         self.server: PosteriorServer | None = None
-        #: this worker's site of the current task (natural parameters)
-        self.local_site: DiagGaussian | None = None
         self.tasks_seen = 0
         self.num_syncs = 0
         self.bytes_communicated = 0
@@ -231,71 +176,73 @@ class PosteriorServerStrategy(DDPStrategy):
         #: max |η, λ| difference between the running posterior and prior × Σ gathered sites at the last end_task
         self.last_gather_drift = 0.0
         self._steps_since_sync = 0
-        self._shard_size: int | None = None
+        self._shard_size: int | None = self.num_examples
         self._buffer: deque[Any] = deque(maxlen=self.fisher_batches)
-        self._task_floor: DiagGaussian | None = None
         self._task_syncs = 0
+        self._prior_grad: PriorGradient | None = None  # the cavity's gradient, prepared once per sync
 
     # ------------------------------------------------------------------ no DDP wrapper
     def configure_ddp(self) -> None:
-        """No ``DistributedDataParallel``: broadcast rank 0's weights once, as DDP does at wrapping, then train
-        locally."""
-        assert self.model is not None
-        if dist.is_available() and dist.is_initialized():
-            _sync_module_states(self.model)
+        """No ``DistributedDataParallel``: broadcast rank 0's parameters and buffers once, as DDP does when it wraps
+        a module, then train locally."""
+        if self.model is None:
+            raise RuntimeError("configure_ddp needs the model: Lightning calls it after connecting the module.")
+        ops.broadcast_module(self.model, self.world)
 
     @property
     def world(self) -> int:
         return int(self.world_size)
 
     @property
-    def site_names(self) -> tuple[str, str]:
-        """``(this worker's site, the current task's total)`` names for the current task."""
-        return f"task-{self.tasks_seen}/worker-{self.global_rank}", f"task-{self.tasks_seen}/total"
+    def own_key(self) -> SiteKey:
+        """This worker's site of the current task, ``SiteKey(tasks_seen, global_rank)``."""
+        return SiteKey(self.tasks_seen, self.global_rank)
+
+    @property
+    def others_key(self) -> SiteKey:
+        """The other workers' share of the current task, ``SiteKey(tasks_seen, global_rank, others=True)``."""
+        return SiteKey(self.tasks_seen, self.global_rank, others=True)
+
+    @property
+    def local_site(self) -> DiagGaussian | None:
+        """This worker's site of the current task (held by :attr:`server`), ``None`` outside a task."""
+        if self.server is None or self.own_key not in self.server:
+            return None
+        return self.server[self.own_key]
 
     # ------------------------------------------------------------------ parameters and server
     def selected_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        out = {n: p for n, p in module.named_parameters()
-               if p.requires_grad and (self.param_patterns is None or any(r.search(n) for r in self.param_patterns))}
-        if not out:
-            pats = [r.pattern for r in self.param_patterns or []]
-            raise ValueError(f"params={pats} selects no trainable parameter of {type(module).__name__}.")
-        return out
+        """The parameters with a posterior (:func:`bayescl._params.select_params` with ``params``)."""
+        return select_params(module, self._include)
 
     def _ensure_server(self, module: nn.Module) -> PosteriorServer:
         params = {n: p.detach() for n, p in self.selected_params(module).items()}
         if self.server is None:
-            init = self._initial_prior
-            if isinstance(init, PosteriorServer):
-                self.server = PosteriorServer.from_state_dict(init.state_dict())
-                done = [t for t in map(_task_index, self.server.names) if t is not None]
-                self.tasks_seen = max(done) + 1 if done else 0
-            else:
-                base = init if init is not None else DiagGaussian.isotropic(params, self.prior_precision)
-                self.server = PosteriorServer(base)
-        new = {n: p for n, p in params.items() if n not in self.server.prior}
-        if new:
-            self.server.extend_prior(new, self.prior_precision)
-        names = [n for n in self.server.prior.names if n in params]
-        if set(names) != set(self.server.prior.names):
-            missing = [n for n in self.server.prior.names if n not in params]
-            raise ValueError(f"the prior holds parameters the module does not select: {missing[:3]}; "
-                             "select the same parameters (params=...) in every task.")
-        return self.server
+            self.server = ops.start_server(self._initial_prior, params, self.prior_precision)
+            self.tasks_seen = max(self.server.tasks(), default=-1) + 1
+        return ops.check_server(self.server, params, self.prior_precision)
 
     def posterior(self) -> DiagGaussian:
-        """The global posterior ``prior × Π sites`` (identical on every rank after a sync)."""
+        """The global posterior ``prior × Π sites`` (the same on every rank, see the module docstring)."""
         if self.server is None:
             raise RuntimeError("no posterior yet: the strategy has not run a fit.")
         return self.server.posterior()
 
     def cavity(self) -> DiagGaussian:
-        """``q / λ_k`` of this worker for the current task (the prior it trains against)."""
-        q = self.posterior()
+        """``q / λ_k`` of this worker for the current task (the prior it trains against):
+        ``server.cavity(own_key, floor=True)``; the posterior outside a task."""
         if self.local_site is None:
-            return q
-        floor = self._task_floor if self._task_floor is not None else self.server.prior
-        return _cavity(q, self.local_site, floor)
+            return self.posterior()
+        return self.server.cavity(self.own_key, floor=True)
+
+    # ------------------------------------------------------------------ collectives (overridable)
+    def _all_reduce_sum(self, vec: Tensor) -> Tensor:
+        """``Σ_ranks vec`` (collective; a copy of ``vec`` without a process group)."""
+        return ops.all_reduce_sum(vec, self.root_device, self.world)
+
+    def _all_gather(self, vec: Tensor) -> list[Tensor]:
+        """``[vec of rank 0, …, vec of rank W−1]`` (collective; ``[vec]`` without a process group)."""
+        return ops.all_gather(vec, self.root_device, self.world)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer) -> None:
@@ -308,34 +255,38 @@ class PosteriorServerStrategy(DDPStrategy):
         if clash:
             raise ValueError(f"PosteriorServerStrategy adds the posterior term itself; remove the callbacks {clash} "
                              "(they would add a second prior term).")
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None:
+        if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError("PosteriorServerStrategy does not support precision='16-mixed' with a GradScaler; "
                              "use '32-true', '64-true' or 'bf16-mixed'.")
-        server = self._ensure_server(self.lightning_module)
-        _, total = self.site_names
-        if total not in server:
-            empty = DiagGaussian.zeros_like(server.prior.eta)
-            self._task_floor = server.posterior()  # the prior of this task: the cavity is never below it
-            server.add(total, empty)
-            self.local_site = empty
+        self.open_task(self.lightning_module)
+
+    def open_task(self, module: nn.Module) -> None:
+        """Start (or continue) the current task: the server gets empty sites ``own_key`` (and ``others_key`` with
+        several workers) unless it has them; called by :meth:`setup` at every ``fit``."""
+        server = self._ensure_server(module)
+        if self.own_key not in server:
+            server.add(self.own_key, DiagGaussian.zeros_like(server.prior.eta))
+            if self.world > 1:
+                server.add(self.others_key, DiagGaussian.zeros_like(server.prior.eta))
             self._task_syncs = 0
-        elif self.local_site is None:
-            raise RuntimeError(f"site {total!r} exists but this worker's own site is unknown; resume is unsupported.")
         self._steps_since_sync = 0
         self._buffer.clear()
+        self._prior_grad = None
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        n = self.num_examples
-        if n is None:
-            n = _shard_size(self.lightning_module.trainer, self.world)
+        n = self.num_examples if self.num_examples is not None else ops.shard_size(self.lightning_module.trainer,
+                                                                               self.world)
         self._shard_size = max(1, int(n))
+
+    def observe(self, batch: Any) -> None:
+        """Keep ``batch`` for the next curvature estimate (the last ``fisher_batches`` are kept)."""
+        self._buffer.append(batch)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
         if batch is not None:
-            self._buffer.append(batch)
+            self.observe(batch)
         return super().training_step(*args, **kwargs)
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -358,68 +309,55 @@ class PosteriorServerStrategy(DDPStrategy):
             self.end_task()
 
     # ------------------------------------------------------------------ the algorithm
-    @torch.no_grad()
     def add_cavity_grad(self, module: nn.Module) -> None:
-        """``p.grad += (Λ_{-k} θ − η_{-k}) / N_k`` for every selected parameter."""
+        """``p.grad += (Λ_{-k} θ − η_{-k}) / N_k`` for every selected parameter
+        (:class:`~bayescl.gaussian.prior_gradient.PriorGradient` of :meth:`cavity`, prepared once per sync)."""
         if self.server is None or self._cavity_is_base_prior():
             return
         params = self.selected_params(module)
-        grads = self.cavity().quadratic_grad({n: p.detach() for n, p in params.items()})
-        add_scaled_grads(params, grads, 1.0 / float(self._shard_size or 1))
-
-    #: apply the term when the cavity is the base prior alone (first task, before any other worker's site has
-    #: arrived; with one worker, the whole first task): a weak weight decay, off by default as in the callbacks
-    penalise_prior_alone = False
+        if self._prior_grad is None:
+            self._prior_grad = PriorGradient(self.cavity(), params)
+        self._prior_grad.add_(params, 1.0 / float(self._shard_size or 1))
 
     def _cavity_is_base_prior(self) -> bool:
         if self.penalise_prior_alone or self._initial_prior is not None:
             return False
-        _, total = self.site_names
-        return all(n == total for n in self.server.names) and (self.world == 1 or self._task_syncs == 0)
+        mine = (self.own_key, self.others_key)
+        return all(k in mine for k in self.server.names) and (self.world == 1 or self._task_syncs == 0)
 
     def _damping(self) -> float:
         return self.damping if self.damping is not None else 1.0 / self.world
 
     def local_curvature(self, module: nn.Module) -> dict[str, Tensor]:
         """``N_k / n_b ×`` the summed diagonal Fisher over the buffered batches (``n_b`` examples)."""
-        batches = list(self._buffer)
-        if not batches:
-            raise RuntimeError("no training batch since the last sync; cannot estimate the curvature.")
-        params = self.selected_params(module)
-        ref = next(iter(params.values()))
-        g = torch.Generator(device=ref.device).manual_seed(self.seed + 1_000_003 * self.global_rank + self.num_syncs)
-        with torch.enable_grad(), torch.inference_mode(False):
-            fisher = diag_fisher(module, batches, fisher=self.fisher, params=list(params), generator=g,
-                                 mc_samples=self.mc_samples if self.fisher is FisherType.MC else 1)
-        scale = float(self._shard_size or 1) / sum(_batch_size(b) for b in batches)
-        return {n: f * scale for n, f in fisher.items()}
+        return ops.shard_curvature(module, list(self._buffer), list(self.selected_params(module)), self.fisher,
+                               self.mc_samples, self.seed + 1_000_003 * self.global_rank + self.num_syncs,
+                               self._shard_size or 1)
 
     @torch.no_grad()
     def sync(self) -> DiagGaussian:
-        """One synchronous round (collective: every rank must call it): new local site, damped, one
-        ``all_reduce`` of its natural-parameter change; returns the new global posterior."""
-        module = self.lightning_module
-        server = self.server
-        assert server is not None and self.local_site is not None
-        params = self.selected_params(module)
-        theta = {n: p.detach().clone() for n, p in params.items()}
-        cavity = self.cavity()
-        new = laplace_site(cavity, theta, self.local_curvature(module))
-        d = self._damping()
-        old = self.local_site
-        updated = new if d == 1.0 else old.temper(1.0 - d) * new.temper(d)
-        delta = flatten_naturals(updated) - flatten_naturals(old)
-        total_delta = delta.clone().to(self.root_device)
-        if dist.is_available() and dist.is_initialized() and self.world > 1:
-            dist.all_reduce(total_delta, op=dist.ReduceOp.SUM)
+        """One synchronous round (collective: every rank must call it); returns the new global posterior.
+
+        The new local site ``λ_k^new`` (:func:`laplace_site` at the current weights), damped by the server
+        (:meth:`PosteriorServer.update` with ``δ``), then one ``all_reduce`` of its change ``Δλ_k``: the other
+        workers' share becomes ``λ_others + Σ_j Δλ_j − Δλ_k``.
+        """
+        module, server, own = self.lightning_module, self.server, self.own_key
+        if server is None or own not in server:
+            raise RuntimeError("sync needs a running task: the strategy opens one at the start of every fit.")
+        theta = {n: p.detach().clone() for n, p in self.selected_params(module).items()}
+        new = laplace_site(self.cavity(), theta, self.local_curvature(module))
+        old = server[own]
+        delta = flatten_naturals(server.update(own, new, damping=self._damping())) - flatten_naturals(old)
+        if self.world > 1:
+            total = self._all_reduce_sum(delta)
             self.bytes_communicated += delta.numel() * delta.element_size()
-        _, total = self.site_names
-        server.replace(total, unflatten_naturals(flatten_naturals(server[total]) + total_delta.to(delta), old))
-        self.local_site = updated
+            server.replace(self.others_key, server[self.others_key] * unflatten_naturals(total - delta, old))
         self.num_syncs += 1
         self._task_syncs += 1
         self._steps_since_sync = 0
         self._buffer.clear()
+        self._prior_grad = None
         q = server.posterior()
         if self.recenter:
             self._load_mean(module, q)
@@ -433,35 +371,31 @@ class PosteriorServerStrategy(DDPStrategy):
 
     @torch.no_grad()
     def end_task(self) -> DiagGaussian:
-        """Close the current task (collective): gather every worker's site so that the server holds one site
-        per (task, worker), identical on every rank; returns the global posterior (the next task's prior)."""
-        server = self.server
-        if server is None or self.local_site is None:
+        """Close the current task (collective): the own and others' sites are replaced by the W gathered worker
+        sites ``SiteKey(t, j)`` (or, with ``gather_sites=False``, by their all-reduced sum ``SiteKey(t)``),
+        identical on every rank; returns the global posterior (the next task's prior)."""
+        server, own, others = self.server, self.own_key, self.others_key
+        if server is None or own not in server:
             raise RuntimeError("end_task needs a running task: call it after a fit with this strategy.")
-        _, total = self.site_names
         running = server.posterior()
-        if not self.gather_sites:
-            server.add(f"task-{self.tasks_seen}", server.remove(total))
-            return self._close_task(running)
-        vec = flatten_naturals(self.local_site).to(self.root_device)
-        if dist.is_available() and dist.is_initialized() and self.world > 1:
-            parts = [torch.empty_like(vec) for _ in range(self.world)]
-            dist.all_gather(parts, vec)
-            self.bytes_gathered += vec.numel() * vec.element_size() * self.world
+        mine = server[own]
+        vec = flatten_naturals(mine)
+        if self.gather_sites:
+            parts = self._all_gather(vec)
+            keys = [SiteKey(self.tasks_seen, j) for j in range(len(parts))]
         else:
-            parts = [vec]
-        server.remove(total)
-        dtype = next(iter(self.local_site.eta.values())).dtype
-        for j, part in enumerate(parts):
-            server.add(f"task-{self.tasks_seen}/worker-{j}", unflatten_naturals(part.to(dtype), self.local_site))
-        return self._close_task(running)
-
-    def _close_task(self, running: DiagGaussian) -> DiagGaussian:
-        q = self.server.posterior()
+            parts, keys = [self._all_reduce_sum(vec)], [SiteKey(self.tasks_seen)]
+        if self.world > 1:
+            self.bytes_gathered += vec.numel() * vec.element_size() * (self.world if self.gather_sites else 1)
+        if others in server:  # first: it may be signed by rounding, and removing it checks the rest
+            server.remove(others)
+        server.remove(own)
+        for key, part in zip(keys, parts):
+            server.add(key, unflatten_naturals(part, mine))
+        q = server.posterior()
         self.last_gather_drift = float((flatten_naturals(q) - flatten_naturals(running)).abs().max())
         self.tasks_seen += 1
-        self.local_site = None
-        self._task_floor = None
+        self._prior_grad = None
         if self.recenter and self.lightning_module is not None:
             self._load_mean(self.lightning_module, q)
         return q
@@ -472,22 +406,3 @@ class PosteriorServerStrategy(DDPStrategy):
                 "bytes_gathered": self.bytes_gathered, "tasks_seen": self.tasks_seen, "world_size": self.world,
                 "damping": self._damping(), "sync_every": self.sync_every,
                 "last_gather_drift": self.last_gather_drift}
-
-
-def _shard_size(trainer: pl.Trainer, world: int) -> int:
-    """Examples this rank trains on per epoch: the length of its sampler, else the dataset size / world."""
-    dl = trainer.train_dataloader
-    sampler = getattr(dl, "sampler", None)
-    try:
-        if sampler is not None:
-            return len(sampler)
-    except TypeError:
-        pass
-    ds = getattr(dl, "dataset", None)
-    try:
-        if ds is not None:
-            return max(1, len(ds) // max(1, world))
-    except TypeError:
-        pass
-    bs = int(getattr(dl, "batch_size", 1) or 1)
-    return int(trainer.num_training_batches) * bs
