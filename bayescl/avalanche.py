@@ -1,4 +1,4 @@
-r"""Avalanche integration, both ways (``pip install "bayescl[avalanche]"``, Avalanche 0.6).
+r"""Avalanche plugins over the bayescl callbacks (``pip install "bayescl[avalanche]"``, Avalanche 0.6).
 
 **bayescl inside an Avalanche strategy.** :class:`LaplacePlugin` is a ``SupervisedPlugin`` that holds a
 :class:`~bayescl.lightning.laplace.LaplaceCallback` and drives it from Avalanche's hooks; the maths is the
@@ -28,18 +28,18 @@ after_backward → before_update → optimizer.step``):
 
 * ``before_training_exp``: ``convert`` swaps the model's ``nn.Linear`` / ``nn.Conv2d`` for mean-field Gaussian
   layers (idempotent; heads a ``MultiHeadClassifier`` grew for this experience are converted here). When that
-  changed the parameters, the optimizer is updated with Avalanche's
-  ``avalanche.models.dynamic_optimizers.update_optimizer(optimizer, dict(model.named_parameters()),
-  strategy.optimized_param_id, remove_params=True)`` (what ``BatchObservation.make_optimizer`` calls, with
-  ``remove_params=True`` so the replaced plain weights leave it; new ``*_mu`` / ``*_logvar`` tensors join the
-  parameter group of their layer, other groups and hyper-parameters are kept); ``strategy.optimized_param_id``
-  is updated so Avalanche's next ``make_optimizer`` starts from it. ``reset_optimizer`` is not used: it fails
-  with several parameter groups. Then, as in Lightning's ``on_train_start``, the layers are set to the current
-  posterior (``q_{t-1}``), ``N_t`` is set and ``enable_predictive(model, test_samples)`` is installed.
+  changed the parameters, the plugin calls the strategy's public ``strategy.make_optimizer(remove_params=True)``
+  (Avalanche 0.6 ``BatchObservation.make_optimizer``: ``update_optimizer`` over ``model.named_parameters()`` and
+  ``strategy.optimized_param_id``, which it updates): the replaced plain weights leave the optimizer, the new
+  ``*_mu`` / ``*_logvar`` tensors join the parameter group of their layer; other groups, hyper-parameters and
+  the optimizer state of unchanged parameters are kept. Then, as in Lightning's ``on_train_start``, the layers are
+  set to the current posterior (``q_{t-1}``), ``N_t`` is set and ``enable_predictive(model, test_samples)`` is
+  installed.
 * ``before_training_epoch``: the maximum-likelihood start (``ml_init``) is driven by Avalanche's epoch counter:
   the callback's ``in_ml_phase`` gets ``strategy.clock.train_exp_epochs`` as the epoch (first experience
   only, ``ml_epochs`` epochs with means only and no KL); give ``ml_init=False`` to switch it off.
-* ``before_update``: ``callback.add_prior_grad(model, <epoch shim>)`` adds ``∇KL(q || q_{t-1}) / N_t``.
+* ``before_update``: ``callback.add_prior_grad(model, epoch)`` (the same Avalanche epoch) adds
+  ``∇KL(q || q_{t-1}) / N_t``.
 * ``after_training_exp``: sampling on again and ``callback.end_task(None, model)`` (site ``q_t / q_{t-1}``).
 * Evaluation: the model's eval-mode call returns the log of the softmax averaged over ``test_samples`` samples
   (``enable_predictive``), so Avalanche's metrics and loss see the MC-averaged prediction; the noise is seeded
@@ -51,41 +51,36 @@ pass, :func:`bayescl.methods.variational.tiled`), so Avalanche's criterion avera
 Heads must not grow after conversion (an ``IncrementalClassifier`` growing a converted layer fails): give each
 head its final size (``MultiHeadClassifier`` heads for task-incremental benchmarks do not grow).
 
-The plugins touch no strategy internals besides ``model``, ``experience`` and ``adapted_dataset`` (and, for
-``VCLPlugin``, ``optimizer``, ``optimized_param_id`` and ``clock``), and work with every SGD-based Avalanche
-strategy, ``EvaluationPlugin`` and loggers. ``supports_distributed = False``: the curvature pass and the KL term
+The plugins use the strategy's public ``model``, ``experience``, ``adapted_dataset``, ``train_mb_size`` (and, for
+``VCLPlugin``, ``make_optimizer``, ``clock`` and ``mbatch``), no private attribute of Avalanche or of the
+callbacks, and work with every SGD-based Avalanche strategy, ``EvaluationPlugin`` and loggers. ``supports_distributed = False``: the curvature pass and the KL term
 are not reduced across processes (not verified with Avalanche's distributed support).
 
-**Avalanche benchmarks in Lightning.** :func:`stream_from_benchmark` turns an Avalanche benchmark's train/test
-streams into a :class:`~bayescl.harness.data.TaskStream` (one :class:`~bayescl.harness.data.Task` per experience, batches
-``(x, y, task_id)`` for task-incremental benchmarks, ``(x, y)`` otherwise, task labels and label values kept),
-so a Lightning loop with the bayescl callbacks, or the benchmark harness, runs any Avalanche scenario.
-:func:`make_avalanche_stream` builds one from a spec such as ``"avalanche:SplitMNIST"``.
+**Avalanche benchmarks in Lightning** (turning a benchmark into a task stream for a Lightning loop or the
+harness) live in the harness: :mod:`bayescl.harness.avalanche_stream` (``stream_from_benchmark``,
+``make_avalanche_stream``).
 
-This module imports Avalanche at import time; nothing else in bayescl imports this module.
+This module imports Avalanche at import time; it imports the core, methods and Lightning callbacks only.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 try:
     from avalanche.core import SupervisedPlugin
-    from avalanche.models.dynamic_optimizers import update_optimizer
     from avalanche.models.utils import is_multi_task_module
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "bayescl.avalanche needs Avalanche (avalanche-lib >= 0.6): pip install 'bayescl[avalanche]'."
+        'bayescl.avalanche needs Avalanche (avalanche-lib >= 0.6): pip install "bayescl[avalanche]".'
     ) from exc
 
 from bayescl._checks import check_positive_int
-from bayescl.harness.data import Task, TaskStream
 from bayescl.lightning.base import PosteriorCallback
 from bayescl.lightning.laplace import LaplaceCallback
 from bayescl.lightning.vcl import VCLCallback
@@ -100,12 +95,9 @@ from bayescl.methods.variational import (
 
 __all__ = [
     "ExperienceBatches",
-    "ExperienceDataset",
     "LaplacePlugin",
     "PosteriorPlugin",
     "VCLPlugin",
-    "make_avalanche_stream",
-    "stream_from_benchmark",
 ]
 
 
@@ -290,20 +282,29 @@ class VCLPlugin(PosteriorPlugin):
         return int(strategy.clock.train_exp_epochs)
 
     def convert_model(self, strategy: Any) -> bool:
-        """Make the model's layers variational and update the optimizer; returns whether parameters changed."""
+        """Make the model's layers variational and update the strategy's optimizer.
+
+        Args:
+            strategy: the Avalanche strategy; when the parameters changed, its public ``make_optimizer`` is
+                called with ``remove_params=True``.
+
+        Returns:
+            Whether the conversion changed the model's parameters.
+
+        Raises:
+            TypeError: the parameters changed and the strategy has no ``make_optimizer`` (not an SGD strategy).
+        """
         cb, model = self.callback, strategy.model
         before = {id(p) for p in model.parameters()}
         convert(model, cb.logvar_init, include=cb.include_layer)
-        params = dict(model.named_parameters())
-        changed = {id(p) for p in params.values()} != before
-        optimizer = getattr(strategy, "optimizer", None)
-        if changed and optimizer is not None:
-            opt = getattr(optimizer, "optim", optimizer)  # Avalanche's DynamicOptimizer wraps the torch one
-            new = update_optimizer(opt, params, getattr(strategy, "optimized_param_id", None), remove_params=True)
-            if hasattr(strategy, "optimized_param_id"):
-                strategy.optimized_param_id = new
-            if hasattr(optimizer, "_optimized_param_id"):
-                optimizer._optimized_param_id = new
+        changed = {id(p) for p in model.parameters()} != before
+        if changed:
+            make_optimizer = getattr(strategy, "make_optimizer", None)
+            if not callable(make_optimizer):
+                raise TypeError(f"strategy must be an Avalanche SGD strategy with make_optimizer() (VCLPlugin "
+                                f"updates the optimizer after swapping in variational layers); got "
+                                f"{type(strategy).__name__}.")
+            make_optimizer(remove_params=True)
         enable_predictive(model, cb.test_samples)
         return changed
 
@@ -343,197 +344,3 @@ class VCLPlugin(PosteriorPlugin):
     def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         exp = getattr(strategy, "experience", None)
         self.callback.seed_noise(strategy.model, 1, int(getattr(exp, "current_experience", 0) or 0))
-
-
-# --------------------------------------------------------------------------------------------------- streams
-class ExperienceDataset(Dataset):
-    """An Avalanche experience's dataset as bayescl items: ``(x, y, task_id)`` or ``(x, y)`` (tensors).
-
-    Args:
-        dataset: an Avalanche dataset (items ``(x, y, ..., t)``) or any dataset of ``(x, y)`` tuples.
-        with_task_id: keep the task label as the third element.
-        task_label: the label used when an item carries none.
-    """
-
-    def __init__(self, dataset: Dataset, with_task_id: bool, task_label: int = 0) -> None:
-        self.dataset = dataset
-        self.with_task_id = bool(with_task_id)
-        self.task_label = int(task_label)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
-        item = self.dataset[i]
-        x, y = item[0], torch.as_tensor(item[1], dtype=torch.long)
-        if not self.with_task_id:
-            return x, y
-        t = item[-1] if len(item) >= 3 else self.task_label  # Avalanche puts the task label last
-        return x, y, torch.as_tensor(t, dtype=torch.long)
-
-
-def _task_labels(exp: Any) -> list[int]:
-    labels = getattr(exp, "task_labels", None)
-    if labels is None:
-        attr = getattr(exp.dataset, "targets_task_labels", None)
-        labels = list(attr.uniques) if attr is not None else [0]
-    return sorted(int(t) for t in labels)
-
-
-def _label_set(exp: Any) -> set[int]:
-    classes = getattr(exp, "classes_in_this_experience", None)
-    if classes is not None:
-        return {int(c) for c in classes}
-    ds = exp.dataset
-    targets = getattr(ds, "targets", None)
-    if targets is None:
-        return {int(ds[i][1]) for i in range(len(ds))}
-    uniq = getattr(targets, "uniques", None)
-    return {int(v) for v in (uniq if uniq is not None else targets)}
-
-
-def _materialize(ds: Dataset) -> TensorDataset:
-    cols: list[list[Tensor]] | None = None
-    for batch in DataLoader(ds, batch_size=1024, shuffle=False):
-        if cols is None:
-            cols = [[] for _ in batch]
-        for c, v in zip(cols, batch):
-            c.append(v)
-    if cols is None:
-        raise ValueError("an experience of the benchmark has an empty dataset.")
-    return TensorDataset(*(torch.cat(c) for c in cols))
-
-
-def _limit(ds: Dataset, limit: int | None, generator: torch.Generator) -> Dataset:
-    n = len(ds)  # type: ignore[arg-type]
-    if limit is None or n <= limit:
-        return ds
-    return Subset(ds, torch.randperm(n, generator=generator)[:limit].sort().values.tolist())
-
-
-def stream_from_benchmark(
-    benchmark: Any,
-    name: str | None = None,
-    *,
-    with_task_id: bool | None = None,
-    num_tasks: int | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    materialize: bool = False,
-    train_stream: str = "train_stream",
-    test_stream: str = "test_stream",
-) -> TaskStream:
-    """A bayescl :class:`~bayescl.harness.data.TaskStream` over an Avalanche benchmark (one task per experience).
-
-    Args:
-        benchmark: an Avalanche benchmark (``CLScenario``) with train and test streams of equal length.
-        name: the stream's name (default ``"avalanche:<class name>"``).
-        with_task_id: batches carry the task label (task-incremental). Default: the benchmark's train
-            experiences have more than one distinct task label.
-        num_tasks: keep only the first ``num_tasks`` experiences.
-        limit: keep a random subset (seeded by ``seed``, original order) of ``limit`` training and test
-            examples per experience; not the first ones, since Avalanche's experiences are often sorted by class.
-        materialize: copy each experience into a ``TensorDataset`` once (fast epochs; costs memory).
-        train_stream, test_stream: attribute names of the two streams.
-
-    The setting is ``"task"`` with task labels; otherwise ``"domain"`` when every experience has the same label
-    set and ``"class"`` when they differ. ``num_classes`` is the number of outputs a head needs: the largest
-    label in an experience plus one (task), in the whole stream plus one (domain/class). ``Task.classes`` are the
-    original class ids when the benchmark records them (``original_classes_in_exp``), else the labels.
-    """
-    trains = list(getattr(benchmark, train_stream))
-    tests = list(getattr(benchmark, test_stream))
-    if len(trains) != len(tests):
-        raise ValueError(f"benchmark has {len(trains)} {train_stream} experiences but {len(tests)} {test_stream} "
-                         "ones; stream_from_benchmark needs one test experience per training experience.")
-    if num_tasks is not None:
-        check_positive_int(num_tasks, "num_tasks")
-        trains, tests = trains[:num_tasks], tests[:num_tasks]
-    if limit is not None:
-        check_positive_int(limit, "limit")
-    if not trains:
-        raise ValueError("benchmark has no training experience.")
-    task_labels = [_task_labels(e) for e in trains]
-    if with_task_id is None:
-        with_task_id = len({t for ts in task_labels for t in ts}) > 1
-    label_sets = [_label_set(e) for e in trains]
-    if with_task_id:
-        setting, num_classes = "task", max(max(s) for s in label_sets) + 1
-    else:
-        setting = "domain" if all(s == label_sets[0] for s in label_sets) else "class"
-        num_classes = max(max(s) for s in label_sets) + 1
-    original = getattr(benchmark, "original_classes_in_exp", None)
-    g = torch.Generator().manual_seed(int(seed))
-    stream = TaskStream(name=name or f"avalanche:{type(benchmark).__name__}", setting=setting,
-                        num_classes=num_classes)
-    for i, (tr, te) in enumerate(zip(trains, tests)):
-        tl = task_labels[i][0] if len(task_labels[i]) == 1 else 0
-        parts = []
-        for exp in (tr, te):
-            ds = exp.dataset.eval() if exp is te and hasattr(exp.dataset, "eval") else exp.dataset
-            wrapped: Dataset = _limit(ExperienceDataset(ds, with_task_id, tl), limit, g)
-            parts.append(_materialize(wrapped) if materialize else wrapped)
-        classes = sorted(int(c) for c in original[i]) if original is not None else sorted(label_sets[i])
-        stream.tasks.append(Task(task_id=i, classes=tuple(classes), train=parts[0], test=parts[1]))
-    return stream
-
-
-#: Avalanche benchmarks with bayescl's protocol defaults (pixels in [0, 1], task-IL local labels 0/1 for splits).
-PRESETS: dict[str, dict[str, Any]] = {
-    "SplitMNIST": {"n_experiences": 5, "return_task_id": True, "fixed_class_order": list(range(10)),
-                   "class_ids_from_zero_in_each_exp": True, "train_transform": None, "eval_transform": None},
-    "SplitFMNIST": {"n_experiences": 5, "return_task_id": True, "fixed_class_order": list(range(10)),
-                    "class_ids_from_zero_in_each_exp": True, "train_transform": None, "eval_transform": None},
-    "PermutedMNIST": {"n_experiences": 10, "train_transform": None, "eval_transform": None},
-}
-
-
-def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    import yaml
-
-    body = spec.removeprefix("avalanche:")
-    bench, _, opts = body.partition(":")
-    options: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in opts.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"scenario={spec!r}: option {part!r} is not of the form key=value.")
-        options[key.strip()] = yaml.safe_load(value)
-    return bench.strip(), options
-
-
-def make_avalanche_stream(
-    spec: str,
-    root: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    *,
-    num_tasks: int | None = None,
-    limit: int | None = None,
-    materialize: bool = True,
-) -> TaskStream:
-    """Build an Avalanche classic benchmark from a spec and return it as a :class:`~bayescl.harness.data.TaskStream`.
-
-    ``spec`` is ``"avalanche:<Name>[:key=value,...]"``: ``<Name>`` a function of
-    ``avalanche.benchmarks.classic``; the options (YAML values) are its keyword arguments, over the presets of
-    :data:`PRESETS` (``SplitMNIST`` = task-IL 0/1 … 8/9 with local labels, like bayescl's ``split-mnist-task``;
-    ``SplitMNIST:return_task_id=false`` = domain-IL; add ``class_ids_from_zero_in_each_exp=false`` for class-IL;
-    ``PermutedMNIST``, 10 experiences, seeded by ``seed``). Pixels are in [0, 1] (no normalisation) unless the
-    options give transforms. The data root is ``root``, else ``$BAYESCL_DATA``, else ``./data``
-    (torchvision layout, ``<root>/MNIST/raw/...``).
-    """
-    from avalanche.benchmarks import classic
-
-    from bayescl.harness.data import data_root
-
-    name, options = _parse_spec(spec)
-    factory = getattr(classic, name, None)
-    if not callable(factory) or name.startswith("_"):
-        raise ValueError(f"scenario={spec!r}: {name!r} is not a benchmark of avalanche.benchmarks.classic; "
-                         f"tested: {', '.join(PRESETS)}.")
-    kwargs = {**PRESETS.get(name, {}), **options}
-    kwargs.setdefault("dataset_root", str(data_root(root)))
-    kwargs.setdefault("seed", seed)
-    n_exp = kwargs.pop("n_experiences", None)
-    benchmark = factory(n_exp, **kwargs) if n_exp is not None else factory(**kwargs)
-    return stream_from_benchmark(benchmark, name=f"avalanche:{name}", num_tasks=num_tasks, limit=limit,
-                                 seed=seed, materialize=materialize)

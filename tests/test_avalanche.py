@@ -1,8 +1,11 @@
-"""The Avalanche integration: LaplacePlugin inside Avalanche strategies, and Avalanche benchmarks as TaskStreams."""
+"""The Avalanche integration: the plugins inside Avalanche strategies, Avalanche benchmarks as TaskStreams (harness),
+and the harness's refusal of recipes that name an Avalanche strategy."""
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,15 +21,12 @@ from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 
+import bayescl
 from bayescl import LaplaceCallback
-from bayescl.avalanche import (
-    ExperienceBatches,
-    LaplacePlugin,
-    VCLPlugin,
-    _parse_spec,
-    make_avalanche_stream,
-    stream_from_benchmark,
-)
+from bayescl.avalanche import ExperienceBatches, LaplacePlugin, VCLPlugin
+from bayescl.harness.avalanche_stream import _parse_spec, make_avalanche_stream, stream_from_benchmark
+from bayescl.harness.bench import BenchConfig, run_benchmark
+from bayescl.harness.cli import main
 
 warnings.filterwarnings("ignore", ".*No loggers specified.*")
 
@@ -397,3 +397,43 @@ def test_real_split_mnist(data_root):
     res = strategy.eval(small.test_stream)
     accs = [v for k, v in res.items() if k.startswith("Top1_Acc_Exp")]
     assert len(accs) == 3 and min(accs) > 0.8
+
+
+# --------------------------------------------------------------------------------------------------- packaging
+def test_lazy_attribute_after_a_bare_import(monkeypatch):
+    monkeypatch.delattr(bayescl, "avalanche", raising=False)  # as after a bare `import bayescl`
+    assert "avalanche" in dir(bayescl)
+    assert bayescl.avalanche.LaplacePlugin is LaplacePlugin
+    assert bayescl.avalanche.VCLPlugin is VCLPlugin
+
+
+def test_missing_extra_names_the_install_command(monkeypatch):
+    monkeypatch.delitem(sys.modules, "bayescl.avalanche")
+    monkeypatch.setitem(sys.modules, "avalanche.core", None)  # `import avalanche.core` raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "bayescl\[avalanche\]"'):
+        import bayescl.avalanche  # noqa: F401
+
+
+def test_adapter_does_not_expose_the_harness_streams():
+    assert not hasattr(bayescl.avalanche, "stream_from_benchmark")
+    assert not any(m.startswith("bayescl.harness") for m in vars(bayescl.avalanche).values()
+                   if isinstance(m, str))
+
+
+# --------------------------------------------------------------------------------------------------- harness
+@pytest.mark.parametrize("recipe", ["avalanche-ewc", "avalanche-si", "avalanche-naive"])
+def test_harness_refuses_avalanche_recipes_before_training(recipe, tmp_path):
+    cfg = BenchConfig(scenario="synthetic", strategy=recipe, epochs=1, num_tasks=2, uncertainty=False)
+    logged: list[str] = []
+    with pytest.raises(ValueError, match=rf"strategy='{recipe}' is an Avalanche recipe .*avalanche_compare\.py"):
+        run_benchmark(cfg, out_dir=tmp_path, log=logged.append)
+    assert logged == [] and not list(Path(tmp_path).rglob("*"))  # nothing trained, nothing labelled
+
+
+def test_cli_refuses_avalanche_recipe(capsys, tmp_path):
+    rc = main(["bench", "--scenario", "synthetic", "--strategy", "avalanche-ewc", "--epochs", "1",
+               "--num-tasks", "2", "--out", str(tmp_path), "--no-progress", "--no-report"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "avalanche.training.EWC" in err and "naive" in err and "avalanche-si" not in err.split("choose")[-1]
+    assert not list(Path(tmp_path).rglob("*.json"))

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl.harness.avalanche_recipes import check_harness_recipe
 from bayescl.harness.data import Scenario, TaskStream, make_stream
 from bayescl.harness.metrics import summarize
 from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
@@ -87,7 +88,7 @@ class BenchConfig:
 
 def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
     if cfg.scenario.startswith("avalanche:"):
-        from bayescl.avalanche import make_avalanche_stream
+        from bayescl.harness.avalanche_stream import make_avalanche_stream
 
         return make_avalanche_stream(cfg.scenario, root=cfg.root, seed=seed, num_tasks=cfg.num_tasks,
                                      limit=cfg.limit)
@@ -116,6 +117,7 @@ def _quiet_lightning() -> None:
 
 def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str, Any]:
     """Run one seed of a recipe over a stream; returns its accuracy matrix and timings."""
+    check_harness_recipe(recipe)  # an Avalanche recipe would run as fine-tuning under its name
     pl.seed_everything(seed, verbose=False)
     stream = _stream(cfg, seed)
     module = ClassifierModule(default_model(stream, cfg.model), num_tasks=len(stream), lr=cfg.lr,
@@ -177,6 +179,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
     """Run ``cfg.seeds`` seeds, write the JSON (updated after every finished seed) and return the results."""
     cfg.validate()
     recipe = load_recipe(cfg.strategy)
+    check_harness_recipe(recipe)  # before any training or output
     _quiet_lightning()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = None
