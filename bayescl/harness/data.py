@@ -17,7 +17,6 @@ layout ``<root>/MNIST/raw/train-images-idx3-ubyte`` etc. Missing files are fetch
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,41 +28,13 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl.harness.scenarios import SPLIT_PAIRS, Scenario
 
 DATASET_STATS = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530)}
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-SPLIT_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
-
-
-class Scenario(str, enum.Enum):
-    """The named scenarios that :func:`make_stream` builds."""
-
-    SPLIT_MNIST_TASK = "split-mnist-task"
-    SPLIT_MNIST_DOMAIN = "split-mnist-domain"
-    SPLIT_MNIST_CLASS = "split-mnist-class"
-    SPLIT_FASHION_TASK = "split-fashion-task"
-    SPLIT_FASHION_DOMAIN = "split-fashion-domain"
-    SPLIT_FASHION_CLASS = "split-fashion-class"
-    PERMUTED_MNIST = "permuted-mnist"
-    SYNTHETIC = "synthetic"
-
-    @property
-    def needs_files(self) -> bool:
-        return self is not Scenario.SYNTHETIC
-
-    @property
-    def dataset(self) -> str:
-        return "FashionMNIST" if "fashion" in self.value else "MNIST"
-
-    @property
-    def setting(self) -> str:
-        """``task``, ``domain`` or ``class`` incremental."""
-        if self is Scenario.SYNTHETIC:
-            return "task"
-        return "domain" if self is Scenario.PERMUTED_MNIST else self.value.rsplit("-", 1)[1]
 
 
 def data_root(root: str | os.PathLike[str] | None = None) -> Path:
@@ -212,7 +183,7 @@ def _split_val(ds: TensorDataset, val_fraction: float, generator: torch.Generato
         return ds, None
     n = len(ds)
     perm = torch.randperm(n, generator=generator)
-    n_val = max(1, int(round(val_fraction * n)))
+    n_val = max(1, round(val_fraction * n))
     return Subset(ds, perm[n_val:].tolist()), Subset(ds, perm[:n_val].tolist())
 
 

@@ -1,0 +1,83 @@
+"""The ``bayescl`` command line as a user first meets it: fast help, every default shown, no library noise."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bayescl.harness.cli import main, parser
+from bayescl.harness.recipes import available_recipes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*code_or_args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # as a user's shell: warnings are shown
+    return subprocess.run([sys.executable, *code_or_args], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _subparsers(ap: argparse.ArgumentParser):
+    yield ap
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _subparsers(sub)
+
+
+def test_every_argument_has_help():
+    for ap in _subparsers(parser()):
+        for action in ap._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                assert all(a.help for a in action._choices_actions), ap.prog
+            else:
+                assert action.help, f"{ap.prog} {action.option_strings or action.dest} has no help"
+
+
+def test_bench_help_lists_recipes_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in available_recipes():
+        assert name in out
+    for default in ("number of seeds (default: 1)", "epochs per task (default: 5)",
+                    "training batch size (default: 64)", "Adam learning rate (default: 0.001)",
+                    "results folder (default: benchmarks/results)", "split-mnist-task", "GRID.yaml#"):
+        assert default in out, default
+
+
+def test_bench_defaults_match_the_runner():
+    """The defaults --help shows are the ones BenchConfig (the Python API) uses."""
+    from bayescl.harness.bench import BenchConfig
+
+    args = parser().parse_args(["bench", "--scenario", "synthetic", "--strategy", "naive"])
+    for f in dataclasses.fields(BenchConfig):
+        name = {"root": "data_root"}.get(f.name, f.name)
+        if f.default is not dataclasses.MISSING and hasattr(args, name) and f.name != "progress":
+            assert getattr(args, name) == f.default, f.name
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom bayescl.harness.cli import main\ntry:\n    main(['bench', '--help'])\n"
+            "except SystemExit:\n    pass\nheavy = [m for m in ('torch', 'pytorch_lightning', 'numpy') "
+            "if m in sys.modules]\nassert not heavy, heavy\nprint('light')")
+    proc = _run("-c", code)
+    assert proc.returncode == 0 and "light" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_output_has_no_library_warnings(tmp_path):
+    """A kron recipe imports curvlinops (whose linear_operator warns about torch.jit.script) mid-run."""
+    proc = _run("-m", "bayescl.harness.cli", "bench", "--scenario", "synthetic", "--strategy", "laplace-kron",
+                "--epochs", "1", "--num-tasks", "2", "--no-progress", "--no-uncertainty", "--no-report",
+                "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert "| laplace-kron |" in proc.stdout
