@@ -13,7 +13,7 @@ $BAYESCL bench --scenario permuted-mnist --seeds "$SEEDS" --epochs 3 --batch-siz
 $BAYESCL bench --scenario permuted-mnist --seeds "$SEEDS" --epochs 10 --batch-size 256 --no-progress --no-uncertainty \
   --strategy laplace-kron-lam10 naive vcl --out benchmarks/results/epochs-10
 $BAYESCL bench --scenario permuted-mnist --seeds 1 --epochs 10 --batch-size 256 --no-progress --no-uncertainty \
-  --strategy joint benchmarks/vcl_sweep/vcl-coreset-200-s10.yaml --out benchmarks/results/epochs-10
+  --strategy joint "benchmarks/grids/vcl.yaml#vcl-coreset-200-s10" --out benchmarks/results/epochs-10
 $BAYESCL bench --scenario split-mnist-domain --seeds "$SEEDS" --epochs 5 --batch-size 64 --no-progress \
   --strategy naive joint laplace-diag laplace-kron ewc-online
 $BAYESCL report benchmarks/results

@@ -5,7 +5,7 @@ import pytest
 
 from bayescl.harness.bench import BenchConfig, run_benchmark
 from bayescl.harness.cli import main
-from bayescl.harness.recipes import available_recipes, load_recipe
+from bayescl.harness.recipes import available_recipes, grid_variants, load_recipe
 from bayescl.harness.report import write_report
 
 REQUIRED = {"scenario", "strategy", "command", "seeds", "accuracy_matrix", "avg_accuracy", "bwt", "wall_seconds",
@@ -86,3 +86,40 @@ def test_cli_bench_prints_table(capsys, tmp_path):
     assert rc == 0
     out = capsys.readouterr().out
     assert "| strategy | avg accuracy (%)" in out and "| naive |" in out
+
+
+def test_grid_variant_overrides_its_base(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: vcl\nvariants:\n  vcl-lv7:\n    init_args: {logvar_init: -7.0, train_samples: 1}\n"
+                    "  sweep-naive:\n    base: naive\n    description: plain\n")
+    r = load_recipe(f"{grid}#vcl-lv7")
+    base = load_recipe("vcl")
+    assert r.name == "vcl-lv7" and r.data == base.data and r.description == base.description
+    assert r.callbacks[0]["init_args"] == {**base.callbacks[0]["init_args"], "logvar_init": -7.0, "train_samples": 1}
+    assert base.callbacks[0]["init_args"]["logvar_init"] == -8.0  # the base recipe is not changed
+    (cb,) = r.build_callbacks()
+    assert cb.logvar_init == -7.0 and cb.train_samples == 1
+    assert load_recipe(f"{grid}#sweep-naive").description == "plain"
+    with pytest.raises(ValueError, match="variant='nope' is not in grid .*allowed: vcl-lv7, sweep-naive"):
+        load_recipe(f"{grid}#nope")
+    grid.write_text("variants:\n  a:\n    init_args: {lam: 2}\n")
+    with pytest.raises(ValueError, match="variant 'a' has no 'base' recipe"):
+        load_recipe(f"{grid}#a")
+
+
+@pytest.mark.parametrize("grid", sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_committed_grid_variant_builds(grid):
+    for name in grid_variants(grid):
+        recipe = load_recipe(f"{grid}#{name}")
+        assert recipe.name == name and len(recipe.build_callbacks()) == len(recipe.callbacks)
+
+
+def test_cli_runs_a_grid_variant(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: laplace-diag\nvariants:\n  diag-lam3:\n    init_args: {lam: 3.0}\n")
+    rc = main(["bench", "--scenario", "synthetic", "--strategy", f"{grid}#diag-lam3", "--epochs", "1",
+               "--num-tasks", "2", "--out", str(tmp_path), "--no-progress", "--no-report", "--no-uncertainty"])
+    assert rc == 0 and "| diag-lam3 |" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "synthetic" / "diag-lam3.json").read_text())
+    assert doc["strategy"] == "diag-lam3" and doc["config"]["strategy"] == f"{grid}#diag-lam3"

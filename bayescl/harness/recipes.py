@@ -12,6 +12,14 @@ A recipe is what LightningCLI users already read, ``class_path`` / ``init_args``
 
 Recipes are looked up by name in ``$BAYESCL_STRATEGIES``, then ``./strategies``, then the ``strategies/`` folder
 beside the installed package; a path to a ``.yaml`` file works too.
+
+A *grid* file (``benchmarks/grids/*.yaml``) lists variants of base recipes; ``GRID.yaml#VARIANT`` names one::
+
+    base: vcl                      # the recipe every variant starts from (a variant may name its own ``base``)
+    variants:
+      vcl-lv7:                     # the variant's recipe name (and its result file's name)
+        init_args: {logvar_init: -7.0, train_samples: 1}   # merged into the base's first callback
+        description: ...           # optional; also ``data`` / ``trainer`` (merged) and ``base``
 """
 
 from __future__ import annotations
@@ -92,12 +100,56 @@ class Recipe:
         return [instantiate(spec, f"recipe {self.name!r} callbacks[{i}]") for i, spec in enumerate(self.callbacks)]
 
 
+GRID_KEYS = {"base", "variants"}
+VARIANT_KEYS = {"base", "description", "init_args", "data", "trainer"}
+
+
+def grid_variants(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The variants of a grid file, by name (see the module docstring for the format)."""
+    doc = yaml.load(Path(path).read_text(), Loader=_Loader) or {}
+    if not isinstance(doc, dict) or set(doc) - GRID_KEYS or not isinstance(doc.get("variants"), dict):
+        raise ValueError(f"grid {path} must be a mapping with 'variants' (a mapping) and an optional 'base'.")
+    variants = {}
+    for name, v in doc["variants"].items():
+        v = dict(v or {})
+        if unknown := set(v) - VARIANT_KEYS:
+            raise ValueError(f"grid {path}: variant {name!r} has unknown keys {sorted(unknown)}; "
+                             f"allowed: {sorted(VARIANT_KEYS)}.")
+        v.setdefault("base", doc.get("base"))
+        if not v["base"]:
+            raise ValueError(f"grid {path}: variant {name!r} has no 'base' recipe (and the grid none).")
+        variants[str(name)] = v
+    return variants
+
+
+def load_variant(grid: str | os.PathLike[str], variant: str) -> Recipe:
+    """The recipe ``variant`` of the grid file ``grid``: its base recipe with the variant's overrides."""
+    variants = grid_variants(grid)
+    if variant not in variants:
+        raise ValueError(f"variant={variant!r} is not in grid {grid}; allowed: {', '.join(variants)}.")
+    v = variants[variant]
+    base = load_recipe(v["base"])
+    callbacks = [dict(spec) for spec in base.callbacks]
+    if v.get("init_args"):
+        if not callbacks:
+            raise ValueError(f"grid {grid}: variant {variant!r} sets init_args but recipe {v['base']!r} has no "
+                             "callback.")
+        callbacks[0]["init_args"] = {**(callbacks[0].get("init_args") or {}), **v["init_args"]}
+    return Recipe(name=variant, description=v.get("description") or base.description, callbacks=callbacks,
+                  trainer={**base.trainer, **(v.get("trainer") or {})}, data={**base.data, **(v.get("data") or {})},
+                  module=base.module, path=Path(grid))
+
+
 def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
-    """Load a recipe by name (``"naive"``) or path (``"strategies/naive.yaml"``).
+    """Load a recipe by name (``"naive"``), path (``"strategies/naive.yaml"``) or grid variant
+    (``"benchmarks/grids/vcl.yaml#vcl-lv7"``).
 
     Raises:
         ValueError: unknown name (the message lists the recipes found) or a malformed file.
     """
+    grid, sep, variant = str(name_or_path).partition("#")
+    if sep:
+        return load_variant(grid, variant)
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         candidates = [d / f"{name_or_path}.yaml" for d in recipe_dirs()]
@@ -110,7 +162,7 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
         path = found[0]
     doc = yaml.load(path.read_text(), Loader=_Loader) or {}
     if not isinstance(doc, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping, got {type(doc).__name__}.")
+        raise ValueError(f"recipe {path} must be a YAML mapping, got {type(doc).__name__}.")  # noqa: TRY004
     unknown = set(doc) - ALLOWED_KEYS
     if unknown:
         raise ValueError(f"recipe {path} has unknown keys {sorted(unknown)}; allowed: {sorted(ALLOWED_KEYS)}.")
