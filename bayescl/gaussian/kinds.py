@@ -1,4 +1,12 @@
-"""The Gaussian kinds a posterior can have, and rebuilding one from its ``state_dict``."""
+"""The Gaussian kinds a posterior can have, the check that an argument is one, and rebuilding one from its
+``state_dict``.
+
+Both kinds share one interface, so callers call a method instead of testing the kind: the algebra (``*``,
+``divide``, ``temper``, ``with_mean``), densities (``kl``, ``log_prob``, ``sample``, ``quadratic``,
+``quadratic_grad``), structure (``restrict``, ``extend``, ``to``), persistence (``state_dict``), and
+``elementwise_precision()`` / ``blocks()`` (the elementwise part of ``Λ`` and its Kronecker blocks, none for a
+diagonal Gaussian), ``data_spectrum(τ₀)`` and ``with_base_precision(old, new)`` (the Laplace evidence).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,13 @@ from bayescl.gaussian.kron import KronGaussian
 
 Gaussian = DiagGaussian | KronGaussian
 _KINDS: dict[str, type] = {DiagGaussian.kind: DiagGaussian, KronGaussian.kind: KronGaussian}
+
+
+def check_gaussian(q: object, name: str = "posterior") -> Gaussian:
+    """``q`` if it is a :class:`DiagGaussian` or :class:`KronGaussian`; ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(q, (DiagGaussian, KronGaussian)):
+        raise TypeError(f"{name} must be a DiagGaussian or KronGaussian, got {type(q).__name__}.")
+    return q
 
 
 def gaussian_from_state_dict(state: Mapping[str, Any]) -> Gaussian:

@@ -9,16 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayescl.gaussian.diag import DiagGaussian
-from bayescl.gaussian.kinds import Gaussian
-from bayescl.gaussian.kron import KronGaussian
+from bayescl.gaussian.kinds import Gaussian, check_gaussian
+from bayescl.gaussian.kron_block import from_block, to_block
 
 
 class PriorGradient:
     r"""``grad += scale · (Λθ − η)`` for one Gaussian and a fixed list of parameters, fused: the same numbers as
-    ``q.quadratic_grad`` (then ``add``), without its temporaries. The elementwise part ``D ⊙ θ − η`` is two
-    ``_foreach`` passes over memory; for a :class:`KronGaussian` each layer's ``Σ s_i G_i W̃ A_i`` is then added to
-    the weight and bias gradients. ``q`` is moved once to the parameters' device and dtype.
+    ``q.quadratic_grad`` (then ``add``), without its temporaries. The elementwise part ``D ⊙ θ − η``
+    (``q.elementwise_precision()``; all of ``Λ`` for a :class:`~bayescl.gaussian.diag.DiagGaussian`) is two
+    ``_foreach`` passes over memory; each Kronecker block of ``q.blocks()`` whose parameters are all in
+    ``params`` then adds its ``Σ s_i G_i W̃ A_i`` to the weight and bias gradients. ``q`` is moved once to the
+    parameters' device and dtype.
 
     Args:
         q: the Gaussian (its names must cover ``params``).
@@ -26,19 +27,14 @@ class PriorGradient:
     """
 
     def __init__(self, q: Gaussian, params: Mapping[str, Tensor]) -> None:
-        self.q, self.names = q, tuple(params)
+        self.q, self.names = check_gaussian(q, "q"), tuple(params)
         ref = next(iter(params.values()))
         qd = q.to(device=ref.device, dtype=ref.dtype)
-        self._qd = qd
-        if isinstance(qd, DiagGaussian):
-            diag = qd.precision
-        else:
-            diag = {n: d.expand_as(params[n]).contiguous() for n, d in qd.diag.items() if n in params}
-        self._diag = [diag[n].to(p) for n, p in params.items()]
+        diag = qd.elementwise_precision()
+        self._diag = [diag[n].to(p).contiguous() for n, p in params.items()]
         self._eta = [qd.eta[n].to(p) for n, p in params.items()]
-        self._layers = [] if isinstance(qd, DiagGaussian) else [
-            (layer, spec) for layer, spec in qd.layers.items()
-            if qd.num_terms.get(layer) and all(n is None or n in params for n in spec)]
+        self._blocks = [blk for blk in qd.blocks().values()
+                        if blk.terms and all(n is None or n in params for n in blk.spec)]
 
     @torch.no_grad()
     def add_(self, params: Mapping[str, Tensor], scale: float) -> None:
@@ -50,9 +46,9 @@ class PriorGradient:
         grads, thetas = [p.grad for p in ps], [p.detach() for p in ps]
         torch._foreach_addcmul_(grads, self._diag, thetas, value=scale)
         torch._foreach_add_(grads, self._eta, alpha=-scale)
-        for layer, spec in self._layers:
-            kb = self._qd._block_apply(layer, {n: params[n].detach() for n in spec if n is not None})
-            for n, v in KronGaussian._from_block(spec, kb, params).items():
+        for blk in self._blocks:
+            kb = blk.apply(to_block(blk.spec, {n: params[n].detach() for n in blk.spec if n is not None}))
+            for n, v in from_block(blk.spec, kb, params).items():
                 params[n].grad.add_(v, alpha=scale)
 
 

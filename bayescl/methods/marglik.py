@@ -24,67 +24,25 @@ The training posterior is not changed: :func:`with_prior_precision` returns a co
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from bayescl._checks import check_real
-from bayescl.gaussian import Gaussian
-from bayescl.gaussian.diag import DiagGaussian
-from bayescl.gaussian.kron import KronGaussian
-from bayescl.gaussian.kron_terms import _eig_factor
+from bayescl.gaussian.kinds import Gaussian, check_gaussian
 
 #: search interval of ``log10 τ``
 LOG10_RANGE = (-6.0, 8.0)
 
 
-def _data_spectrum(q: Gaussian, tau0: float) -> tuple[Tensor, float]:
-    """``(eigenvalues of H that are > 0, ‖θ*‖² over the informed parameters)`` (float64)."""
-    if not isinstance(q, (DiagGaussian, KronGaussian)):
-        raise TypeError(f"posterior must be a DiagGaussian or KronGaussian, got {type(q).__name__}.")
-    mean = q.mean
-    eigs, sq = [], 0.0
-
-    def elementwise(n: str, prec: Tensor) -> None:
-        nonlocal sq
-        h = (prec.double().expand(mean[n].shape) - tau0).clamp_min(0).reshape(-1)
-        keep = h > 0
-        eigs.append(h[keep])
-        sq += float((mean[n].double().reshape(-1)[keep] ** 2).sum())
-
-    if isinstance(q, DiagGaussian):
-        for n, p in q.precision.items():
-            elementwise(n, p)
-    else:
-        merged = q.merge()
-        owned: set[str] = set()
-        terms = merged.terms
-        for layer, spec in merged.layers.items():
-            names = [n for n in spec if n is not None]
-            owned.update(names)
-            if not terms.get(layer):
-                for n in names:
-                    elementwise(n, merged.diag[n])
-                continue
-            t = terms[layer][0]
-            d = torch.cat([(merged.diag[n].double().expand(mean[n].shape) - tau0).reshape(-1) for n in names])
-            # eigen form of the block; the elementwise part (zero for a Laplace posterior: only the base prior)
-            # enters through its mean
-            f = _eig_factor(replace(t, A=t.A.double(), G=t.G.double()), float(d.clamp_min(0).mean()))
-            keep = f.lam > 0
-            eigs.append(f.lam[keep])
-            # θ* in the eigenbasis: the components the data never touched (null space of A or G) are left out
-            sq += float((f.rot(KronGaussian._to_block(spec, mean).double())[keep] ** 2).sum())
-        for n in merged.names:
-            if n not in owned:
-                elementwise(n, merged.diag[n])
-    return (torch.cat(eigs) if eigs else torch.zeros(0, dtype=torch.float64)), sq
+def data_spectrum(q: Gaussian, tau0: float) -> tuple[Tensor, float]:
+    """``(eigenvalues of H that are > 0, ‖θ*‖² over the informed directions)`` (float64): ``q.data_spectrum``."""
+    return check_gaussian(q, "posterior").data_spectrum(tau0)
 
 
 def log_evidence(q: Gaussian, tau: float | Tensor, prior_precision: float) -> Tensor:
     """The ``τ``-dependent part of the Laplace evidence (module docstring) for prior precisions ``tau``."""
-    h, sq = _data_spectrum(q, prior_precision)
+    h, sq = data_spectrum(q, prior_precision)
     tau = torch.as_tensor(tau, dtype=torch.float64).reshape(-1)
     return _objective(h, sq, tau)
 
@@ -98,7 +56,7 @@ def fit_prior_precision(q: Gaussian, prior_precision: float, grid: int = 141) ->
     """``τ`` maximising the Laplace evidence of ``q`` (trained with base prior precision ``prior_precision``):
     a grid over ``log10 τ ∈ [-6, 8]`` then golden-section refinement. ``1.0`` if no entry is informed."""
     tau0 = check_real(prior_precision, "prior_precision", low=0.0, low_open=True)
-    h, sq = _data_spectrum(q, tau0)
+    h, sq = data_spectrum(q, tau0)
     if h.numel() == 0:
         return 1.0
     logs = torch.linspace(*LOG10_RANGE, grid, dtype=torch.float64)
@@ -117,13 +75,6 @@ def fit_prior_precision(q: Gaussian, prior_precision: float, grid: int = 141) ->
 
 
 def with_prior_precision(q: Gaussian, old: float, new: float) -> Gaussian:
-    """``q`` with its base prior precision ``old`` replaced by ``new`` (same mean): ``Λ − old I + new I``."""
-    old = check_real(old, "old", low=0.0)
-    new = check_real(new, "new", low=0.0, low_open=True)
-    mean = q.mean
-    if isinstance(q, DiagGaussian):
-        return DiagGaussian.from_mean_precision(mean, {n: (p - old).clamp_min(0) + new for n, p in q.precision.items()})
-    if not isinstance(q, KronGaussian):
-        raise TypeError(f"posterior must be a DiagGaussian or KronGaussian, got {type(q).__name__}.")
-    diag = {n: (d - old).clamp_min(0) + new for n, d in q.diag.items()}
-    return KronGaussian(mean, q.layers, q.terms, diag)
+    """``q`` with its base prior precision ``old`` replaced by ``new`` (same mean): ``Λ − old I + new I``
+    (``q.with_base_precision``; the negative part of ``Λ − old I`` is clipped to 0)."""
+    return check_gaussian(q, "posterior").with_base_precision(old, new)

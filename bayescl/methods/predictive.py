@@ -11,7 +11,8 @@ r"""Posterior predictive for classification: :math:`p(y\mid x) = \int \mathrm{so
   :math:`v_c = \sum_p J_{cp}^2 \sigma_p^2` and :math:`p \approx \mathrm{softmax}\big(f(x;\mu)/\sqrt{1+\pi v/8}\big)`.
   For a :class:`~bayescl.gaussian.diag.DiagGaussian` the per-example Jacobians come from ``torch.func``; for a
   :class:`~bayescl.gaussian.kron.KronGaussian` over Linear layers ``v`` is exact in the factors' eigenbasis
-  (:func:`glm_logit_moments`), one backward pass per class.
+  (:func:`glm_logit_moments`), one backward pass per class. The kind is resolved once, in ``_LINEARISED``
+  (kind -> Jacobian work); :func:`glm_supported` says whether a posterior and model have it.
 
 The model is called as ``model(*inputs)`` (see :mod:`bayescl._batches`); parameter names are those of the
 posterior, which must be a subset of ``model.named_parameters()`` (the rest stay at their current values).
@@ -21,14 +22,16 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from bayescl._checks import as_enum, check_positive_int
-from bayescl.gaussian import Gaussian
 from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kinds import Gaussian
 from bayescl.gaussian.kron import KronGaussian
 
 
@@ -38,7 +41,9 @@ class PredictiveMethod(str, enum.Enum):
     PROBIT = "probit"
 
 
-def _check_names(model: nn.Module, posterior: Gaussian) -> dict[str, Tensor]:
+def check_posterior_names(model: nn.Module, posterior: Gaussian) -> dict[str, Tensor]:
+    """``model.named_parameters()`` as a dict; ``ValueError`` naming the first parameter of ``posterior`` that is
+    not a parameter of ``model``."""
     named = dict(model.named_parameters())
     missing = [n for n in posterior.names if n not in named]
     if missing:
@@ -66,7 +71,7 @@ def predictive(
         generator: random generator for ``"mc"``.
     """
     method = as_enum(PredictiveMethod, method, "method")
-    named = _check_names(model, posterior)
+    named = check_posterior_names(model, posterior)
     was_training = model.training
     model.eval()
     try:
@@ -101,12 +106,23 @@ def glm_logit_moments(model: nn.Module, posterior: Gaussian, inputs: tuple[Tenso
       merged-pair approximation, as :meth:`KronGaussian.sample` does). Parameters outside the Kronecker layers
       use their diagonal. Other layer types (Conv2d) raise; use ``method="mc"`` there.
     """
-    if isinstance(posterior, KronGaussian):
-        return _kron_logit_moments(model, posterior, inputs)
-    if not isinstance(posterior, DiagGaussian):
+    kind = _LINEARISED.get(getattr(posterior, "kind", None))
+    if kind is None:
         raise TypeError(f"the linearised predictive needs a DiagGaussian or KronGaussian posterior, got "
-                         f"{type(posterior).__name__}; use method='mc'.")
-    named = _check_names(model, posterior)
+                        f"{type(posterior).__name__}; use method='mc'.")
+    return kind.moments(model, posterior, inputs)
+
+
+def glm_supported(model: nn.Module, posterior: object) -> bool:
+    """Whether :func:`glm_logit_moments` handles ``posterior`` on ``model`` (a DiagGaussian; a KronGaussian whose
+    Kronecker layers are all ``nn.Linear``); ``False`` for anything else, ``None`` included."""
+    kind = _LINEARISED.get(getattr(posterior, "kind", None))
+    return kind is not None and kind.supports(model, posterior)
+
+
+def _diag_logit_moments(model: nn.Module, posterior: DiagGaussian,
+                        inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    named = check_posterior_names(model, posterior)
     mean = {n: t.to(named[n]) for n, t in posterior.mean.items()}
     var = {n: t.to(named[n]) for n, t in posterior.variance.items()}
     logits = functional_call(model, mean, inputs, strict=False)
@@ -128,7 +144,7 @@ def _diag_logit_var(model: nn.Module, mean: dict[str, Tensor], var: dict[str, Te
 
 
 def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    named = _check_names(model, q)
+    named = check_posterior_names(model, q)
     modules = dict(model.named_modules())
     layers = q.layers
     if (bad := non_linear_kron_layer(model, q)) is not None:
@@ -153,7 +169,7 @@ def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor,
                 if acts[layer].dim() != 2:
                     raise ValueError(f"layer {layer!r} got inputs of shape {tuple(acts[layer].shape)}; the "
                                      "linearised Kronecker predictive needs (batch, features). Use method='mc'.")
-            factors = {layer: q._factor(layer, approx=True) for layer in used}
+            factors = {layer: q.block(layer).factor(approx=True) for layer in used}
             for c in range(logits.shape[-1]):
                 grads = torch.autograd.grad(logits[:, c].sum(), [outs[layer] for layer in used],
                                             retain_graph=True, allow_unused=True)
@@ -163,7 +179,7 @@ def _kron_logit_moments(model: nn.Module, q: KronGaussian, inputs: tuple[Tensor,
                     a = acts[layer]
                     if layers[layer][1] is not None:
                         a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-                    v[:, c] += _block_quadratic(factors[layer], delta.detach(), a)
+                    v[:, c] += factors[layer].outer_quadratic(delta.detach(), a)
     finally:
         for h in handles:
             h.remove()
@@ -183,14 +199,18 @@ def non_linear_kron_layer(model: nn.Module, q: KronGaussian) -> str | None:
     return next((layer for layer in q.layers if not isinstance(modules.get(layer), nn.Linear)), None)
 
 
-def _block_quadratic(f, delta: Tensor, a: Tensor) -> Tensor:
-    """``(δ ⊗ ã) Λ⁻¹ (δ ⊗ ã)ᵀ`` per example for one block factor (eigen form or dense Cholesky)."""
-    if f.chol is not None:
-        j = (delta[:, :, None] * a[:, None, :]).reshape(delta.shape[0], -1)
-        return (j * torch.cholesky_solve(j.T, f.chol).T).sum(-1)
-    dr = delta if f.ug is None else delta @ f.ug
-    ar = a if f.ua is None else a @ f.ua
-    return ((dr**2) @ (1.0 / f.lam) * ar**2).sum(-1)
+class _Linearised(NamedTuple):
+    """The Jacobian work of the linearised predictive for one Gaussian kind."""
+
+    moments: Callable[[nn.Module, Gaussian, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
+    supports: Callable[[nn.Module, Gaussian], bool]
+
+
+#: the one dispatch on the Gaussian kind: kind -> its linearised predictive
+_LINEARISED: dict[str, _Linearised] = {
+    DiagGaussian.kind: _Linearised(_diag_logit_moments, lambda model, q: True),
+    KronGaussian.kind: _Linearised(_kron_logit_moments, lambda model, q: non_linear_kron_layer(model, q) is None),
+}
 
 
 def glm_samples(logits: Tensor, v: Tensor, n_samples: int, generator: torch.Generator | None = None) -> Tensor:

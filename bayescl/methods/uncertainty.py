@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,6 +49,9 @@ from torchmetrics import Metric
 
 from bayescl._batches import move_inputs, split_batch
 from bayescl._checks import check_positive_int
+from bayescl._params import eval_mode
+from bayescl.methods.predictive import check_posterior_names, glm_logit_moments, glm_samples, glm_supported
+from bayescl.methods.variational import is_stochastic, predictive_samples
 
 #: Default number of equal-width confidence bins (torchmetrics' default).
 N_BINS = 15
@@ -130,56 +132,62 @@ def ece_from_bins(count: Tensor, confidence: Tensor, correct: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- metrics
-def _means(m: Metric) -> dict[str, Tensor]:
-    """Per-example means of the summed statistics of ``m`` (NaN where nothing was counted), ECE and counts."""
-    n = m.count.double()
-    nan = torch.full_like(n, float("nan"))
-    out = {k: torch.where(n > 0, getattr(m, k) / n.clamp_min(1), nan) for k in _STATS}
-    out["accuracy"] = torch.where(n > 0, m.correct.double() / n.clamp_min(1), nan)
-    out["ece"] = ece_from_bins(m.bin_count, m.bin_confidence, m.bin_correct)
-    out["count"] = m.count.clone()
-    return out
+_BINS = ("bin_count", "bin_confidence", "bin_correct")
 
 
-class PredictiveUncertainty(Metric):
-    """Mean total / aleatoric / epistemic entropy, NLL, accuracy and ECE of a posterior predictive.
-
-    ``update(probs, target)`` takes probability samples ``(S, B, C)`` (or one predictive ``(B, C)``) and labels
-    ``(B,)``; ``compute()`` returns ``{"total", "aleatoric", "epistemic", "nll", "ece", "accuracy", "count"}``
-    (0-dim tensors; means per example, nats). States are sums, reduced across processes with ``sum``.
-
-    Args:
-        n_bins: equal-width confidence bins for the ECE and :meth:`reliability`.
-    """
+class _SummedUncertainty(Metric):
+    """States of shape ``shape`` (sums of :func:`_batch_sums`, per-bin ones ``shape + (n_bins,)``), reduced with
+    ``sum``; ``compute`` gives per-example means (NaN where nothing was counted), ECE and counts."""
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, n_bins: int = N_BINS, **kwargs: Any) -> None:
+    def __init__(self, shape: tuple[int, ...], n_bins: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.n_bins = check_positive_int(n_bins, "n_bins")
+        K = self.n_bins = check_positive_int(n_bins, "n_bins")
         for k in _STATS:
-            self.add_state(k, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("bin_count", torch.zeros(n_bins, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("bin_confidence", torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("bin_correct", torch.zeros(n_bins, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state(k, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        for k, dtype in (("correct", torch.long), ("count", torch.long)):
+            self.add_state(k, torch.zeros(shape, dtype=dtype), dist_reduce_fx="sum")
+        for k, dtype in zip(_BINS, (torch.long, torch.float64, torch.long)):
+            self.add_state(k, torch.zeros((*shape, K), dtype=dtype), dist_reduce_fx="sum")
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.count.double()
+        nan = torch.full_like(n, float("nan"))
+        out = {k: torch.where(n > 0, getattr(self, k) / n.clamp_min(1), nan) for k in _STATS}
+        out["accuracy"] = torch.where(n > 0, self.correct.double() / n.clamp_min(1), nan)
+        out["ece"] = ece_from_bins(self.bin_count, self.bin_confidence, self.bin_correct)
+        out["count"] = self.count.clone()
+        return out
+
+    def reliability(self) -> dict[str, Tensor]:
+        """Per-bin sums ``{"bin_count", "bin_confidence", "bin_correct"}`` (shape ``(..., n_bins)``)."""
+        return {k: getattr(self, k).clone() for k in _BINS}
+
+
+class PredictiveUncertainty(_SummedUncertainty):
+    """Mean total / aleatoric / epistemic entropy, NLL, accuracy and ECE of a posterior predictive.
+
+    ``update(probs, target)`` takes probability samples ``(S, B, C)`` (or one predictive ``(B, C)``) and labels
+    ``(B,)``; ``compute()`` returns ``{"total", "aleatoric", "epistemic", "nll", "ece", "accuracy", "count"}``
+    (0-dim tensors; means per example, nats); :meth:`reliability` the per-bin sums ``(n_bins,)``. States are sums,
+    reduced across processes with ``sum``.
+
+    Args:
+        n_bins: equal-width confidence bins for the ECE and :meth:`reliability`.
+    """
+
+    def __init__(self, n_bins: int = N_BINS, **kwargs: Any) -> None:
+        super().__init__((), n_bins, **kwargs)
 
     def update(self, probs: Tensor, target: Tensor) -> None:  # type: ignore[override]
         for k, v in _batch_sums(probs, target, self.n_bins).items():
             getattr(self, k).add_(v.to(getattr(self, k)))
 
-    def compute(self) -> dict[str, Tensor]:
-        return _means(self)
 
-    def reliability(self) -> dict[str, Tensor]:
-        """Per-bin sums ``{"bin_count", "bin_confidence", "bin_correct"}`` (shape ``(n_bins,)``)."""
-        return {k: getattr(self, k).clone() for k in ("bin_count", "bin_confidence", "bin_correct")}
-
-
-class TaskUncertainty(Metric):
+class TaskUncertainty(_SummedUncertainty):
     """:class:`PredictiveUncertainty` per (training stage, evaluated task), like
     :class:`~bayescl.harness.metrics.AccuracyMatrix`: compare old and new tasks as the stream goes on::
 
@@ -187,26 +195,17 @@ class TaskUncertainty(Metric):
         metric.update(probs, y, stage=i, task=j)   # probs (S, B, C): after training task i, on task j's data
         out = metric.compute()                     # {"epistemic": (5, 5), ..., "ece": (5, 5)}, NaN: never seen
 
+    ``compute()`` gives ``(T, T)`` tensors (NaN if never evaluated), :meth:`reliability` ``(T, T, n_bins)``.
+
     Args:
         num_tasks: tasks in the stream.
         n_bins: confidence bins for the per-task ECE and :meth:`reliability`.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = False
-
     def __init__(self, num_tasks: int, n_bins: int = N_BINS, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        T = self.num_tasks = check_positive_int(num_tasks, "num_tasks")
-        K = self.n_bins = check_positive_int(n_bins, "n_bins")
-        for k in _STATS:
-            self.add_state(k, torch.zeros(T, T, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("correct", torch.zeros(T, T, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(T, T, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("bin_count", torch.zeros(T, T, K, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("bin_confidence", torch.zeros(T, T, K, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("bin_correct", torch.zeros(T, T, K, dtype=torch.long), dist_reduce_fx="sum")
+        T = check_positive_int(num_tasks, "num_tasks")
+        super().__init__((T, T), n_bins, **kwargs)
+        self.num_tasks = T
 
     def update(self, probs: Tensor, target: Tensor, stage: int, task: int) -> None:  # type: ignore[override]
         for name, v in (("stage", stage), ("task", task)):
@@ -215,39 +214,13 @@ class TaskUncertainty(Metric):
         for k, v in _batch_sums(probs, target, self.n_bins).items():
             getattr(self, k)[stage, task] += v.to(getattr(self, k))
 
-    def compute(self) -> dict[str, Tensor]:
-        """``(T, T)`` tensors ``total, aleatoric, epistemic, nll, ece, accuracy`` (NaN if never evaluated) and
-        ``count``."""
-        return _means(self)
-
-    def reliability(self) -> dict[str, Tensor]:
-        """Per-bin sums ``(T, T, n_bins)``: ``bin_count``, ``bin_confidence``, ``bin_correct``."""
-        return {k: getattr(self, k).clone() for k in ("bin_count", "bin_confidence", "bin_correct")}
-
 
 # --------------------------------------------------------------------------------------------------- sampling
-def _linear_kron(model: nn.Module, posterior: Any) -> bool:
-    """A :class:`~bayescl.gaussian.kron.KronGaussian` whose Kronecker layers are all ``nn.Linear`` (linearised predictive)."""
-    from bayescl.gaussian.kron import KronGaussian
-    from bayescl.methods.predictive import non_linear_kron_layer
-
-    return isinstance(posterior, KronGaussian) and non_linear_kron_layer(model, posterior) is None
-
-
-def _self_sampling(model: nn.Module) -> bool:
-    """Whether ``model`` samples its own weights at every call (VCL's variational layers)."""
-    from bayescl.methods.variational import is_stochastic
-
-    return is_stochastic(model)
-
-
 def _draw_weights(model: nn.Module, posterior: Any, n_samples: int,
                   generator: torch.Generator | None) -> list[dict[str, Tensor]]:
     """``n_samples`` draws of ``posterior.sample`` cast to the model's parameters (one call per draw, as in
     :func:`bayescl.methods.predictive.predictive`, so the same generator gives the same weights)."""
-    from bayescl.methods.predictive import _check_names
-
-    named = _check_names(model, posterior)
+    named = check_posterior_names(model, posterior)
     return [{n: t.to(named[n]) for n, t in posterior.sample(generator=generator).items()} for _ in range(n_samples)]
 
 
@@ -255,22 +228,10 @@ def _probs(model: nn.Module, weights: list[dict[str, Tensor]] | None, inputs: tu
            n_samples: int) -> Tensor:
     if weights is not None:
         return torch.stack([torch.softmax(functional_call(model, w, inputs, strict=False), dim=-1) for w in weights])
-    if not _self_sampling(model):
+    if not is_stochastic(model):
         return torch.softmax(model(*inputs), dim=-1).unsqueeze(0)
-    from bayescl.methods.variational import predictive_samples
-
     with predictive_samples(model, 1):
         return torch.stack([torch.softmax(model(*inputs), dim=-1) for _ in range(n_samples)])
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -297,14 +258,11 @@ def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...]
     check_positive_int(n_samples, "n_samples")
     if not isinstance(inputs, tuple):
         raise TypeError(f"inputs must be a tuple of the model's positional inputs, got {type(inputs).__name__}.")
-    from bayescl.gaussian.diag import DiagGaussian
-    from bayescl.methods.predictive import glm_logit_moments, glm_samples
-
     if method is None:
-        method = "glm" if isinstance(posterior, DiagGaussian) or _linear_kron(model, posterior) else "mc"
+        method = "glm" if glm_supported(model, posterior) else "mc"
     if method not in ("glm", "mc"):
         raise ValueError(f"method={method!r} is not valid; allowed: 'glm', 'mc' (or None for the default).")
-    with _eval_mode(model):
+    with eval_mode(model):
         if method == "glm" and posterior is not None:
             logits, v = glm_logit_moments(model, posterior, inputs)
             return glm_samples(logits, v, n_samples, generator)
@@ -383,7 +341,7 @@ def evaluate_uncertainty(module: nn.Module, posterior: Any | None, test_loaders:
     device = params[0].device if params else torch.device("cpu")
     if posterior is not None:
         source = "posterior"
-    elif _self_sampling(module):
+    elif is_stochastic(module):
         source = "model"
     else:
         source = "point"
@@ -391,7 +349,7 @@ def evaluate_uncertainty(module: nn.Module, posterior: Any | None, test_loaders:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(10_007 * seed + stage)
         tasks = []
-        with torch.no_grad(), _eval_mode(module):
+        with torch.no_grad(), eval_mode(module):
             # one set of weight samples per stage, shared by every task and batch (a fixed MC predictive)
             weights = None if posterior is None else _draw_weights(module, posterior, n_samples, generator)
             metrics = []
@@ -419,7 +377,7 @@ def stage_records_to_arrays(records: Sequence[dict[str, Any]], num_tasks: int) -
     K = int(records[0]["n_bins"]) if records else N_BINS
     out = {k: torch.full((T, T), float("nan"), dtype=torch.float64)
            for k in ("accuracy", *_STATS, "ece", "count")}
-    for k in ("bin_count", "bin_confidence", "bin_correct"):
+    for k in _BINS:
         out[k] = torch.zeros(T, T, K, dtype=torch.float64)
     for rec in records:
         i = int(rec["stage"])
@@ -429,7 +387,7 @@ def stage_records_to_arrays(records: Sequence[dict[str, Any]], num_tasks: int) -
                 raise ValueError(f"uncertainty record (stage {i}, task {j}) is outside a {T}-task stream.")
             for k in ("accuracy", *_STATS, "ece", "count"):
                 out[k][i, j] = float(t[k]) if t.get(k) is not None else math.nan
-            for k in ("bin_count", "bin_confidence", "bin_correct"):
+            for k in _BINS:
                 v = torch.tensor(t[k], dtype=torch.float64)
                 if v.shape != (K,):
                     raise ValueError(f"uncertainty record (stage {i}, task {j}) has {k} of length {v.numel()}; "
