@@ -28,11 +28,11 @@ after_backward → before_update → optimizer.step``):
 
 * ``before_training_exp``: ``convert`` swaps the model's ``nn.Linear`` / ``nn.Conv2d`` for mean-field Gaussian
   layers (idempotent; heads a ``MultiHeadClassifier`` grew for this experience are converted here). When that
-  changed the parameters, the plugin calls the strategy's public ``strategy.make_optimizer(remove_params=True)``
-  (Avalanche 0.6 ``BatchObservation.make_optimizer``: ``update_optimizer`` over ``model.named_parameters()`` and
-  ``strategy.optimized_param_id``, which it updates): the replaced plain weights leave the optimizer, the new
-  ``*_mu`` / ``*_logvar`` tensors join the parameter group of their layer; other groups, hyper-parameters and
-  the optimizer state of unchanged parameters are kept. Then, as in Lightning's ``on_train_start``, the layers are
+  changed the parameters, the new ``*_mu`` / ``*_logvar`` tensors join the parameter group of the weights they
+  replace and the plugin calls the strategy's public ``strategy.make_optimizer(remove_params=True)`` (Avalanche 0.6
+  ``BatchObservation.make_optimizer``: ``update_optimizer`` over ``model.named_parameters()`` and
+  ``strategy.optimized_param_id``, which it updates): the replaced plain weights leave the optimizer; groups,
+  hyper-parameters and the optimizer state of unchanged parameters are kept. Then, as in Lightning's ``on_train_start``, the layers are
   set to the current posterior (``q_{t-1}``), ``N_t`` is set and ``enable_predictive(model, test_samples)`` is
   installed.
 * ``before_training_epoch``: the maximum-likelihood start (``ml_init``) is driven by Avalanche's epoch counter:
@@ -193,10 +193,12 @@ class PosteriorPlugin(SupervisedPlugin, supports_distributed=False):
         return max(1, len(ds))
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Base prior for parameters not seen so far; :math:`N_t` for this experience."""
         self.callback.ensure_server(strategy.model)
         self.callback.set_num_examples(self.training_set_size(strategy))
 
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Add the prior's gradient term, once per optimizer step."""
         self.callback.add_prior_grad(strategy.model)
 
 
@@ -239,6 +241,7 @@ class LaplacePlugin(PosteriorPlugin):
         return ExperienceBatches(ds, bs, multi_task=is_multi_task_module(strategy.model))
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Close the experience: the curvature pass adds its site to the posterior."""
         self.callback.end_task(None, strategy.model, self.curvature_batches(strategy))
 
 
@@ -284,9 +287,14 @@ class VCLPlugin(PosteriorPlugin):
     def convert_model(self, strategy: Any) -> bool:
         """Make the model's layers variational and update the strategy's optimizer.
 
+        A new ``*_mu`` / ``*_logvar`` tensor joins the parameter group that held its layer's plain weights
+        (``torch.optim.Optimizer.param_groups``); then the strategy's public ``make_optimizer(remove_params=True)``
+        (Avalanche's ``update_optimizer``) drops the replaced weights and updates ``strategy.optimized_param_id``.
+        Avalanche alone cannot place them when the optimizer has several groups: every parameter it could infer a
+        group from was replaced.
+
         Args:
-            strategy: the Avalanche strategy; when the parameters changed, its public ``make_optimizer`` is
-                called with ``remove_params=True``.
+            strategy: the Avalanche strategy (``model``, ``optimizer``, ``make_optimizer``).
 
         Returns:
             Whether the conversion changed the model's parameters.
@@ -295,6 +303,9 @@ class VCLPlugin(PosteriorPlugin):
             TypeError: the parameters changed and the strategy has no ``make_optimizer`` (not an SGD strategy).
         """
         cb, model = self.callback, strategy.model
+        groups = getattr(getattr(strategy, "optimizer", None), "param_groups", [])
+        group_of = {id(p): g for g in groups for p in g["params"]}
+        layer_group = {n.rpartition(".")[0]: group_of[id(p)] for n, p in model.named_parameters() if id(p) in group_of}
         before = {id(p) for p in model.parameters()}
         convert(model, cb.logvar_init, include=cb.include_layer)
         changed = {id(p) for p in model.parameters()} != before
@@ -304,11 +315,16 @@ class VCLPlugin(PosteriorPlugin):
                 raise TypeError(f"strategy must be an Avalanche SGD strategy with make_optimizer() (VCLPlugin "
                                 f"updates the optimizer after swapping in variational layers); got "
                                 f"{type(strategy).__name__}.")
+            for name, p in model.named_parameters():
+                group = layer_group.get(name.rpartition(".")[0])
+                if id(p) not in before and group is not None:
+                    group["params"].append(p)
             make_optimizer(remove_params=True)
         enable_predictive(model, cb.test_samples)
         return changed
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Convert the layers, update the optimizer, and start from the current posterior."""
         cb, model = self.callback, strategy.model
         self.convert_model(strategy)
         super().before_training_exp(strategy, *args, **kwargs)
@@ -318,29 +334,36 @@ class VCLPlugin(PosteriorPlugin):
             cb.task_open = True
 
     def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Means only during the maximum-likelihood start, sampling afterwards."""
         set_stochastic(strategy.model, not self.callback.in_ml_phase(self._epoch(strategy)))
 
     def before_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Seed the weight noise by (task, epoch, iteration)."""
         clock = strategy.clock
         self.callback.seed_noise(strategy.model, 0, self.callback.tasks_seen, int(clock.train_exp_epochs),
                                  int(clock.train_epoch_iterations))
 
     def before_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """With ``train_samples = k > 1``, repeat the minibatch ``k`` times (one pass)."""
         k = self.callback.train_samples
         if k > 1 and is_stochastic(strategy.model):  # k samples in one pass over the repeated minibatch
             strategy.mbatch = tile_batch(list(strategy.mbatch), k)
             set_tiles(strategy.model, k)
 
     def after_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Back to one sample per example."""
         set_tiles(strategy.model, 1)
 
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Add ``∇KL(q || q_{t-1}) / N_t`` (none during the maximum-likelihood start)."""
         self.callback.add_prior_grad(strategy.model, self._epoch(strategy))
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Close the experience: the site ``q_t / q_{t-1}``."""
         set_stochastic(strategy.model, True)
         self.callback.end_task(None, strategy.model)
 
     def before_eval_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        """Seed the predictive's noise per evaluated experience."""
         exp = getattr(strategy, "experience", None)
         self.callback.seed_noise(strategy.model, 1, int(getattr(exp, "current_experience", 0) or 0))

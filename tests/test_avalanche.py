@@ -437,3 +437,24 @@ def test_cli_refuses_avalanche_recipe(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "avalanche.training.EWC" in err and "naive" in err and "avalanche-si" not in err.split("choose")[-1]
     assert not list(Path(tmp_path).rglob("*.json"))
+
+
+def test_vcl_plugin_keeps_parameter_groups_through_make_optimizer():
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    model = TinyMT()
+    opt = torch.optim.Adam([{"params": model.trunk.parameters(), "lr": 1e-2},
+                            {"params": model.classifier.parameters(), "lr": 1e-3}])
+    strategy = Naive(model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1,
+                     device="cpu", plugins=[VCLPlugin(ml_init=False)], evaluator=EvaluationPlugin(loggers=[]))
+    for exp in bm.train_stream[:2]:
+        strategy.train(exp)
+    groups = [{id(p) for p in g["params"]} for g in strategy.optimizer.param_groups]
+    assert [g["lr"] for g in strategy.optimizer.param_groups] == [1e-2, 1e-3]
+    assert groups[0] == {id(p) for p in model.trunk.parameters()}
+    assert groups[1] == {id(p) for p in model.classifier.parameters()}
+
+
+def test_vcl_plugin_needs_a_strategy_with_make_optimizer():
+    with pytest.raises(TypeError, match="make_optimizer"):
+        VCLPlugin().convert_model(SimpleNamespace(model=tiny_mlp()))
