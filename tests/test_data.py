@@ -52,8 +52,8 @@ def test_normalize(data_root):
     assert float(x.min()) < -0.3
 
 
-def test_fashion_stream(data_root):
-    s = make_stream("split-fashion-task", root=data_root, limit=10)
+def test_fashion_stream(fashion_root):
+    s = make_stream("split-fashion-task", root=fashion_root, limit=10)
     assert len(s) == 5 and s.name == "split-fashion-task"
 
 
