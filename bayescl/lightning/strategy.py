@@ -181,7 +181,7 @@ class PosteriorServerStrategy(DDPStrategy):
         self._task_syncs = 0
         self._prior_grad: PriorGradient | None = None  # the cavity's gradient, prepared once per sync
 
-    # ------------------------------------------------------------------ no DDP wrapper
+    # ------------------------------------------------------------------ no DDP wrapper, keys, server
     def configure_ddp(self) -> None:
         """No ``DistributedDataParallel``: broadcast rank 0's parameters and buffers once, as DDP does when it wraps
         a module, then train locally."""
@@ -206,11 +206,9 @@ class PosteriorServerStrategy(DDPStrategy):
     @property
     def local_site(self) -> DiagGaussian | None:
         """This worker's site of the current task (held by :attr:`server`), ``None`` outside a task."""
-        if self.server is None or self.own_key not in self.server:
-            return None
-        return self.server[self.own_key]
+        own = self.own_key
+        return self.server[own] if self.server is not None and own in self.server else None
 
-    # ------------------------------------------------------------------ parameters and server
     def selected_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters with a posterior (:func:`bayescl._params.select_params` with ``params``)."""
         return select_params(module, self._include)
@@ -235,7 +233,6 @@ class PosteriorServerStrategy(DDPStrategy):
             return self.posterior()
         return self.server.cavity(self.own_key, floor=True)
 
-    # ------------------------------------------------------------------ collectives (overridable)
     def _all_reduce_sum(self, vec: Tensor) -> Tensor:
         """``Σ_ranks vec`` (collective; a copy of ``vec`` without a process group)."""
         return ops.all_reduce_sum(vec, self.root_device, self.world)
@@ -284,9 +281,8 @@ class PosteriorServerStrategy(DDPStrategy):
         self._buffer.append(batch)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        batch = args[0] if args else kwargs.get("batch")
-        if batch is not None:
-            self.observe(batch)
+        if args or "batch" in kwargs:
+            self.observe(args[0] if args else kwargs["batch"])
         return super().training_step(*args, **kwargs)
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -322,8 +318,8 @@ class PosteriorServerStrategy(DDPStrategy):
     def _cavity_is_base_prior(self) -> bool:
         if self.penalise_prior_alone or self._initial_prior is not None:
             return False
-        mine = (self.own_key, self.others_key)
-        return all(k in mine for k in self.server.names) and (self.world == 1 or self._task_syncs == 0)
+        only_this_task = all(k in (self.own_key, self.others_key) for k in self.server.names)
+        return only_this_task and (self.world == 1 or self._task_syncs == 0)
 
     def _damping(self) -> float:
         return self.damping if self.damping is not None else 1.0 / self.world
@@ -387,9 +383,9 @@ class PosteriorServerStrategy(DDPStrategy):
             parts, keys = [self._all_reduce_sum(vec)], [SiteKey(self.tasks_seen)]
         if self.world > 1:
             self.bytes_gathered += vec.numel() * vec.element_size() * (self.world if self.gather_sites else 1)
-        if others in server:  # first: it may be signed by rounding, and removing it checks the rest
-            server.remove(others)
-        server.remove(own)
+        for key in (others, own):  # others first: it may be signed by rounding, and removing it checks the rest
+            if key in server:
+                server.remove(key)
         for key, part in zip(keys, parts):
             server.add(key, unflatten_naturals(part, mine))
         q = server.posterior()
@@ -402,7 +398,6 @@ class PosteriorServerStrategy(DDPStrategy):
 
     def stats(self) -> dict[str, Any]:
         """Counters for benchmarks and logs."""
-        return {"num_syncs": self.num_syncs, "bytes_communicated": self.bytes_communicated,
-                "bytes_gathered": self.bytes_gathered, "tasks_seen": self.tasks_seen, "world_size": self.world,
-                "damping": self._damping(), "sync_every": self.sync_every,
-                "last_gather_drift": self.last_gather_drift}
+        return {"num_syncs": self.num_syncs, "bytes_communicated": self.bytes_communicated, "bytes_gathered":
+                self.bytes_gathered, "tasks_seen": self.tasks_seen, "world_size": self.world, "damping": self._damping(),
+                "sync_every": self.sync_every, "last_gather_drift": self.last_gather_drift}
