@@ -35,7 +35,7 @@ def test_split_settings_labels(data_root):
     cls = make_stream("split-mnist-class", root=data_root, limit=50)
     batch = next(iter(dom[2].train_dataloader(batch_size=50)))
     assert len(batch) == 2 and set(batch[1].tolist()) <= {0, 1}
-    x, y = next(iter(cls[2].train_dataloader(batch_size=50, shuffle=False)))
+    _x, y = next(iter(cls[2].train_dataloader(batch_size=50, shuffle=False)))
     assert set(y.tolist()) <= {4, 5} and cls.num_classes == 10 and not cls.with_task_id
 
 
