@@ -25,14 +25,14 @@ is rescaled by the number of examples counted during that pass.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int
-from bayescl._params import eval_mode, linear_layers, require_layers
+from bayescl._params import eval_mode, linear_layers, require_layers, select_params
 from bayescl.curvature.common import FisherType, LossType, iter_batches, prepare_batch
 
 
@@ -81,6 +81,7 @@ def kfac(
     kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
     mc_samples: int = 1,
     layers: Iterable[str] | None = None,
+    params: Iterable[str] | None = None,
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     progress: bool = False,
@@ -96,6 +97,8 @@ def kfac(
         kfac_approx: ``"expand"`` or ``"reduce"`` (matters for convolutions only).
         mc_samples: Sampled labels per example for ``"mc"``.
         layers: Module names to include; ``None`` = every trainable Linear/Conv2d layer.
+        params: Parameter names to include; ``None`` = every trainable one. A layer is included when its weight
+            is; its bias only when it is named too (else ``A`` has no bias row).
         generator: Seeds the label sampling of ``"mc"`` (one integer is drawn from it).
         max_batches: Use only the first ``max_batches`` batches.
         progress: Show a tqdm progress bar.
@@ -103,7 +106,32 @@ def kfac(
     Returns:
         ``A`` of shape ``(in_flat + 1, in_flat + 1)`` (``in_flat`` without a trainable bias) and ``G`` of shape
         ``(out, out)``, in the weight's dtype and device. Layers the data never reaches have zero factors.
+
+    Raises:
+        ValueError: no such layer among the selected parameters, a bad argument, or non-finite factors.
     """
+    selected = None if params is None else select_params(model, params)
+    mapping = linear_layers(model, selected, layers)
+    require_layers(model, mapping, "KFAC")
+    return kfac_for_layers(model, dataloader, mapping, fisher=fisher, loss=loss, kfac_approx=kfac_approx,
+                           mc_samples=mc_samples, generator=generator, max_batches=max_batches, progress=progress)
+
+
+def kfac_for_layers(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    mapping: Mapping[str, tuple[str, str | None]],
+    *,
+    fisher: str | FisherType = FisherType.MC,
+    loss: str | LossType = LossType.CE,
+    kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`kfac` for layers already discovered: ``mapping`` is ``{layer: (weight name, bias name or None)}``
+    from :func:`bayescl._params.linear_layers` (not empty); the other arguments as for :func:`kfac`."""
     try:
         from curvlinops import KFACLinearOperator
     except ImportError as err:  # pragma: no cover - optional dependency
@@ -116,8 +144,6 @@ def kfac(
     check_positive_int(mc_samples, "mc_samples")
     if fisher is not FisherType.MC and mc_samples != 1:
         raise ValueError(f"mc_samples={mc_samples} is only allowed with fisher='mc'; use 1 for {fisher.value!r}.")
-    mapping = linear_layers(model, layers=layers)
-    require_layers(model, mapping, "KFAC")
     named = dict(model.named_parameters())
     params = [named[n] for pair in mapping.values() for n in pair if n is not None]
     seed = 2147483647 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))

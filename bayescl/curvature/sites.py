@@ -1,4 +1,9 @@
-"""Laplace sites from curvature: the curvature at the current weights as a Gaussian over the same parameters."""
+r"""Laplace sites from curvature: the curvature at the current weights as a Gaussian over the same parameters.
+
+A site has precision :math:`\Lambda = \sum_n F_n` (the curvature summed over the data, see
+:mod:`bayescl.curvature.diag` and :mod:`bayescl.curvature.kfac`) and natural mean :math:`\eta = \Lambda\theta^*`
+at the current weights :math:`\theta^*`; both functions compute it for the selected parameters only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from torch import nn
 from bayescl._params import linear_layers, require_layers, select_params
 from bayescl.curvature.common import FisherType, LossType
 from bayescl.curvature.diag import diag_fisher
-from bayescl.curvature.kfac import KFACApprox, kfac
+from bayescl.curvature.kfac import KFACApprox, kfac_for_layers
 from bayescl.gaussian.diag import DiagGaussian
 from bayescl.gaussian.kron import KronGaussian
 
@@ -20,8 +25,8 @@ def diag_site(model: nn.Module, dataloader: Iterable[Any], **kwargs: Any) -> Dia
     r"""Laplace site with diagonal precision: :math:`\Lambda = \sum_n \operatorname{diag}F_n`,
     :math:`\eta = \Lambda\odot\theta^*` at the current weights.
 
-    Keyword arguments go to :func:`diag_fisher`. Returns a :class:`bayescl.gaussian.diag.DiagGaussian` over the same
-    parameter names.
+    Keyword arguments go to :func:`diag_fisher` (``params`` selects the parameters). Returns a
+    :class:`bayescl.gaussian.diag.DiagGaussian` over the same parameter names.
     """
     precision = diag_fisher(model, dataloader, **kwargs)
     named = dict(model.named_parameters())
@@ -38,32 +43,37 @@ def kron_site(
     kfac_approx: str | KFACApprox = KFACApprox.EXPAND,
     mc_samples: int = 1,
     layers: Iterable[str] | None = None,
+    params: Iterable[str] | None = None,
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     progress: bool = False,
 ) -> KronGaussian:
     r"""Laplace site with Kronecker-factored precision :math:`G\otimes A` per supported layer at the current
-    weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other trainable parameter.
+    weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other selected parameter.
 
-    Arguments as for :func:`kfac`. Returns a :class:`bayescl.gaussian.kron.KronGaussian`.
+    Arguments as for :func:`~bayescl.curvature.kfac.kfac`: ``params`` (names; ``None`` = every trainable
+    parameter) selects the parameters of the site, ``layers`` restricts the Kronecker blocks among them. Layer
+    discovery runs once, and curvature is computed for the selected parameters only.
+
+    Returns:
+        A :class:`bayescl.gaussian.kron.KronGaussian` over the selected parameters, in the model's order.
     """
-    factors = kfac(
-        model, dataloader, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples, layers=layers,
+    selected = select_params(model, params)
+    mapping = linear_layers(model, selected, layers)
+    require_layers(model, mapping, "KFAC")
+    factors = kfac_for_layers(
+        model, dataloader, mapping, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples,
         generator=generator, max_batches=max_batches, progress=progress,
     )
-    mapping = linear_layers(model, layers=layers)
-    require_layers(model, mapping, "KFAC")
     # a layer the data never reached (another task's head) has zero factors: it gets no term at all
     factors = {k: (A, G) for k, (A, G) in factors.items() if bool(A.abs().max() > 0) and bool(G.abs().max() > 0)}
     covered = {n for pair in mapping.values() for n in pair if n is not None}
-    names = list(select_params(model, None))  # model order
-    rest = [n for n in names if n not in covered]
+    rest = [n for n in selected if n not in covered]
     diag = None
     if rest:
         diag = diag_fisher(
             model, dataloader, fisher=fisher, loss=loss, mc_samples=mc_samples, params=rest, generator=generator,
             max_batches=max_batches, progress=progress,
         )
-    named = dict(model.named_parameters())
-    mean = {n: named[n].detach().clone() for n in names}
+    mean = {n: p.detach().clone() for n, p in selected.items()}
     return KronGaussian.from_factors(mean, factors, mapping, diag)

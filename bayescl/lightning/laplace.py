@@ -25,7 +25,6 @@ constant memory and cost) — the recipes say which they use.
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -36,18 +35,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bayescl._checks import as_enum, check_positive_int, check_real
-from bayescl._params import linear_layers, require_layers
-from bayescl.curvature import FisherType, diag_site, kron_site
+from bayescl.curvature import FisherType
 from bayescl.gaussian import Gaussian, laplace_site
-from bayescl.gaussian.diag import DiagGaussian
-from bayescl.gaussian.kron import KronGaussian
 from bayescl.lightning.base import PosteriorCallback
+from bayescl.lightning.structure import Structure, builders_for
 from bayescl.methods.marglik import fit_prior_precision, with_prior_precision
 
-
-class Structure(str, enum.Enum):
-    DIAG = "diag"
-    KRON = "kron"
+__all__ = ["LaplaceCallback", "Structure"]
 
 
 def _is_finite(g: Gaussian) -> str | None:
@@ -121,15 +115,18 @@ class LaplaceCallback(PosteriorCallback):
             check_real(predictive_prior_precision, "predictive_prior_precision", low=0.0, low_open=True)
         self.predictive_prior_precision = predictive_prior_precision
         self._predictive: tuple[Gaussian, Gaussian, float] | None = None
-        self.structure = as_enum(Structure, structure, "structure")
+        #: the structure resolved once to how it builds the prior, a task's site and the online merge
+        self.builders = builders_for(structure)
+        self.structure = self.builders.structure
         self.fisher = as_enum(FisherType, fisher, "fisher")
-        if self.structure is Structure.KRON and self.fisher is FisherType.BATCH_SQUARED:
-            raise ValueError("fisher='batch_squared' is diag-only; with structure='kron' use 'mc', 'exact' or "
-                             "'empirical'.")
+        if self.fisher not in self.builders.fishers:
+            allowed = ", ".join(repr(f.value) for f in self.builders.fishers)
+            raise ValueError(f"fisher={self.fisher.value!r} is not available with structure="
+                             f"{self.structure.value!r}; allowed: {allowed}.")
         self.lam = check_real(lam, "lam", low=0.0, low_open=True)
         self.gamma = check_real(gamma, "gamma", low=0.0, high=1.0, low_open=True)
         self.online = bool(online)
-        if rank is not None and self.structure is not Structure.KRON:
+        if rank is not None and self.builders.low_rank is None:
             raise ValueError(f"rank={rank} applies to structure='kron' only; got structure={self.structure.value!r}.")
         self.rank = None if rank is None else check_positive_int(rank, "rank")
         if rank_diagonal and self.rank is None:
@@ -149,36 +146,24 @@ class LaplaceCallback(PosteriorCallback):
 
     # ------------------------------------------------------------------ posterior construction
     def make_prior(self, pl_module: nn.Module) -> Gaussian:
-        params = self.selected_params(pl_module)
-        if self.structure is Structure.DIAG:
-            return DiagGaussian.isotropic({n: p.detach() for n, p in params.items()}, self.prior_precision)
-        layers = self._kron_layers(pl_module, params)
-        return KronGaussian.isotropic(pl_module, self.prior_precision).restrict(params) if layers else None
+        """The base prior ``N(0, I/prior_precision)`` over the selected parameters, in this structure."""
+        return self.builders.prior(pl_module, self.selected_params(pl_module), self.prior_precision)
 
-    def _kron_layers(self, pl_module: nn.Module, params: dict[str, Any]) -> list[str]:
-        layers = [name for name, (w, b) in linear_layers(pl_module).items()
-                  if w in params and (b is None or b in params)]
-        require_layers(pl_module, layers, "structure='kron' (among the selected parameters)")
-        return layers
-
-    def curvature_site(self, pl_module: nn.Module, dataloader: Iterable[Any]) -> Gaussian:
-        """The curvature at the current weights as a site (precision ``N_t F_t``)."""
-        params = self.selected_params(pl_module)
+    def curvature_site(self, pl_module: nn.Module, dataloader: Iterable[Any],
+                       params: dict[str, nn.Parameter] | None = None) -> Gaussian:
+        """The curvature at the current weights as a site (precision ``N_t F_t``) over ``params`` (default: the
+        selected parameters)."""
+        params = self.selected_params(pl_module) if params is None else params
         g = torch.Generator(device=next(iter(params.values())).device).manual_seed(self.seed + self.tasks_seen)
-        kw = dict(fisher=self.fisher, mc_samples=self.mc_samples if self.fisher is FisherType.MC else 1,
-                  generator=g, max_batches=self.max_batches)
-        if self.structure is Structure.DIAG:
-            return diag_site(pl_module, dataloader, params=list(params), **kw)
-        site = kron_site(pl_module, dataloader, layers=self._kron_layers(pl_module, params), **kw)
-        return site.restrict(params)
+        return self.builders.site(pl_module, dataloader, params=list(params), fisher=self.fisher,
+                                  mc_samples=self.mc_samples if self.fisher is FisherType.MC else 1,
+                                  generator=g, max_batches=self.max_batches)
 
-    def end_task(self, trainer: pl.Trainer | None, pl_module: nn.Module, dataloader: Iterable[Any] | None = None,
-                 name: str | None = None) -> Gaussian:
-        r"""Close a task: curvature at the current weights becomes a site; returns the new posterior.
+    def _low_rank(self, g: Gaussian) -> Gaussian:
+        """The one place where ``rank`` / ``rank_diagonal`` are applied (``g`` unchanged without a rank)."""
+        return g if self.rank is None else self.builders.low_rank(g, self.rank, self.rank_diagonal)
 
-        The previous posterior is kept if anything fails (an empty dataloader, a non-finite curvature).
-        """
-        server = self.ensure_server(pl_module)
+    def _curvature_data(self, trainer: pl.Trainer | None, dataloader: Iterable[Any] | None) -> Iterable[Any]:
         data = dataloader if dataloader is not None else self.dataloader
         if data is None and trainer is not None:
             data = trainer.train_dataloader
@@ -186,36 +171,54 @@ class LaplaceCallback(PosteriorCallback):
             raise ValueError("end_task needs a dataloader (none given and the trainer has no train_dataloader).")
         if self.curvature_batch_size is not None and getattr(data, "dataset", None) is not None:
             data = DataLoader(data.dataset, batch_size=self.curvature_batch_size, shuffle=False)
+        return data
+
+    def end_task(self, trainer: pl.Trainer | None, pl_module: nn.Module, dataloader: Iterable[Any] | None = None,
+                 name: str | None = None) -> Gaussian:
+        r"""Close a task: curvature at the current weights becomes a site; returns the new posterior.
+
+        With :math:`C_t = \lambda N_t F_t` the tempered curvature: ``online=False`` adds the site
+        :math:`q_t / q_{t-1}` with :math:`q_t = \mathcal N(\theta^*, (\Lambda_{t-1} + C_t)^{-1})` (earlier sites
+        tempered by :math:`\gamma`, ``C_t`` truncated to ``rank``); ``online=True`` replaces all sites by one,
+        :math:`q_t / p_0` with :math:`q_t`'s precision merged (``structure``'s online merge) and truncated.
+        The previous posterior is kept, bit for bit, if anything fails.
+
+        Args:
+            trainer: supplies ``train_dataloader`` when neither ``dataloader`` nor the constructor's is given.
+            pl_module: the model at the task's optimum.
+            dataloader: data of the curvature pass.
+            name: the site's name (default ``task-<index>``; ignored with ``online=True``).
+
+        Raises:
+            ValueError: no dataloader, an empty one, or a non-finite curvature.
+        """
+        server = self.ensure_server(pl_module)
+        data = self._curvature_data(trainer, dataloader)
         params = self.selected_params(pl_module)
         theta = {n: p.detach().clone() for n, p in params.items()}
         t0 = time.perf_counter()
         with torch.enable_grad(), torch.inference_mode(False):
-            curv = self.curvature_site(pl_module, data)
+            curv = self.curvature_site(pl_module, data, params)
         self.end_task_seconds += time.perf_counter() - t0
         if (bad := _is_finite(curv)) is not None:
             raise ValueError(f"the curvature of parameter {bad!r} is not finite; the site is refused and the "
                              "previous posterior kept.")
         if self.lam != 1.0:
             curv = curv.temper(self.lam)
-        if self.rank is not None and not self.online:
-            curv = curv.low_rank(self.rank, self.rank_diagonal)
         old_sites = dict(server.items())
-        if self.gamma != 1.0:
-            for k, s in old_sites.items():
-                server.replace(k, s.temper(self.gamma))
-        q_prev = server.posterior()
         try:
+            if self.gamma != 1.0:
+                for k, s in old_sites.items():
+                    server.replace(k, s.temper(self.gamma))
+            q_prev = server.posterior()
             if self.online:  # one site: the whole re-centred posterior over the prior (merged for kron)
-                q_new = (q_prev * curv).with_mean(theta)
-                if self.structure is Structure.KRON:
-                    q_new = q_new.merge()
-                    q_new = (q_new if self.rank is None else q_new.low_rank(self.rank, self.rank_diagonal)).with_mean(theta)
+                q_new = self._low_rank(self.builders.merge(q_prev * curv)).with_mean(theta)
                 site = q_new.divide(server.prior, allow_improper=True)
                 for k in list(server.names):
                     server.remove(k)
                 server.add("online", site)
             else:
-                server.add(name or f"task-{self.tasks_seen}", laplace_site(q_prev, curv, theta))
+                server.add(name or f"task-{self.tasks_seen}", laplace_site(q_prev, self._low_rank(curv), theta))
         except Exception:
             for k in list(server.names):
                 server.remove(k)
