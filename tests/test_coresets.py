@@ -71,7 +71,7 @@ def test_split_partitions_the_task(method):
     train, core = split_coreset(ds, 6, method, torch.Generator().manual_seed(1))
     assert len(train) == 24 and len(core) == 6
     assert set(train.indices).isdisjoint(core.indices) and set(train.indices) | set(core.indices) == set(range(30))
-    cx, cy, ct = stack_dataset(core)
+    cx, _, ct = stack_dataset(core)
     assert torch.equal(cx, x[[5 + i for i in core.indices]]) and bool((ct == 2).all())
     generic = _ListDataset([(x[i], y[i]) for i in range(40)])
     gx, gy = stack_dataset(generic, [3, 1])

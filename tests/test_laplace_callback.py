@@ -294,3 +294,67 @@ def test_predictive_posterior_uses_the_evidence_prior_precision(structure):
         LaplaceCallback(predictive_prior_precision="nope")
     with pytest.raises(ValueError, match="predictive_prior_precision"):
         LaplaceCallback(predictive_prior_precision=-1.0)
+
+
+def _assert_bitwise_equal(a, b, path="state"):
+    """Two nested state dicts hold the same keys and bit-identical tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(online):
+    """A failure after the earlier sites were tempered by gamma (a site name that exists; an online merge that
+    raises) leaves the server exactly as it was: the rollback in end_task restores the untempered sites."""
+    import dataclasses
+
+    stream = synthetic_stream(num_tasks=2, n_train=64, n_test=16)
+    module = ClassifierModule(small_model(), num_tasks=3)
+    cb = LaplaceCallback(fisher="exact", gamma=0.5, online=online)
+    trainer(cb).fit(module, loaders(stream)[0])
+    before = copy.deepcopy(cb.server.state_dict())
+    q_before = copy.deepcopy(cb.posterior())
+    if online:
+        def broken_merge(q):
+            raise RuntimeError("merge failed")
+
+        cb.builders = dataclasses.replace(cb.builders, merge=broken_merge)
+        with pytest.raises(RuntimeError, match="merge failed"):
+            cb.end_task(None, module, loaders(stream)[1])
+    else:
+        with pytest.raises(KeyError, match="task-0"):
+            cb.end_task(None, module, loaders(stream)[1], name="task-0")
+    _assert_bitwise_equal(cb.server.state_dict(), before)
+    _assert_bitwise_equal(cb.posterior().state_dict(), q_before.state_dict())
+    assert cb.tasks_seen == 1
+
+
+def test_invalid_params_regex_names_params():
+    with pytest.raises(ValueError, match="params"):
+        LaplaceCallback(params=["model.(trunk"])
+    with pytest.raises(TypeError, match="params"):
+        LaplaceCallback(params="model.trunk")
+
+
+def test_kron_site_and_prior_cover_the_selected_parameters_only():
+    """With ``params`` the kron prior and every site are over the selected parameters; a layer whose bias is not
+    selected is a Kronecker block of its weight alone."""
+    stream = synthetic_stream(num_tasks=1, n_train=64, n_test=16)
+    module = ClassifierModule(small_model(), num_tasks=3)
+    cb = LaplaceCallback(structure="kron", fisher="exact", params=[r"trunk\.1\.weight", r"heads\.0\."])
+    trainer(cb).fit(module, loaders(stream)[0])
+    q = cb.posterior()
+    assert set(q.names) == {"model.trunk.1.weight", "model.heads.0.weight", "model.heads.0.bias"}
+    assert q.layers["model.trunk.1"] == ("model.trunk.1.weight", None)
+    A, G = q.terms["model.trunk.1"][-1].A, q.terms["model.trunk.1"][-1].G
+    assert A.shape == (module.model.trunk[1].in_features,) * 2 and G.shape == (16, 16)

@@ -350,3 +350,10 @@ def test_recipes_build_the_callback(name):
     assert cb.coreset_size == (40 if name == "vcl-coreset" else 0)
     assert cb.train_samples == 10 and cb.vectorize_samples  # the paper's samples, in one pass
 
+
+
+def test_invalid_params_regex_names_params():
+    with pytest.raises(ValueError, match="params"):
+        VCLCallback(params=["model.(trunk"])
+    cb = VCLCallback(params=[r"heads\.0\."])
+    assert cb.include_layer("model.heads.0") and not cb.include_layer("model.trunk.1")

@@ -13,7 +13,6 @@ The user's LightningModule is never edited.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from bayescl._checks import check_positive_int, check_real
+from bayescl._params import param_filter, select_params
 from bayescl.gaussian import Gaussian, PosteriorServer, PriorGradient
 
 
@@ -42,6 +42,10 @@ class PosteriorCallback(pl.Callback):
         params: regular expressions (``re.search`` on the LightningModule's parameter names) selecting the
             parameters that carry a posterior; ``None`` = every trainable parameter.
         state_key_suffix: distinguishes two instances of the same class on one Trainer.
+
+    Raises:
+        TypeError: ``params`` is not a list of strings.
+        ValueError: ``prior_precision <= 0`` or a pattern of ``params`` is not a valid regular expression.
     """
 
     prefix = "bayescl"
@@ -49,9 +53,8 @@ class PosteriorCallback(pl.Callback):
     def __init__(self, prior_precision: float = 1e-4, params: Sequence[str] | None = None,
                  state_key_suffix: str = "") -> None:
         self.prior_precision = check_real(prior_precision, "prior_precision", low=0.0, low_open=True)
-        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
-            raise TypeError(f"params must be a list of regular expressions (str) or None, got {params!r}.")
-        self.param_patterns = None if params is None else [re.compile(p) for p in params]
+        #: the predicate on parameter names from ``params`` (``None`` keeps every trainable parameter)
+        self.param_filter = param_filter(params, "params")
         self._suffix = state_key_suffix
         self.server: PosteriorServer | None = None
         self.tasks_seen = 0
@@ -67,17 +70,12 @@ class PosteriorCallback(pl.Callback):
         return self._generate_state_key(suffix=self._suffix)
 
     def selected_params(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
-        """The trainable parameters that carry a posterior, by name."""
-        out = {}
-        for n, p in pl_module.named_parameters():
-            if not p.requires_grad:
-                continue
-            if self.param_patterns is None or any(r.search(n) for r in self.param_patterns):
-                out[n] = p
-        if not out:
-            pats = [r.pattern for r in self.param_patterns or []]
-            raise ValueError(f"params={pats} selects no trainable parameter of {type(pl_module).__name__}.")
-        return out
+        """The trainable parameters that carry a posterior, by name (:func:`bayescl._params.select_params`).
+
+        Raises:
+            ValueError: ``params`` selects no trainable parameter.
+        """
+        return select_params(pl_module, self.param_filter, what="params")
 
     def make_prior(self, pl_module: nn.Module) -> Gaussian:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -52,7 +52,6 @@ Other trainable parameters (BatchNorm, embeddings) stay point estimates without 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,75 +62,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int, check_real
-from bayescl.gaussian.diag import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
+from bayescl.gaussian import DiagGaussian, PosteriorServer
 from bayescl.lightning.base import PosteriorCallback
+from bayescl.lightning.vcl_checkpoint import VCLCheckpointMixin
 from bayescl.lightning.vcl_coresets import CoresetMixin
+from bayescl.lightning.vcl_kl import KLTermMixin, layer_names
+from bayescl.lightning.vcl_mc_step import unwrap_training_step, wrap_training_step
+from bayescl.lightning.vcl_noise import seed_layers
 from bayescl.methods.coresets import CoresetMethod
 from bayescl.methods.variational import (
     BayesLayer,
     convert,
     enable_predictive,
-    is_stochastic,
     layer_posterior,
     load_posterior,
     set_stochastic,
-    tiled,
     variational_layers,
 )
 
-_WRAP_ATTR = "_bayescl_mc_wrapped"
 
-
-def _mc_training_step(orig: Callable[..., Any], k: int, module: nn.Module, vectorized: bool) -> Callable[..., Any]:
-    """``training_step`` over ``k`` Monte Carlo samples of the network.
-
-    ``vectorized``: one call on the batch repeated ``k`` times (:func:`~bayescl.methods.variational.tiled`; the loss, a
-    batch mean, is then the average over the samples). Otherwise ``k`` calls (fresh noise each) with the returned
-    losses averaged. A deterministic network (the maximum-likelihood epochs) runs once.
-    """
-
-    @functools.wraps(orig)
-    def step(*args: Any, **kwargs: Any) -> Any:
-        if not is_stochastic(module):
-            return orig(*args, **kwargs)
-        if vectorized and args:
-            with tiled(module, args[0], k) as batch:
-                return orig(batch, *args[1:], **kwargs)
-        outs = [orig(*args, **kwargs) for _ in range(k)]
-        if any(o is None for o in outs):
-            return None
-        if isinstance(outs[0], Tensor):
-            return sum(outs) / k
-        if isinstance(outs[0], dict) and "loss" in outs[0]:
-            return {**outs[-1], "loss": sum(o["loss"] for o in outs) / k}
-        raise TypeError(f"train_samples > 1 needs training_step to return a Tensor or a dict with 'loss', "
-                        f"got {type(outs[0]).__name__}.")
-
-    setattr(step, _WRAP_ATTR, orig)
-    return step
-
-
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (FNV-1a over their 64-bit values)."""
-    h = 0xCBF29CE484222325
-    for v in values:
-        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
-
-
-def _layer_names(path: str, layer: BayesLayer) -> list[str]:
-    return [f"{path}.{k}" if path else k for k, _, _ in layer.variational_params()]
-
-
-def _has_data_grad(layer: BayesLayer) -> bool:
-    for _, mu, lv in layer.variational_params():
-        for p in (mu, lv):
-            if p.grad is not None and bool(p.grad.ne(0).any()):
-                return True
-    return False
-
-
-class VCLCallback(CoresetMixin, PosteriorCallback):
+class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallback):
     """Variational continual learning with mean-field Gaussian weights (see the module docstring).
 
     Args:
@@ -218,9 +168,8 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
     # ------------------------------------------------------------------ layers and names
     def include_layer(self, path: str) -> bool:
         """Whether the layer at module path ``path`` carries a posterior (``params`` matches its weight or bias)."""
-        if self.param_patterns is None:
-            return True
-        return any(r.search(f"{path}.{k}" if path else k) for r in self.param_patterns for k in ("weight", "bias"))
+        keep = self.param_filter
+        return keep is None or any(keep(f"{path}.{k}" if path else k) for k in ("weight", "bias"))
 
     def layers(self, pl_module: nn.Module) -> dict[str, BayesLayer]:
         """The variational layers that carry the posterior, by module path."""
@@ -230,7 +179,7 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         """Logical name (``<path>.weight`` / ``.bias``) -> the layer's mean parameter."""
         out = {}
         for path, layer in self.layers(pl_module).items():
-            for name, (_, mu, _) in zip(_layer_names(path, layer), layer.variational_params()):
+            for name, (_, mu, _) in zip(layer_names(path, layer), layer.variational_params()):
                 out[name] = mu
         if not out:
             raise ValueError(f"VCLCallback found no variational layer in {type(pl_module).__name__}; "
@@ -241,12 +190,10 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         zeros = {n: torch.zeros_like(p.detach()) for n, p in self.selected_params(pl_module).items()}
         return DiagGaussian.isotropic(zeros, self.prior_precision)
 
-    def ensure_server(self, pl_module: nn.Module):
+    def ensure_server(self, pl_module: nn.Module) -> PosteriorServer:
         """Create the server on first use; logical parameters that appeared since get the base prior N(0, 1/p)."""
         params = self.selected_params(pl_module)
         if self.server is None:
-            from bayescl.gaussian import PosteriorServer
-
             self.server = PosteriorServer(self.make_prior(pl_module))
         new = {n: torch.zeros_like(p.detach()) for n, p in params.items() if n not in self.server.prior}
         if new:
@@ -259,8 +206,8 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
         if self.server is None:
             return set()
         out = set()
-        for _, site in self.server.items():
-            prec, eta = site.precision, site.eta
+        for name in self.server.names:
+            prec, eta = self.server[name].precision, self.server[name].eta
             out |= {n for n in prec if bool(prec[n].ne(0).any()) or bool(eta[n].ne(0).any())}
         return out
 
@@ -272,90 +219,9 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
             load_posterior(pl_module, self.posterior(), names)
 
     def seed_noise(self, pl_module: nn.Module, *key: int) -> None:
-        """Seed the layers' noise from ``(seed, *key)``: the same step draws the same noise, also after a resume."""
-        layers = self.layers(pl_module)
-        if not layers:
-            return
-        device = next(iter(layers.values())).weight_mu.device
-        g = self._generators.get(device)
-        if g is None:
-            g = self._generators[device] = torch.Generator(device=device)
-        g.manual_seed(_mix(self.seed, *key))
-        for layer in layers.values():
-            layer.generator = g
-
-    # ------------------------------------------------------------------ the KL term
-    def _prior_tensors(self, ref: Tensor, prior: DiagGaussian | None = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """``name -> (mean, precision, Σ log precision)`` of ``prior`` (default: the posterior) on ``ref``'s device
-        and dtype, cached for the last Gaussian asked for."""
-        q = self.posterior() if prior is None else prior
-        if self._grad_cache is None or self._grad_cache[0] is not q:
-            mean, prec = q.mean, q.precision
-            self._grad_cache = (q, {n: (mean[n].to(ref), prec[n].to(ref), torch.log(prec[n].to(ref)).sum())
-                                    for n in q.names})
-        return self._grad_cache[1]
-
-    def kl(self, pl_module: nn.Module, paths: Sequence[str] | None = None,
-           prior: DiagGaussian | None = None) -> Tensor:
-        """``KL(q || prior)`` over the given layers (default: all), differentiable; prior default: the posterior."""
-        layers = self.layers(pl_module)
-        paths = list(layers) if paths is None else list(paths)
-        ref = next(iter(layers.values())).weight_mu
-        tensors = self._prior_tensors(ref, prior)
-        total = torch.zeros((), dtype=ref.dtype, device=ref.device)
-        for path in paths:
-            layer = layers[path]
-            for name, (_, mu, lv) in zip(_layer_names(path, layer), layer.variational_params()):
-                pm, pp, _ = tensors[name]
-                total = total + diag_gaussian_kl(mu, lv, pm, pp)
-        return total
-
-    def _add_kl_grad(self, pl_module: nn.Module, scale: float, prior: DiagGaussian | None = None,
-                     touched: set[str] | None = None) -> Tensor | None:
-        """Add ``scale · ∇KL`` to the .grad of the layers that got a data gradient; returns the KL (detached)."""
-        layers = self.layers(pl_module)
-        paths = [p for p, layer in layers.items() if _has_data_grad(layer)]
-        if touched is not None:
-            for p in paths:
-                touched.update(_layer_names(p, layers[p]))
-        if not paths:
-            return None
-        tensors = self._prior_tensors(next(iter(layers.values())).weight_mu, prior)
-        kl = 0.0
-        with torch.no_grad():
-            for p in paths:
-                for name, (_, mu, lv) in zip(_layer_names(p, layers[p]), layers[p].variational_params()):
-                    pm, pp, log_pp = tensors[name]
-                    kl = kl + add_diag_gaussian_kl_grad_(mu, lv, pm, pp, scale, log_pp)
-            if not bool(torch.isfinite(kl)):
-                bad = [n for p in paths for n, (_, mu, lv) in zip(_layer_names(p, layers[p]),
-                                                                    layers[p].variational_params())
-                       if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(lv).all()))]
-                raise ValueError(f"the VCL KL term is not finite ({float(kl)}); non-finite variational parameters: "
-                                 f"{bad or 'none (overflow in exp(logvar))'}. The posterior of the last finished "
-                                 "task is kept (callback.posterior(); apply_posterior() loads it into the layers).")
-        return kl
-
-    @torch.no_grad()
-    def add_prior_grad(self, pl_module: nn.Module, epoch: int | None = None) -> Tensor | None:
-        """``.grad += ∇KL(q || q_{t−1}) / N_t`` on the layers with a data gradient (the documented mechanism).
-
-        Args:
-            pl_module: the model.
-            epoch: the epoch within the task (``None``: not in the maximum-likelihood phase, see :meth:`in_ml_phase`).
-        """
-        self.ensure_server(pl_module)
-        if epoch is not None and self.in_ml_phase(epoch):
-            for path, layer in self.layers(pl_module).items():
-                if _has_data_grad(layer):
-                    self._touched.update(_layer_names(path, layer))
-            return None
-        return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched)
-
-    def in_ml_phase(self, epoch: int) -> bool:
-        """Whether epoch ``epoch`` of the current task is a maximum-likelihood epoch (``ml_init``: the first
-        ``ml_epochs`` epochs of the first task train the means deterministically, without the KL)."""
-        return self.ml_init and self.tasks_seen == 0 and epoch < self.ml_epochs
+        """Seed the layers' noise from ``(seed, *key)``: the same step draws the same noise, also after a resume
+        (:mod:`bayescl.lightning.vcl_noise`)."""
+        seed_layers(self.layers(pl_module), self._generators, self.seed, *key)
 
     # ------------------------------------------------------------------ task boundaries
     @torch.no_grad()
@@ -413,14 +279,11 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         convert(pl_module, self.logvar_init, include=self.include_layer)
         enable_predictive(pl_module, self.test_samples)
-        if self.train_samples > 1 and not hasattr(pl_module.training_step, _WRAP_ATTR):
-            pl_module.training_step = _mc_training_step(pl_module.training_step, self.train_samples, pl_module,
-                                                        self.vectorize_samples)
+        wrap_training_step(pl_module, self.train_samples, self.vectorize_samples)
         self.ensure_server(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if hasattr(pl_module.training_step, _WRAP_ATTR) and "training_step" in vars(pl_module):
-            del pl_module.training_step
+        unwrap_training_step(pl_module)
         self.restore_pre_coreset(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -476,25 +339,3 @@ class VCLCallback(CoresetMixin, PosteriorCallback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_pre_coreset(pl_module)
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "task_open": self.task_open, "touched": sorted(self._touched),
-                "coreset_tasks": sorted(self.coresets)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.task_open = bool(state_dict.get("task_open", False))
-        self._touched = set(state_dict.get("touched", []))
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        checkpoint[f"{self._ckpt_key()}/coresets"] = {int(t): list(c) for t, c in self.coresets.items()}
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        cores = checkpoint.get(f"{self._ckpt_key()}/coresets")
-        if cores is not None:
-            self.coresets = {int(t): tuple(c) for t, c in cores.items()}
