@@ -295,3 +295,26 @@ def test_inplace_activation_after_a_linear_layer():
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).to(DT)
     ds = _data()
     _close(diag_fisher(model, DataLoader(ds, batch_size=4), fisher="exact"), _reference(model, ds, "exact"))
+
+
+def test_kron_site_over_selected_parameters_equals_the_full_site_restricted():
+    """``params`` computes the site for the selected parameters only; it equals the full site cut back to them
+    (the curvature of one layer does not depend on which others are included). A weight selected without its
+    bias is a Kronecker block of the weight alone: ``A`` has no bias row."""
+    from bayescl.curvature import kron_site
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DT)
+    loader = DataLoader(_data(), batch_size=4)
+    names = ["1.weight", "2.weight", "2.bias"]
+    full = kron_site(model, loader, fisher="exact").restrict(names)
+    part = kron_site(model, loader, fisher="exact", params=names)
+    assert part.names == full.names and part.layers == full.layers == {"2": ("2.weight", "2.bias")}
+    _close(_eta(part), _eta(full))
+    _close(part.diag, full.diag)
+    (A, G), = kfac(model, loader, fisher="exact", params=["0.weight"]).values()
+    (A_b, G_b), = kfac(model, loader, fisher="exact", layers=["0"]).values()
+    torch.testing.assert_close(A, A_b[:5, :5])
+    torch.testing.assert_close(G, G_b)
+    with pytest.raises(ValueError, match="nope"):
+        kron_site(model, loader, params=["nope"])
