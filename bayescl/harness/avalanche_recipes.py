@@ -30,11 +30,11 @@ def avalanche_spec(recipe: Recipe) -> dict[str, Any] | None:
     Returns:
         The entry as written in the recipe file, or ``None`` when the recipe has none.
     """
-    spec = getattr(recipe, "avalanche", None)
-    if spec is None and recipe.path is not None:
+    spec = getattr(recipe, "avalanche", None)  # a Recipe that carries the entry itself
+    if not spec and recipe.path is not None and Path(recipe.path).suffix in (".yaml", ".yml"):
         doc = yaml.safe_load(Path(recipe.path).read_text()) or {}
         spec = doc.get("avalanche") if isinstance(doc, dict) else None
-    return spec
+    return spec or None
 
 
 def _harness_recipes() -> list[str]:
@@ -60,7 +60,7 @@ def check_harness_recipe(recipe: Recipe) -> None:
             runs it and the recipes the harness runs.
     """
     spec = avalanche_spec(recipe)
-    if spec is None:
+    if not spec:
         return
     cls = spec.get("class_path", "?") if isinstance(spec, dict) else "?"
     raise ValueError(
