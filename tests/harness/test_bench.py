@@ -107,7 +107,7 @@ def test_grid_variant_overrides_its_base(tmp_path):
         load_recipe(f"{grid}#a")
 
 
-@pytest.mark.parametrize("grid", sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "grids").glob("*.yaml")),
+@pytest.mark.parametrize("grid", sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "grids").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_committed_grid_variant_builds(grid):
     for name in grid_variants(grid):

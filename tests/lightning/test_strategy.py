@@ -1,6 +1,6 @@
 """PosteriorServerStrategy: posterior-server algebra, multi-process runs (gloo, 2 CPU processes) and failures.
 
-Multi-process runs are subprocesses of this very file (``python tests/test_strategy.py MODE OUT``; Lightning's
+Multi-process runs are subprocesses of this very file (``python tests/lightning/test_strategy.py MODE OUT``; Lightning's
 ``popen`` launcher re-runs it for rank 1), each in its own session and killed as a group afterwards, with a
 timeout, so pytest itself stays single-process and never hangs.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HIDDEN, LR, BS, EPOCHS, K = (16,), 1e-2, 16, 2, 3
 
 

@@ -14,7 +14,7 @@ import pytest
 from bayescl.harness.cli import main, parser
 from bayescl.harness.recipes import available_recipes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*code_or_args: str, timeout: int = 300) -> subprocess.CompletedProcess:
