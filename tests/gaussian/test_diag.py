@@ -25,15 +25,17 @@ def rand(seed: int, zero_frac: float = 0.0) -> DiagGaussian:
     return DiagGaussian.from_mean_precision(mean, prec)
 
 
-def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([d[n].reshape(-1) for n in SHAPES])
+@pytest.fixture(scope="session")
+def mvn(flat):
+    """``mvn(q)``: the dense torch MultivariateNormal of a DiagGaussian."""
+
+    def mvn(q: DiagGaussian) -> MultivariateNormal:
+        return MultivariateNormal(flat(q.mean), precision_matrix=torch.diag(flat(q.precision)))
+
+    return mvn
 
 
-def mvn(q: DiagGaussian) -> MultivariateNormal:
-    return MultivariateNormal(flat(q.mean), precision_matrix=torch.diag(flat(q.precision)))
-
-
-def test_product_and_division_against_dense() -> None:
+def test_product_and_division_against_dense(flat) -> None:
     q1, q2 = rand(0), rand(1)
     prod = q1 * q2
     l1, l2 = torch.diag(flat(q1.precision)), torch.diag(flat(q2.precision))
@@ -53,7 +55,7 @@ def test_product_and_division_against_dense() -> None:
     torch.testing.assert_close(flat(sq.precision), 2 * flat(q1.precision))
 
 
-def test_kl_log_prob_against_torch_distributions() -> None:
+def test_kl_log_prob_against_torch_distributions(flat, mvn) -> None:
     q1, q2 = rand(2), rand(3)
     assert q1.kl(q2).item() == pytest.approx(kl_divergence(mvn(q1), mvn(q2)).item(), rel=1e-12)
     theta = {n: torch.full(s, 0.3, dtype=DT) for n, s in SHAPES.items()}
@@ -78,7 +80,7 @@ def test_closed_form_kl_gradient_matches_autograd() -> None:
     torch.testing.assert_close(lv.grad, 1.25 * gl)
 
 
-def test_kl_monte_carlo_and_sample_moments() -> None:
+def test_kl_monte_carlo_and_sample_moments(flat, mvn) -> None:
     q1, q2 = rand(4), rand(5)
     s = q1.sample(20000, generator=torch.Generator().manual_seed(0))
     assert s["b"].shape == (20000, 2, 2)
@@ -89,7 +91,7 @@ def test_kl_monte_carlo_and_sample_moments() -> None:
     torch.testing.assert_close(x.var(0), flat(q1.variance), atol=0, rtol=0.05)
 
 
-def test_quadratic_and_grad_proper_and_improper() -> None:
+def test_quadratic_and_grad_proper_and_improper(flat) -> None:
     for q in (rand(6), rand(7, zero_frac=0.5)):
         theta = {n: torch.linspace(-1, 1, torch.Size(s).numel(), dtype=DT).reshape(s) for n, s in SHAPES.items()}
         th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
@@ -130,7 +132,7 @@ def gaussians(draw, zeros: bool = False) -> DiagGaussian:
 
 @settings(max_examples=60, deadline=None)
 @given(gaussians(), gaussians(zeros=True))
-def test_property_product_then_division_is_identity(q: DiagGaussian, s: DiagGaussian) -> None:
+def test_property_product_then_division_is_identity(flat, q: DiagGaussian, s: DiagGaussian) -> None:
     back = (q * s) / s
     torch.testing.assert_close(flat(back.precision), flat(q.precision), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(flat(back.mean), flat(q.mean), rtol=1e-9, atol=1e-9)
@@ -143,7 +145,7 @@ def test_property_kl(q: DiagGaussian, r: DiagGaussian) -> None:
     assert q.kl(r).item() >= -1e-12
 
 
-def test_constructors_and_structure() -> None:
+def test_constructors_and_structure(flat) -> None:
     m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)).to(DT)
     m[1].bias.requires_grad_(False)
     prior = DiagGaussian.isotropic(m, 4.0, mean="current")
@@ -170,7 +172,7 @@ def test_constructors_and_structure() -> None:
     assert prior.num_floats() == 2 * len(prior)
 
 
-def test_state_dict_roundtrip_and_mismatch() -> None:
+def test_state_dict_roundtrip_and_mismatch(flat) -> None:
     q = rand(10)
     sd = q.state_dict()
     assert sd["kind"] == "diag"
@@ -187,7 +189,7 @@ def test_state_dict_roundtrip_and_mismatch() -> None:
         DiagGaussian.from_state_dict({"kind": "kron"})
 
 
-def test_errors() -> None:
+def test_errors(flat) -> None:
     q = rand(12)
     other = DiagGaussian.from_mean_precision({"a": torch.zeros(3, dtype=DT), "c": torch.zeros(1, dtype=DT)},
                                              {"a": torch.ones(3, dtype=DT), "c": torch.ones(1, dtype=DT)})

@@ -12,11 +12,6 @@ from bayescl.gaussian.kron import KronGaussian, KronTerm
 DT = torch.float64
 
 
-def psd(n: int, g: torch.Generator, rank: int | None = None) -> torch.Tensor:
-    x = torch.randn(n, rank or n + 2, generator=g, dtype=DT)
-    return x @ x.T / x.shape[1]
-
-
 def model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2), nn.Linear(2, 2, bias=False)).to(DT)
@@ -57,19 +52,25 @@ def dense(terms: dict, diag: dict) -> torch.Tensor:
     return torch.block_diag(*blocks) + torch.diag(d)
 
 
-def make(seed: int, n_terms: int = 1, iso: bool = True, delta: float = 0.5):
-    g = torch.Generator().manual_seed(seed)
-    mean = random_mean(g)
-    terms = {"0": [(psd(4, g), psd(2, g), 0.5 + i) for i in range(n_terms)],
-             "2": [(psd(2, g), psd(2, g), 1.0 + i) for i in range(n_terms)]}
-    if iso:
-        diag = {n: torch.tensor(delta, dtype=DT) for n in NAMES}
-    else:
-        diag = {n: delta + torch.rand(mean[n].shape, generator=g, dtype=DT) for n in NAMES}
-    return KronGaussian(mean, LAYERS, terms, diag), mean, dense(terms, diag)
+@pytest.fixture(scope="session")
+def make(psd):
+    """``make(seed, n_terms=1, iso=True, delta=0.5)``: a random KronGaussian on LAYERS, its mean and its dense precision."""
+
+    def make(seed: int, n_terms: int = 1, iso: bool = True, delta: float = 0.5):
+        g = torch.Generator().manual_seed(seed)
+        mean = random_mean(g)
+        terms = {"0": [(psd(4, g), psd(2, g), 0.5 + i) for i in range(n_terms)],
+                 "2": [(psd(2, g), psd(2, g), 1.0 + i) for i in range(n_terms)]}
+        if iso:
+            diag = {n: torch.tensor(delta, dtype=DT) for n in NAMES}
+        else:
+            diag = {n: delta + torch.rand(mean[n].shape, generator=g, dtype=DT) for n in NAMES}
+        return KronGaussian(mean, LAYERS, terms, diag), mean, dense(terms, diag)
+
+    return make
 
 
-def test_quadratic_and_grad_match_dense_sum_of_kron() -> None:
+def test_quadratic_and_grad_match_dense_sum_of_kron(make) -> None:
     q, mean, lam = make(0, n_terms=3, iso=False)
     theta = {n: t + 1.0 for n, t in mean.items()}
     th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
@@ -87,7 +88,7 @@ def test_quadratic_and_grad_match_dense_sum_of_kron() -> None:
 
 
 @pytest.mark.parametrize("n_terms,iso", [(1, True), (2, True), (1, False)])
-def test_product_mean_kl_logprob_against_dense(n_terms: int, iso: bool) -> None:
+def test_product_mean_kl_logprob_against_dense(make, n_terms: int, iso: bool) -> None:
     q1, m1, l1 = make(1, n_terms, iso)
     q2, m2, l2 = make(2, n_terms, iso, delta=0.3)
     prod = q1 * q2
@@ -101,7 +102,7 @@ def test_product_mean_kl_logprob_against_dense(n_terms: int, iso: bool) -> None:
     assert q1.kl(q1).abs().item() < 1e-10
 
 
-def test_cg_path_matches_dense_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cg_path_matches_dense_solve(make, monkeypatch: pytest.MonkeyPatch) -> None:
     q1, m1, l1 = make(3, 2, iso=False)
     q2, m2, l2 = make(4, 1, iso=False)
     monkeypatch.setattr(KronGaussian, "DENSE_LIMIT", 0)
@@ -109,7 +110,7 @@ def test_cg_path_matches_dense_solve(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(vec((q1 * q2).mean), mu, rtol=1e-8, atol=1e-9)
 
 
-def test_large_block_kl_uses_merged_approximation(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_block_kl_uses_merged_approximation(make, monkeypatch: pytest.MonkeyPatch) -> None:
     q1, _, _ = make(5, 2)
     q2, _, _ = make(6, 1)
     exact = q1.kl(q2)
@@ -123,7 +124,7 @@ def test_large_block_kl_uses_merged_approximation(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("n_terms", [1, 2])
-def test_sample_moments(n_terms: int) -> None:
+def test_sample_moments(make, n_terms: int) -> None:
     q, m, lam = make(7, n_terms)
     s = q.sample(40000, generator=torch.Generator().manual_seed(0))
     assert s["0.weight"].shape == (40000, 2, 3)
@@ -133,7 +134,7 @@ def test_sample_moments(n_terms: int) -> None:
     assert q.sample()["1.bias"].shape == (2,)
 
 
-def test_kl_monte_carlo() -> None:
+def test_kl_monte_carlo(make) -> None:
     q1, _, _ = make(8, 1)
     q2, _, _ = make(9, 2)
     s = q1.sample(4000, generator=torch.Generator().manual_seed(1))
@@ -142,7 +143,7 @@ def test_kl_monte_carlo() -> None:
     assert lp.mean().item() == pytest.approx(q1.kl(q2).item(), rel=0.1)
 
 
-def test_merge_exact_with_shared_factor_and_optimal_otherwise() -> None:
+def test_merge_exact_with_shared_factor_and_optimal_otherwise(psd) -> None:
     g = torch.Generator().manual_seed(10)
     A, mean = psd(4, g), random_mean(g)
     G1, G2 = psd(2, g), psd(2, g)
@@ -165,7 +166,7 @@ def test_merge_exact_with_shared_factor_and_optimal_otherwise() -> None:
     assert torch.linalg.eigvalsh(t.A).min() > -1e-12 and torch.linalg.eigvalsh(t.G).min() > -1e-12
 
 
-def test_division_removes_exactly_the_site_terms() -> None:
+def test_division_removes_exactly_the_site_terms(make) -> None:
     prior = KronGaussian.isotropic(model(), 2.0, mean="current")
     q, _, _ = make(11, 1)
     site = KronGaussian(q.mean, LAYERS, q.terms, None)
@@ -183,7 +184,7 @@ def test_division_removes_exactly_the_site_terms() -> None:
     torch.testing.assert_close(tempered.mean["0.weight"], site.mean["0.weight"])
 
 
-def test_from_factors_isotropic_and_structure() -> None:
+def test_from_factors_isotropic_and_structure(psd) -> None:
     m = model()
     prior = KronGaussian.isotropic(m, 3.0)
     assert prior.layers == LAYERS and prior.names == tuple(NAMES)
@@ -212,7 +213,7 @@ def test_from_factors_isotropic_and_structure() -> None:
     assert qc2.mean["0.weight"].shape == (3, 2, 2, 2)
 
 
-def test_extend_restrict_state_dict() -> None:
+def test_extend_restrict_state_dict(make) -> None:
     m = model()
     prior = KronGaussian.isotropic(m, 2.0)
     m.add_module("3", nn.Linear(2, 4).to(DT))
@@ -236,7 +237,7 @@ def test_extend_restrict_state_dict() -> None:
     assert q.to(dtype=torch.float32).mean["0.weight"].dtype == torch.float32
 
 
-def test_mismatch_errors() -> None:
+def test_mismatch_errors(make) -> None:
     q, mean, _ = make(14, 1)
     other = KronGaussian({**mean, "extra": torch.zeros(2, dtype=DT)}, LAYERS, None, {n: 1.0 for n in NAMES})
     with pytest.raises(ValueError, match="parameter 'extra' is in other but not in self"):

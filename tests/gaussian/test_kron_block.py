@@ -14,22 +14,23 @@ from bayescl.methods.predictive import check_posterior_names, glm_supported
 DT = torch.float64
 
 
-def psd(n: int, g: torch.Generator) -> torch.Tensor:
-    x = torch.randn(n, n + 2, generator=g, dtype=DT)
-    return x @ x.T / x.shape[1]
+@pytest.fixture(scope="session")
+def kron(psd):
+    """``kron(n_terms, iso=True)``: a random KronGaussian with one layer "lin" (w, b) and one other parameter "s"."""
+
+    def kron(n_terms: int, iso: bool = True) -> KronGaussian:
+        g = torch.Generator().manual_seed(n_terms)
+        mean = {"w": torch.randn(2, 3, generator=g, dtype=DT), "b": torch.randn(2, generator=g, dtype=DT),
+                "s": torch.randn(4, generator=g, dtype=DT)}
+        diag = {"w": torch.tensor(0.5, dtype=DT) if iso else 0.5 + torch.rand(2, 3, generator=g, dtype=DT),
+                "b": torch.tensor(0.5, dtype=DT), "s": torch.tensor(2.0, dtype=DT)}
+        terms = [(psd(4, g), psd(2, g), 1.0 + i) for i in range(n_terms)]
+        return KronGaussian(mean, {"lin": ("w", "b")}, {"lin": terms}, diag)
+
+    return kron
 
 
-def kron(n_terms: int, iso: bool = True) -> KronGaussian:
-    g = torch.Generator().manual_seed(n_terms)
-    mean = {"w": torch.randn(2, 3, generator=g, dtype=DT), "b": torch.randn(2, generator=g, dtype=DT),
-            "s": torch.randn(4, generator=g, dtype=DT)}
-    diag = {"w": torch.tensor(0.5, dtype=DT) if iso else 0.5 + torch.rand(2, 3, generator=g, dtype=DT),
-            "b": torch.tensor(0.5, dtype=DT), "s": torch.tensor(2.0, dtype=DT)}
-    terms = [(psd(4, g), psd(2, g), 1.0 + i) for i in range(n_terms)]
-    return KronGaussian(mean, {"lin": ("w", "b")}, {"lin": terms}, diag)
-
-
-def test_block_round_trip_and_shape() -> None:
+def test_block_round_trip_and_shape(kron) -> None:
     q = kron(1)
     mean = q.mean
     x = to_block(("w", "b"), mean)
@@ -40,7 +41,7 @@ def test_block_round_trip_and_shape() -> None:
 
 
 @pytest.mark.parametrize(("n_terms", "iso"), [(0, True), (1, True), (2, True), (1, False)])
-def test_block_matvec_solve_factor_against_dense(n_terms: int, iso: bool) -> None:
+def test_block_matvec_solve_factor_against_dense(kron, n_terms: int, iso: bool) -> None:
     blk = kron(n_terms, iso).block("lin")
     lam = blk.dense()
     x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -54,12 +55,12 @@ def test_block_matvec_solve_factor_against_dense(n_terms: int, iso: bool) -> Non
     torch.testing.assert_close(f.outer_quadratic(delta, a), ((j @ torch.linalg.inv(lam)) * j).sum(-1))
 
 
-def test_block_of_an_unknown_layer_is_named() -> None:
+def test_block_of_an_unknown_layer_is_named(kron) -> None:
     with pytest.raises(KeyError, match="'nope'"):
         kron(1).block("nope")
 
 
-def test_both_kinds_share_the_interface() -> None:
+def test_both_kinds_share_the_interface(kron) -> None:
     q = kron(1)
     d = DiagGaussian.from_mean_precision(q.mean, {n: torch.full_like(t, 3.0) for n, t in q.mean.items()})
     assert d.layers == {} and d.blocks() == {}
@@ -77,7 +78,7 @@ def test_both_kinds_share_the_interface() -> None:
         check_gaussian(object())
 
 
-def test_prior_gradient_equals_quadratic_grad_for_both_kinds() -> None:
+def test_prior_gradient_equals_quadratic_grad_for_both_kinds(kron) -> None:
     q = kron(2, iso=False)
     params = {n: nn.Parameter(t + 0.1) for n, t in q.mean.items()}
     for g in (q, DiagGaussian.from_mean_precision(q.mean, {n: torch.ones_like(t) for n, t in q.mean.items()})):

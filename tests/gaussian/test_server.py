@@ -24,37 +24,29 @@ def site(seed: int, zero_frac: float = 0.3) -> DiagGaussian:
     return DiagGaussian.from_mean_precision(mean, prec)
 
 
-def prior() -> DiagGaussian:
-    return DiagGaussian.isotropic({n: torch.zeros(s, dtype=DT) for n, s in SHAPES.items()}, 1.5)
-
-
-def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in d.values()])
-
-
-def test_posterior_is_prior_times_sites_and_removal_is_exact() -> None:
-    server = PosteriorServer(prior())
+def test_posterior_is_prior_times_sites_and_removal_is_exact(flat, prior) -> None:
+    server = PosteriorServer(prior(SHAPES, 1.5))
     s0, s1, s2 = site(0), site(1), site(2)
     for i, s in enumerate((s0, s1, s2)):
         server.add(f"t{i}", s)
     assert server.names == ("t0", "t1", "t2") and len(server) == 3 and "t1" in server
     post = server.posterior()
     assert server.posterior() is post  # cached
-    ref = prior() * s0 * s1 * s2
+    ref = prior(SHAPES, 1.5) * s0 * s1 * s2
     torch.testing.assert_close(flat(post.precision), flat(ref.precision), rtol=1e-14, atol=0)
     # the cavity is the posterior divided by the site
     cav = server.cavity("t1")
     div = post / s1
     torch.testing.assert_close(flat(cav.mean), flat(div.mean), rtol=1e-12, atol=1e-12)
     assert server.remove("t1") is s1
-    without = prior() * s0 * s2
+    without = prior(SHAPES, 1.5) * s0 * s2
     torch.testing.assert_close(flat(server.posterior().mean), flat(without.mean), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(flat(server.posterior().precision), flat(without.precision), rtol=1e-12, atol=0)
     assert [n for n in server] == ["t0", "t2"] and [n for n, _ in server.items()] == ["t0", "t2"]
 
 
-def test_damped_update_interpolates_naturals() -> None:
-    server = PosteriorServer(prior(), damping=0.25)
+def test_damped_update_interpolates_naturals(flat, prior) -> None:
+    server = PosteriorServer(prior(SHAPES, 1.5), damping=0.25)
     old, new = site(3), site(4)
     server.update("t", old)  # unknown: starts from the empty site
     torch.testing.assert_close(flat(server["t"].precision), 0.25 * flat(old.precision))
@@ -64,13 +56,13 @@ def test_damped_update_interpolates_naturals() -> None:
     torch.testing.assert_close(flat(server["t"].precision), 0.75 * flat(old.precision) + 0.25 * flat(new.precision))
     server.damping = 1.0
     server.update("t", new)
-    torch.testing.assert_close(flat(server.posterior().eta), flat((prior() * new).eta))
+    torch.testing.assert_close(flat(server.posterior().eta), flat((prior(SHAPES, 1.5) * new).eta))
     with pytest.raises(ValueError, match="damping=0 is out of range"):
         server.damping = 0
 
 
-def test_errors() -> None:
-    server = PosteriorServer(prior())
+def test_errors(prior) -> None:
+    server = PosteriorServer(prior(SHAPES, 1.5))
     server.add("a", site(0))
     with pytest.raises(KeyError, match="site 'a' exists already"):
         server.add("a", site(1))
@@ -89,12 +81,12 @@ def test_errors() -> None:
         PosteriorServer({"w": torch.zeros(1)})
 
 
-def test_state_dict_roundtrip_and_extend_prior() -> None:
-    server = PosteriorServer(prior(), damping=0.5)
+def test_state_dict_roundtrip_and_extend_prior(flat, prior) -> None:
+    server = PosteriorServer(prior(SHAPES, 1.5), damping=0.5)
     server.add("t0", site(5))
     server.add("t1", site(6))
     sd = server.state_dict()
-    other = PosteriorServer(prior())
+    other = PosteriorServer(prior(SHAPES, 1.5))
     other.load_state_dict(sd)
     assert other.names == ("t0", "t1") and other.damping == 0.5
     torch.testing.assert_close(flat(other.posterior().mean), flat(server.posterior().mean))
@@ -114,7 +106,7 @@ def test_state_dict_roundtrip_and_extend_prior() -> None:
         server.load_state_dict(sd)
 
 
-def test_kron_server_removal_cavity_and_damping() -> None:
+def test_kron_server_removal_cavity_and_damping(flat) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)).to(DT)
     p0 = KronGaussian.isotropic(model, 2.0)
@@ -148,8 +140,8 @@ def test_kron_server_removal_cavity_and_damping() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10_000), st.integers(0, 10_000), st.floats(0.0, 0.9))
-def test_property_removing_an_added_site_is_identity(seed_a: int, seed_b: int, zero_frac: float) -> None:
-    server = PosteriorServer(prior())
+def test_property_removing_an_added_site_is_identity(flat, prior, seed_a: int, seed_b: int, zero_frac: float) -> None:
+    server = PosteriorServer(prior(SHAPES, 1.5))
     server.add("a", site(seed_a, zero_frac))
     before = server.posterior()
     server.add("b", site(seed_b, zero_frac))
@@ -178,9 +170,9 @@ def test_laplace_site_centres_the_product_on_the_given_mean():
         torch.testing.assert_close(q.precision[n], cav.precision[n] + curv_prec[n])
 
 
-def test_signed_sites_multiply_roundtrip_and_guard_removal() -> None:
+def test_signed_sites_multiply_roundtrip_and_guard_removal(flat, prior) -> None:
     """A VCL-style chain q0 -> q1 -> q2 where q2 is wider than q1 somewhere: the site q2/q1 is signed."""
-    p0 = prior()
+    p0 = prior(SHAPES, 1.5)
     var = {"w": torch.tensor([[0.2, 0.5], [0.3, 0.1], [0.4, 0.4]], dtype=DT), "b": torch.full((3,), 0.25, dtype=DT)}
     mean = {n: torch.full(s, 0.3, dtype=DT) for n, s in SHAPES.items()}
     q1 = DiagGaussian.from_moments(mean, var)

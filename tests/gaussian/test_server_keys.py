@@ -20,17 +20,13 @@ def gauss(seed: int, signed: bool = False) -> DiagGaussian:
     return DiagGaussian(eta, prec, signed=signed)
 
 
-def prior() -> DiagGaussian:
-    return DiagGaussian.isotropic({n: torch.zeros(s, dtype=DT) for n, s in SHAPES.items()}, 0.5)
-
-
-def test_site_key_prints_validates_and_survives_a_state_dict():
+def test_site_key_prints_validates_and_survives_a_state_dict(prior):
     assert [str(k) for k in (SiteKey(3), SiteKey(3, 1), SiteKey(3, 1, others=True))] == \
         ["task-3", "task-3/worker-1", "task-3/others-of-1"]
     for bad in ({"task": -1}, {"task": 1.0}, {"task": 0, "worker": -2}, {"task": 0, "others": True}):
         with pytest.raises(ValueError, match="task|worker|others"):
             SiteKey(**bad)
-    server = PosteriorServer(prior())
+    server = PosteriorServer(prior(SHAPES, 0.5))
     for key in (SiteKey(0, 0), SiteKey(0, 1), "callback-site", SiteKey(2)):
         server.add(key, gauss(len(server)))
     assert server.tasks() == (0, 2)
@@ -40,11 +36,11 @@ def test_site_key_prints_validates_and_survives_a_state_dict():
     assert list(sd["sites"]) == ["task-0/worker-0", "task-0/worker-1", "callback-site", "task-2"]
     back = PosteriorServer.from_state_dict(sd)
     assert back.names == (SiteKey(0, 0), SiteKey(0, 1), "callback-site", SiteKey(2))
-    assert "keys" not in PosteriorServer(prior()).state_dict()  # string-named servers keep their old state dict
+    assert "keys" not in PosteriorServer(prior(SHAPES, 0.5)).state_dict()  # string-named servers keep their old state dict
 
 
-def test_update_takes_a_damping_per_call():
-    server = PosteriorServer(prior(), damping=1.0)
+def test_update_takes_a_damping_per_call(prior):
+    server = PosteriorServer(prior(SHAPES, 0.5), damping=1.0)
     old, new = gauss(1), gauss(2)
     server.add(SiteKey(0, 0), old)
     got = server.update(SiteKey(0, 0), new, damping=0.25)
@@ -56,16 +52,16 @@ def test_update_takes_a_damping_per_call():
         server.update(SiteKey(0, 0), new, damping=0.0)
 
 
-def test_cavity_floor_is_the_prior_of_the_task():
+def test_cavity_floor_is_the_prior_of_the_task(prior):
     """floor=True: max(p0 · Π_{k≠own} t_k, p0 · Π_{k of other tasks} t_k) in precision, η unchanged."""
-    server = PosteriorServer(prior())
+    server = PosteriorServer(prior(SHAPES, 0.5))
     past, own, others = gauss(1), gauss(2), gauss(3, signed=True)
     server.add(SiteKey(0), past)
     server.add("callback-site", gauss(4))
     server.add(SiteKey(1, 0), own)
     server.add(SiteKey(1, 0, others=True), others)
     cb = server["callback-site"]
-    p0 = prior()
+    p0 = prior(SHAPES, 0.5)
     dense_prec = {n: p0.precision[n] + past.precision[n] + cb.precision[n] + others.precision[n] for n in SHAPES}
     floor = {n: p0.precision[n] + past.precision[n] + cb.precision[n] for n in SHAPES}
     raw, cav = server.cavity(SiteKey(1, 0)), server.cavity(SiteKey(1, 0), floor=True)
