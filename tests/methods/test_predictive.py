@@ -8,13 +8,8 @@ from bayescl.harness.models import MultiHeadMLP
 from bayescl.methods.predictive import predictive
 
 
-def tiny():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def test_zero_variance_gives_the_network_softmax():
-    model = tiny()
+def test_zero_variance_gives_the_network_softmax(tiny):
+    model = tiny(5)
     x = torch.randn(6, 4, dtype=torch.float64)
     q = DiagGaussian.isotropic(model, precision=1e12, mean="current")
     expected = torch.softmax(model(x), -1)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
@@ -127,13 +126,8 @@ def test_task_uncertainty_keeps_stage_and_task_apart():
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def tiny():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
-def test_zero_variance_posterior_gives_zero_epistemic_uncertainty():
-    model = tiny()
+def test_zero_variance_posterior_gives_zero_epistemic_uncertainty(tiny):
+    model = tiny(8)
     x = torch.randn(20, 4, dtype=torch.float64)
     q = DiagGaussian.isotropic(model, precision=1e14, mean="current")
     s = mc_probs(model, q, (x,), n_samples=8, generator=torch.Generator().manual_seed(0))
@@ -145,8 +139,8 @@ def test_zero_variance_posterior_gives_zero_epistemic_uncertainty():
     assert decompose(mc_probs(model, wide, (x,), n_samples=8))["epistemic"].mean() > 1e-3
 
 
-def test_mc_probs_are_the_samples_whose_mean_predictive_returns():
-    model = tiny()
+def test_mc_probs_are_the_samples_whose_mean_predictive_returns(tiny):
+    model = tiny(8)
     x = torch.randn(5, 4, dtype=torch.float64)
     q = DiagGaussian.isotropic(model, precision=10.0, mean="current")
     for method in ("mc", "glm"):
@@ -185,22 +179,22 @@ def test_evaluate_uncertainty_record_schema_and_zero_variance():
     assert evaluate_uncertainty(model, q, _loaders(with_task=True), 0, 4, 25) == rec
 
 
-def test_point_estimate_and_self_sampling_models():
+def test_point_estimate_and_self_sampling_models(tiny):
     from bayescl.methods.variational import convert
 
-    model = tiny()
+    model = tiny(8)
     rec = evaluate_uncertainty(model, None, _loaders(), stage=1, n_samples=4)
     assert rec["source"] == "point" and rec["n_samples"] == 1
     assert all(t["epistemic"] == 0 for t in rec["tasks"])
-    vmodel = convert(tiny(), logvar_init=-2.0)
+    vmodel = convert(tiny(8), logvar_init=-2.0)
     rec = evaluate_uncertainty(vmodel, None, _loaders(), stage=0, n_samples=4)
     assert rec["source"] == "model" and all(t["epistemic"] > 0 for t in rec["tasks"])
     arrays = stage_records_to_arrays([rec], num_tasks=2)
     assert arrays["epistemic"][0, 1] == rec["tasks"][1]["epistemic"] and torch.isnan(arrays["epistemic"][1]).all()
 
 
-def test_posterior_for_picks_a_matching_posterior():
-    model = tiny()
+def test_posterior_for_picks_a_matching_posterior(tiny):
+    model = tiny(8)
     q = DiagGaussian.isotropic(model, precision=1.0)
 
     class WithPosterior:
@@ -298,8 +292,8 @@ def test_published_numbers_have_sources():
             assert e["source"] and e["protocol"] and (e["accuracy"] is None or 0 < e["accuracy"] <= 100)
 
 
-def test_plain_iterables_of_batches_are_capped_too():
-    model = tiny()
+def test_plain_iterables_of_batches_are_capped_too(tiny):
+    model = tiny(8)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))
                for _ in range(4)]
