@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BAYESCL_DATA", ROOT.parent / "shared" / "data"))
@@ -29,3 +30,35 @@ def data_root() -> Path:
 def fashion_root() -> Path:
     """The data root holding real Fashion-MNIST (skipped, with the reason, when it is absent)."""
     return _real_data("FashionMNIST", "fashion-mnist")
+
+
+# ------------------------------------------------------------------------------ models and trainers (factories)
+@pytest.fixture(scope="session")
+def small_model():
+    """``small_model(hidden=(16,), num_tasks=3, seed=0, **kw)``: a MultiHeadMLP built right after
+    ``torch.manual_seed(seed)`` (no reseeding when ``seed`` is None); ``kw`` go to MultiHeadMLP."""
+    from bayescl import MultiHeadMLP
+
+    def small_model(hidden=(16,), num_tasks=3, seed=0, **kw):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return MultiHeadMLP(hidden=hidden, num_tasks=num_tasks, **kw)
+
+    return small_model
+
+
+@pytest.fixture(scope="session")
+def make_trainer():
+    """``make_trainer(cb, epochs=1, extra=(), double=False, enable_checkpointing=False, **kw)``: a quiet one-device
+    CPU Lightning trainer with the callback ``cb`` (then ``extra``); ``double`` trains in float64, ``kw`` go to
+    ``pl.Trainer``."""
+    import pytorch_lightning as pl
+
+    def make_trainer(cb, epochs=1, extra=(), double=False, enable_checkpointing=False, **kw):
+        if double:
+            kw["precision"] = "64-true"
+        return pl.Trainer(max_epochs=epochs, callbacks=[cb, *extra], accelerator="cpu", devices=1, logger=False,
+                          enable_checkpointing=enable_checkpointing, enable_model_summary=False,
+                          enable_progress_bar=False, num_sanity_val_steps=0, **kw)
+
+    return make_trainer

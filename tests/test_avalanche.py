@@ -337,17 +337,14 @@ def test_stream_from_benchmark_from_datasets_rejects_mismatched_streams():
         stream_from_benchmark(bad)
 
 
-def test_lightning_loop_on_an_avalanche_stream():
-    import pytorch_lightning as pl
-
-    from bayescl import ClassifierModule, MultiHeadMLP
+def test_lightning_loop_on_an_avalanche_stream(make_trainer, small_model):
+    from bayescl import ClassifierModule
 
     stream = stream_from_benchmark(tiny_benchmark(n_train=32))
-    module = ClassifierModule(MultiHeadMLP(in_features=16, hidden=(8,), num_tasks=len(stream)), len(stream))
+    module = ClassifierModule(small_model(in_features=16, hidden=(8,), num_tasks=len(stream), seed=None), len(stream))
     cb = LaplaceCallback(structure="diag")
     for task in stream:
-        trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer = make_trainer(cb)
         trainer.fit(module, task.train_dataloader(batch_size=16))
     assert cb.server.names == ("task-0", "task-1", "task-2") and cb.num_examples == 32
 

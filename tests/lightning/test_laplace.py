@@ -11,16 +11,6 @@ from bayescl.gaussian.diag import DiagGaussian
 from bayescl.lightning.laplace import LaplaceCallback
 
 
-def trainer(cb, epochs=1, **kw):
-    return pl.Trainer(max_epochs=epochs, callbacks=[cb], accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
-
-
-def small_model():
-    torch.manual_seed(0)
-    return MultiHeadMLP(hidden=(16,), num_tasks=3)
-
-
 def loaders(stream, shuffle=False, bs=64):
     return [DataLoader(t.train, batch_size=bs, shuffle=shuffle) for t in stream]
 
@@ -42,12 +32,12 @@ class ZeroLoss(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def test_prior_gradient_added_once_per_optimizer_step_with_accumulation():
+def test_prior_gradient_added_once_per_optimizer_step_with_accumulation(make_trainer):
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
     module = ZeroLoss()
     cb = LaplaceCallback(structure="diag", fisher="exact", prior_precision=1.0)
-    trainer(cb).fit(module, DataLoader(data, batch_size=4))  # task 0: closes a site (SGD steps on zero grad)
+    make_trainer(cb).fit(module, DataLoader(data, batch_size=4))  # task 0: closes a site (SGD steps on zero grad)
     post = cb.posterior()
     theta0 = {n: p.detach().clone() for n, p in module.named_parameters()}
     # perturb the weights away from the posterior mean, then run exactly one optimizer step of 2 accumulated batches
@@ -56,7 +46,7 @@ def test_prior_gradient_added_once_per_optimizer_step_with_accumulation():
             p.add_(0.5)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     cb.auto_end_task = False
-    trainer(cb, max_steps=1, accumulate_grad_batches=2).fit(module, DataLoader(data, batch_size=4))
+    make_trainer(cb, max_steps=1, accumulate_grad_batches=2).fit(module, DataLoader(data, batch_size=4))
     expected_grad = post.quadratic_grad(before)
     for n, p in module.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - expected_grad[n] / len(data))
@@ -65,12 +55,12 @@ def test_prior_gradient_added_once_per_optimizer_step_with_accumulation():
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
-def test_sites_per_task_and_posterior_mean_is_last_optimum(structure):
+def test_sites_per_task_and_posterior_mean_is_last_optimum(make_trainer, small_model, structure):
     stream = synthetic_stream(num_tasks=3, n_train=128, n_test=32)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(structure=structure, fisher="exact")
     for loader in loaders(stream)[:2]:
-        trainer(cb).fit(module, loader)
+        make_trainer(cb).fit(module, loader)
     assert cb.server.names == ("task-0", "task-1") and cb.tasks_seen == 2
     # the posterior is centred on the last optimum: its prior gradient Λθ − η vanishes there (no solve needed)
     theta = {n: p.detach() for n, p in module.named_parameters()}
@@ -88,13 +78,13 @@ def test_sites_per_task_and_posterior_mean_is_last_optimum(structure):
         assert (prec["model.heads.0.weight"] > cb.prior_precision).float().mean() > 0.5  # dead ReLUs get none
 
 
-def test_forget_latest_task_restores_previous_posterior_exactly():
+def test_forget_latest_task_restores_previous_posterior_exactly(make_trainer, small_model):
     stream = synthetic_stream(num_tasks=3, n_train=128, n_test=32)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(structure="diag", fisher="exact")
     snapshots = []
     for loader in loaders(stream):
-        trainer(cb).fit(module, loader)
+        make_trainer(cb).fit(module, loader)
         snapshots.append(copy.deepcopy(cb.posterior()))
     cb.forget(2)
     q = cb.posterior()
@@ -110,13 +100,13 @@ def test_forget_latest_task_restores_previous_posterior_exactly():
         cb.forget(7)
 
 
-def test_online_keeps_one_site_and_gamma_decays():
+def test_online_keeps_one_site_and_gamma_decays(make_trainer, small_model):
     stream = synthetic_stream(num_tasks=3, n_train=128, n_test=32)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(structure="diag", fisher="exact", gamma=0.5, online=True, prior_precision=1e-3)
     precs = []
     for loader in loaders(stream):
-        trainer(cb).fit(module, loader)
+        make_trainer(cb).fit(module, loader)
         precs.append(cb.posterior().precision["model.heads.0.weight"].clone())
         assert cb.server.names == ("online",)
     # head 0 sees data only in task 0: its curvature decays by gamma at every later task
@@ -126,7 +116,7 @@ def test_online_keeps_one_site_and_gamma_decays():
         cb.forget(0)
 
 
-def test_checkpoint_resume_during_task_3_equals_uninterrupted(tmp_path):
+def test_checkpoint_resume_during_task_3_equals_uninterrupted(make_trainer, small_model, tmp_path):
     stream = synthetic_stream(num_tasks=3, n_train=128, n_test=32)
     lds = loaders(stream)
 
@@ -136,16 +126,16 @@ def test_checkpoint_resume_during_task_3_equals_uninterrupted(tmp_path):
         cb = LaplaceCallback(structure="diag", fisher="mc", seed=3)
         for i, loader in enumerate(lds):
             if i == 2 and stop_in_task3:
-                t = trainer(cb, epochs=1)  # "killed" after 1 of 2 epochs: save, then resume from scratch objects
+                t = make_trainer(cb, epochs=1)  # "killed" after 1 of 2 epochs: save, then resume from scratch objects
                 cb.auto_end_task = False
                 t.fit(module, loader)
                 path = tmp_path / "mid.ckpt"
                 t.save_checkpoint(path)
                 module = ClassifierModule(small_model(), num_tasks=3)
                 cb = LaplaceCallback(structure="diag", fisher="mc", seed=3)
-                trainer(cb, epochs=2).fit(module, loader, ckpt_path=path)
+                make_trainer(cb, epochs=2).fit(module, loader, ckpt_path=path)
             else:
-                trainer(cb, epochs=2).fit(module, loader)
+                make_trainer(cb, epochs=2).fit(module, loader)
         return module, cb
 
     m1, c1 = run(False)
@@ -158,11 +148,11 @@ def test_checkpoint_resume_during_task_3_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(c1.posterior().precision[n], c2.posterior().precision[n], atol=1e-5, rtol=1e-4)
 
 
-def test_checkpoint_from_other_architecture_names_parameter(tmp_path):
+def test_checkpoint_from_other_architecture_names_parameter(make_trainer, small_model, tmp_path):
     stream = synthetic_stream(num_tasks=1, n_train=64, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback()
-    t = trainer(cb)
+    t = make_trainer(cb)
     t.fit(module, loaders(stream)[0])
     t.save_checkpoint(tmp_path / "a.ckpt")
     other = ClassifierModule(MultiHeadMLP(hidden=(8,), num_tasks=3), num_tasks=3)
@@ -173,7 +163,7 @@ def test_checkpoint_from_other_architecture_names_parameter(tmp_path):
         cb2.on_load_checkpoint(None, other, ckpt)
 
 
-def test_bad_input_and_failures_keep_posterior():
+def test_bad_input_and_failures_keep_posterior(make_trainer, small_model):
     with pytest.raises(ValueError, match="lam=0"):
         LaplaceCallback(lam=0)
     with pytest.raises(ValueError, match="gamma=1.5"):
@@ -197,7 +187,7 @@ def test_bad_input_and_failures_keep_posterior():
     stream = synthetic_stream(num_tasks=2, n_train=64, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(fisher="exact")
-    trainer(cb).fit(module, loaders(stream)[0])
+    make_trainer(cb).fit(module, loaders(stream)[0])
     before = copy.deepcopy(cb.posterior())
     with pytest.raises(ValueError, match="no batches"):
         cb.end_task(None, module, DataLoader(TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0).long(),
@@ -211,15 +201,15 @@ def test_bad_input_and_failures_keep_posterior():
         torch.testing.assert_close(cb.posterior().eta[n], before.eta[n])
 
 
-def test_new_head_parameters_get_base_prior():
+def test_new_head_parameters_get_base_prior(make_trainer):
     """A model that grows a head between tasks (Avalanche's multi-head classifier): no crash, base prior."""
     stream = synthetic_stream(num_tasks=2, n_train=64, n_test=16)
     model = MultiHeadMLP(hidden=(16,), num_tasks=1)
     module = ClassifierModule(model, num_tasks=2)
     cb = LaplaceCallback(fisher="exact", prior_precision=0.5)
-    trainer(cb).fit(module, loaders(stream)[0])
+    make_trainer(cb).fit(module, loaders(stream)[0])
     model.heads.append(nn.Linear(16, 2))
-    trainer(cb).fit(module, loaders(stream)[1])
+    make_trainer(cb).fit(module, loaders(stream)[1])
     post = cb.posterior()
     assert "model.heads.1.weight" in post
     assert isinstance(post, DiagGaussian) and cb.tasks_seen == 2
@@ -227,12 +217,12 @@ def test_new_head_parameters_get_base_prior():
     assert (post.precision["model.heads.0.weight"] > 0.5).float().mean() > 0.5
 
 
-def test_low_rank_online_kron_is_centred_on_the_optimum():
+def test_low_rank_online_kron_is_centred_on_the_optimum(make_trainer, small_model):
     stream = synthetic_stream(num_tasks=2, n_train=128, n_test=32)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(structure="kron", fisher="exact", online=True, rank=4)
     for loader in loaders(stream):
-        trainer(cb).fit(module, loader)
+        make_trainer(cb).fit(module, loader)
     q = cb.posterior()
     assert q.terms["model.trunk.1"][0].UA.shape == (785, 4)
     theta = {n: p.detach() for n, p in module.named_parameters()}
@@ -246,14 +236,14 @@ def test_low_rank_online_kron_is_centred_on_the_optimum():
 
 @pytest.mark.parametrize("kw", [{"structure": "diag"}, {"structure": "kron"},
                                 {"structure": "kron", "online": True, "rank": 4}, {"structure": "kron", "lam": 3.0}])
-def test_fused_prior_gradient_equals_quadratic_grad(kw):
+def test_fused_prior_gradient_equals_quadratic_grad(make_trainer, small_model, kw):
     """The callback's fused fast path adds exactly (Λθ − η)/N to existing gradients (float64, 2 tasks)."""
     stream = synthetic_stream(num_tasks=2, n_train=96, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3).double()
     cb = LaplaceCallback(fisher="exact", prior_precision=0.3, **kw)
     for task in stream:
         data = TensorDataset(*(t.double() if t.is_floating_point() else t for t in task.train.tensors))
-        trainer(cb).fit(module, DataLoader(data, batch_size=64))
+        make_trainer(cb).fit(module, DataLoader(data, batch_size=64))
     q = cb.posterior()
     if kw["structure"] == "kron" and not kw.get("online"):
         assert max(q.num_terms.values()) == 2  # a sum of two Kronecker terms per layer
@@ -272,13 +262,13 @@ def test_fused_prior_gradient_equals_quadratic_grad(kw):
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
-def test_predictive_posterior_uses_the_evidence_prior_precision(structure):
+def test_predictive_posterior_uses_the_evidence_prior_precision(make_trainer, small_model, structure):
     from bayescl.methods.marglik import fit_prior_precision, log_evidence
 
     stream = synthetic_stream(num_tasks=1, n_train=128, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(structure=structure, fisher="exact", online=True)
-    trainer(cb).fit(module, loaders(stream)[0])
+    make_trainer(cb).fit(module, loaders(stream)[0])
     q, qp = cb.posterior(), cb.predictive_posterior()
     tau = cb.fitted_prior_precision
     assert tau == pytest.approx(fit_prior_precision(q, 1e-4)) and tau > 1e-2
@@ -313,7 +303,7 @@ def _assert_bitwise_equal(a, b, path="state"):
 
 
 @pytest.mark.parametrize("online", [False, True])
-def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(online):
+def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(make_trainer, small_model, online):
     """A failure after the earlier sites were tempered by gamma (a site name that exists; an online merge that
     raises) leaves the server exactly as it was: the rollback in end_task restores the untempered sites."""
     import dataclasses
@@ -321,7 +311,7 @@ def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(online):
     stream = synthetic_stream(num_tasks=2, n_train=64, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(fisher="exact", gamma=0.5, online=online)
-    trainer(cb).fit(module, loaders(stream)[0])
+    make_trainer(cb).fit(module, loaders(stream)[0])
     before = copy.deepcopy(cb.server.state_dict())
     q_before = copy.deepcopy(cb.posterior())
     if online:
@@ -346,13 +336,13 @@ def test_invalid_params_regex_names_params():
         LaplaceCallback(params="model.trunk")
 
 
-def test_kron_site_and_prior_cover_the_selected_parameters_only():
+def test_kron_site_and_prior_cover_the_selected_parameters_only(make_trainer, small_model):
     """With ``params`` the kron prior and every site are over the selected parameters; a layer whose bias is not
     selected is a Kronecker block of its weight alone."""
     stream = synthetic_stream(num_tasks=1, n_train=64, n_test=16)
     module = ClassifierModule(small_model(), num_tasks=3)
     cb = LaplaceCallback(structure="kron", fisher="exact", params=[r"trunk\.1\.weight", r"heads\.0\."])
-    trainer(cb).fit(module, loaders(stream)[0])
+    make_trainer(cb).fit(module, loaders(stream)[0])
     q = cb.posterior()
     assert set(q.names) == {"model.trunk.1.weight", "model.heads.0.weight", "model.heads.0.bias"}
     assert q.layers["model.trunk.1"] == ("model.trunk.1.weight", None)

@@ -25,27 +25,30 @@ def _stream(n_train=48, num_tasks=3):
     return synthetic_stream(num_tasks, n_train=n_train, n_test=32, seed=0)
 
 
-def _module(num_tasks=3, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return ClassifierModule(MultiHeadMLP(hidden=(8, 8), num_tasks=num_tasks), num_tasks=num_tasks,
-                            lr=1e-2).to(dtype)
+@pytest.fixture(scope="session")
+def make_module(small_model):
+    """``make_module(num_tasks=3, seed=0, dtype=torch.float32)``: a ClassifierModule over a seeded (8, 8) MLP."""
 
+    def make_module(num_tasks=3, seed=0, dtype=torch.float32):
+        return ClassifierModule(small_model(hidden=(8, 8), num_tasks=num_tasks, seed=seed), num_tasks=num_tasks,
+                                lr=1e-2).to(dtype)
 
-def _trainer(cb, epochs=1, extra=(), **kw):
-    if kw.pop("double", False):
-        kw["precision"] = "64-true"
-    return pl.Trainer(max_epochs=epochs, callbacks=[cb, *extra], accelerator="cpu", devices=1, logger=False,
-                      enable_checkpointing=bool(kw.pop("enable_checkpointing", False)), enable_model_summary=False,
-                      enable_progress_bar=False, num_sanity_val_steps=0, **kw)
+    return make_module
 
 
 def _loader(ds, dtype=torch.float32):
     return DataLoader(ds, batch_size=16, shuffle=False)
 
 
-def _fit_task(cb, module, task, epochs=1, **kw):
-    data = cb.prepare_task_data(task.train)
-    _trainer(cb, epochs, **kw).fit(module, _loader(data))
+@pytest.fixture(scope="session")
+def fit_task(make_trainer):
+    """``fit_task(cb, module, task, epochs=1, **kw)``: one task's training with the callback's own task data."""
+
+    def fit_task(cb, module, task, epochs=1, **kw):
+        data = cb.prepare_task_data(task.train)
+        make_trainer(cb, epochs, **kw).fit(module, _loader(data))
+
+    return fit_task
 
 
 def _assert_gaussians_close(a, b, names=None, rtol=1e-5, atol=1e-6):
@@ -54,16 +57,16 @@ def _assert_gaussians_close(a, b, names=None, rtol=1e-5, atol=1e-6):
         assert torch.allclose(a.precision[n], b.precision[n], rtol=rtol, atol=atol), n
 
 
-def test_swap_at_setup_idempotent_and_optimizer_sees_new_params():
+def test_swap_at_setup_idempotent_and_optimizer_sees_new_params(make_module, fit_task):
     s = _stream()
-    module = _module()
+    module = make_module()
     cb = VCLCallback(ml_init=False, test_samples=2)
-    _fit_task(cb, module, s[0])
+    fit_task(cb, module, s[0])
     layer = module.model.trunk[1]
     assert isinstance(layer, BayesLinear) and isinstance(module.model.heads[2], BayesLinear)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     ids = [id(p) for p in module.parameters()]
-    _fit_task(cb, module, s[1])
+    fit_task(cb, module, s[1])
     assert [id(p) for p in module.parameters()] == ids  # second setup left the layers as they were
     after = dict(module.named_parameters())
     assert not torch.equal(before["model.trunk.1.weight_mu"], after["model.trunk.1.weight_mu"])
@@ -77,11 +80,11 @@ def test_swap_at_setup_idempotent_and_optimizer_sees_new_params():
     assert cb.tasks_seen == 2 and cb.server.names == ("task-0", "task-1")
 
 
-def test_posterior_after_task_is_the_layers_q_and_sites_multiply_to_it():
+def test_posterior_after_task_is_the_layers_q_and_sites_multiply_to_it(make_trainer, make_module):
     s = _stream()
-    module = _module(dtype=torch.float64)
+    module = make_module(dtype=torch.float64)
     cb = VCLCallback(ml_init=False, auto_end_task=False, test_samples=2)
-    trainer = _trainer(cb, 2, double=True)
+    trainer = make_trainer(cb, 2, double=True)
     trainer.fit(module, _loader(s[0].train))
     assert "vcl/kl" in trainer.callback_metrics
     q_layers = layer_posterior(module)
@@ -93,7 +96,7 @@ def test_posterior_after_task_is_the_layers_q_and_sites_multiply_to_it():
     # the layers hold the posterior after the task
     _assert_gaussians_close(layer_posterior(module), q, trained, rtol=1e-10, atol=1e-10)
     # second task: the site is q_1 / q_0
-    trainer = _trainer(cb, 1, double=True)
+    trainer = make_trainer(cb, 1, double=True)
     trainer.fit(module, _loader(s[1].train))
     q0 = cb.posterior()
     q1 = cb.end_task(trainer, module)
@@ -103,14 +106,14 @@ def test_posterior_after_task_is_the_layers_q_and_sites_multiply_to_it():
 
 
 @pytest.mark.parametrize("clamp", [False, True])
-def test_clamp_variance_keeps_sites_non_negative(clamp):
+def test_clamp_variance_keeps_sites_non_negative(make_trainer, make_module, fit_task, clamp):
     s = _stream()
-    module = _module(dtype=torch.float64)
+    module = make_module(dtype=torch.float64)
     cb = VCLCallback(ml_init=False, test_samples=2, clamp_variance=clamp)
-    _fit_task(cb, module, s[0], double=True)
+    fit_task(cb, module, s[0], double=True)
     q0 = cb.posterior()
     cb.auto_end_task = False
-    trainer = _trainer(cb, 1, double=True)
+    trainer = make_trainer(cb, 1, double=True)
     trainer.fit(module, _loader(s[1].train))
     # widen a few variances of the shared layer beyond q_0 before the second task ends
     with torch.no_grad():
@@ -129,9 +132,9 @@ def test_clamp_variance_keeps_sites_non_negative(clamp):
                                 rtol=1e-9, atol=1e-9)
 
 
-def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):
+def test_kl_gradient_is_added_once_scaled_by_n(make_module, tmp_path):
     s = _stream()
-    module = _module(dtype=torch.float64)
+    module = make_module(dtype=torch.float64)
     cb = VCLCallback(ml_init=False)
     cb.setup(None, module, "fit")
     cb.num_examples = 48
@@ -154,9 +157,9 @@ def test_kl_gradient_is_added_once_scaled_by_n(tmp_path):
     assert torch.allclose(kl, expected.detach())
 
 
-def test_ml_init_first_epochs_are_deterministic():
+def test_ml_init_first_epochs_are_deterministic(make_trainer, make_module):
     s = _stream()
-    module = _module()
+    module = make_module()
     cb = VCLCallback(ml_init=True, ml_epochs=1, test_samples=2)
     seen = []
 
@@ -164,27 +167,27 @@ def test_ml_init_first_epochs_are_deterministic():
         def on_train_epoch_start(self, trainer, pl_module):
             seen.append(pl_module.model.trunk[1].stochastic)
 
-    trainer = _trainer(cb, 1, extra=[Probe()])
+    trainer = make_trainer(cb, 1, extra=[Probe()])
     trainer.fit(module, _loader(s[0].train))
     assert seen == [False]
     assert bool((module.model.trunk[1].weight_logvar == -6.0).all())  # no noise, no KL: log-variances untouched
     assert "vcl/kl" not in trainer.callback_metrics
     assert module.model.trunk[1].stochastic  # sampling again after the fit
-    module2 = _module()
+    module2 = make_module()
     seen.clear()
-    _trainer(VCLCallback(ml_init=True, ml_epochs=1, test_samples=2), 2, extra=[Probe()]).fit(
+    make_trainer(VCLCallback(ml_init=True, ml_epochs=1, test_samples=2), 2, extra=[Probe()]).fit(
         module2, _loader(s[0].train))
     assert seen == [False, True]
     assert not bool((module2.model.trunk[1].weight_logvar == -6.0).all())
 
 
-def test_forget_gives_back_the_earlier_posterior():
+def test_forget_gives_back_the_earlier_posterior(make_module, fit_task):
     s = _stream()
-    module = _module(dtype=torch.float64)
+    module = make_module(dtype=torch.float64)
     cb = VCLCallback(ml_init=False, test_samples=2)
-    _fit_task(cb, module, s[0], double=True)
+    fit_task(cb, module, s[0], double=True)
     q0 = cb.posterior()
-    _fit_task(cb, module, s[1], double=True)
+    fit_task(cb, module, s[1], double=True)
     assert not torch.allclose(cb.posterior().eta["model.trunk.1.weight"], q0.eta["model.trunk.1.weight"])
     cb.forget(1, module)
     _assert_gaussians_close(cb.posterior(), q0, rtol=1e-9, atol=1e-9)
@@ -194,11 +197,11 @@ def test_forget_gives_back_the_earlier_posterior():
         cb.forget(1)
 
 
-def test_non_finite_kl_raises_and_keeps_posterior():
+def test_non_finite_kl_raises_and_keeps_posterior(make_trainer, make_module, fit_task):
     s = _stream()
-    module = _module()
+    module = make_module()
     cb = VCLCallback(ml_init=False, test_samples=2)
-    _fit_task(cb, module, s[0])
+    fit_task(cb, module, s[0])
     q0 = cb.posterior()
 
     class Poison(pl.Callback):
@@ -207,7 +210,7 @@ def test_non_finite_kl_raises_and_keeps_posterior():
                 pl_module.model.trunk[3].weight_logvar[0, 0] = float("nan")
 
     with pytest.raises(ValueError, match="not finite.*model.trunk.3.weight"):
-        _trainer(cb, 1, extra=[Poison()]).fit(module, _loader(s[1].train))
+        make_trainer(cb, 1, extra=[Poison()]).fit(module, _loader(s[1].train))
     assert cb.server.names == ("task-0",)
     _assert_gaussians_close(cb.posterior(), q0, rtol=0, atol=0)
     # end_task on a non-finite q refuses too
@@ -220,7 +223,7 @@ def test_non_finite_kl_raises_and_keeps_posterior():
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
-def test_train_samples_averages_the_step_and_unwraps(vectorize):
+def test_train_samples_averages_the_step_and_unwraps(fit_task, vectorize):
     s = _stream()
     calls = []
 
@@ -232,7 +235,7 @@ def test_train_samples_averages_the_step_and_unwraps(vectorize):
     torch.manual_seed(0)
     module = Counting(MultiHeadMLP(hidden=(8,), num_tasks=3), num_tasks=3)
     cb = VCLCallback(ml_init=True, ml_epochs=1, train_samples=3, test_samples=2, vectorize_samples=vectorize)
-    _fit_task(cb, module, s[0], epochs=2)
+    fit_task(cb, module, s[0], epochs=2)
     # epoch 0 is the deterministic maximum-likelihood fit: one plain call per batch
     assert calls[:3] == [(0, 16), (1, 16), (2, 16)]
     if vectorize:  # one call on the batch repeated 3 times
@@ -243,13 +246,13 @@ def test_train_samples_averages_the_step_and_unwraps(vectorize):
     assert all(layer.tiles == 1 for layer in cb.layers(module).values())
 
 
-def test_coreset_held_out_finetuned_for_test_and_restored():
+def test_coreset_held_out_finetuned_for_test_and_restored(make_trainer, make_module):
     s = _stream(n_train=48, num_tasks=2)
-    module = _module(num_tasks=2)
+    module = make_module(num_tasks=2)
     cb = VCLCallback(ml_init=False, coreset_size=8, coreset_method="kcenter", coreset_epochs=3, test_samples=3)
     train = cb.prepare_task_data(s[0].train)
     assert len(train) == 40 and sorted(cb.coresets) == [0] and cb.coresets[0][0].shape == (8, 1, 28, 28)
-    trainer = _trainer(cb, 1)
+    trainer = make_trainer(cb, 1)
     trainer.fit(module, _loader(train))
     q = cb.posterior()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -259,7 +262,7 @@ def test_coreset_held_out_finetuned_for_test_and_restored():
         def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             seen["mu"] = pl_module.model.trunk[1].weight_mu.detach().clone()
 
-    _trainer(cb, 1, extra=[Probe()]).test(module, [t.test_dataloader() for t in s], verbose=False)
+    make_trainer(cb, 1, extra=[Probe()]).test(module, [t.test_dataloader() for t in s], verbose=False)
     assert not torch.equal(seen["mu"], before["model.trunk.1.weight_mu"])  # fine-tuned copy used for testing
     for n, p in module.named_parameters():
         assert torch.equal(p, before[n]), n  # restored after the test
@@ -268,12 +271,12 @@ def test_coreset_held_out_finetuned_for_test_and_restored():
         cb.prepare_task_data(torch.utils.data.Subset(s[1].train, range(8)))
 
 
-def test_coreset_per_task_finetunes_each_task_on_its_own_coreset():
+def test_coreset_per_task_finetunes_each_task_on_its_own_coreset(make_trainer, make_module, fit_task):
     s = _stream(n_train=48, num_tasks=2)
-    module = _module(num_tasks=2)
+    module = make_module(num_tasks=2)
     cb = VCLCallback(ml_init=False, coreset_size=8, coreset_epochs=2, test_samples=2, coreset_per_task=True)
     for t in s:
-        _fit_task(cb, module, t)
+        fit_task(cb, module, t)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     calls, seen = [], {}
     finetune = cb.coreset_finetune
@@ -288,7 +291,7 @@ def test_coreset_per_task_finetunes_each_task_on_its_own_coreset():
         def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             seen.setdefault(dataloader_idx, pl_module.model.trunk[1].weight_mu.detach().clone())
 
-    _trainer(cb, 1, extra=[Probe()]).test(module, [t.test_dataloader() for t in s], verbose=False)
+    make_trainer(cb, 1, extra=[Probe()]).test(module, [t.test_dataloader() for t in s], verbose=False)
     assert calls == [[0], [1]]  # once per task (two test batches each), on that task's coreset only
     # the copy used for task 1 is fine-tuned from the pre-coreset posterior, not from task 0's fine-tune
     cb.coreset_finetune = finetune
@@ -300,17 +303,17 @@ def test_coreset_per_task_finetunes_each_task_on_its_own_coreset():
     # batches without task ids cannot say which coreset to use
     plain = DataLoader(torch.utils.data.TensorDataset(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ValueError, match="coreset_per_task=True .* must be \\(x, y, task_id\\)"):
-        _trainer(cb, 1).test(module, plain, verbose=False)
+        make_trainer(cb, 1).test(module, plain, verbose=False)
     for n, p in module.named_parameters():
         assert torch.equal(p, before[n]), n
 
 
-def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+def test_checkpoint_resume_equals_uninterrupted(make_trainer, make_module, tmp_path):
     s = _stream(n_train=48)
 
     def run(stop_in_task=None, ckpt_path=None, tag="full"):
         torch.manual_seed(0)
-        module = _module()
+        module = make_module()
         cb = VCLCallback(ml_init=True, ml_epochs=1, coreset_size=4, test_samples=2, train_samples=2)
         for i, task in enumerate(s):
             if ckpt_path is not None and i < 1:
@@ -319,9 +322,9 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path):
             ckpt = ModelCheckpoint(dirpath=tmp_path / tag / f"t{i}", save_top_k=-1, every_n_epochs=1,
                                    filename="{epoch}")
             epochs = 3 if i == 0 else 2
-            trainer = _trainer(cb, epochs, extra=[ckpt], enable_checkpointing=True)
+            trainer = make_trainer(cb, epochs, extra=[ckpt], enable_checkpointing=True)
             if stop_in_task == i:
-                trainer = _trainer(cb, 1, extra=[ckpt], enable_checkpointing=True)
+                trainer = make_trainer(cb, 1, extra=[ckpt], enable_checkpointing=True)
                 trainer.fit(module, _loader(data))  # "killed" after the first epoch of task i
                 return None
             trainer.fit(module, _loader(data), ckpt_path=ckpt_path if i == 1 else None)
