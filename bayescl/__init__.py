@@ -24,6 +24,8 @@ _NAMES: dict[str, str] = {
     "VCLCallback": "bayescl.lightning.vcl", "split_coreset": "bayescl.methods.coresets",
     # distributed training (a Lightning Strategy)
     "PosteriorServerStrategy": "bayescl.lightning.strategy",
+    # resuming a stream
+    "ResumableDataLoader": "bayescl.lightning.resumable", "resume_point": "bayescl.lightning.resume",
     # posterior core
     "DiagGaussian": "bayescl.gaussian.diag", "KronGaussian": "bayescl.gaussian.kron",
     "PosteriorServer": "bayescl.gaussian.server",
@@ -88,6 +90,8 @@ if TYPE_CHECKING:  # the static view of the lazy names above
     from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
     from bayescl.harness.module import ClassifierModule
     from bayescl.lightning.laplace import LaplaceCallback, Structure
+    from bayescl.lightning.resumable import ResumableDataLoader
+    from bayescl.lightning.resume import resume_point
     from bayescl.lightning.strategy import PosteriorServerStrategy
     from bayescl.lightning.vcl import VCLCallback
     from bayescl.methods import coresets, marglik, predictive, uncertainty, variational

@@ -20,9 +20,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from bayescl._checks import check_positive_int, check_real
+from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl._params import param_filter, select_params
 from bayescl.gaussian import Gaussian, PosteriorServer, PriorGradient
+from bayescl.lightning.batchnorm import BatchNormPolicy, batchnorm_layers, freeze_running_stats
+from bayescl.lightning.lifecycle import TaskLifecycle
 
 
 def _dataset_size(dataloader: Any) -> int | None:
@@ -33,7 +35,15 @@ def _dataset_size(dataloader: Any) -> int | None:
         return None
 
 
-class PosteriorCallback(pl.Callback):
+def optimizer_param_ids(optimizer: Any) -> set[int] | None:
+    """``id`` of every parameter an optimizer steps (``None`` when ``optimizer`` is ``None``)."""
+    if optimizer is None:
+        return None
+    opt = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps the torch one
+    return {id(p) for group in opt.param_groups for p in group["params"]}
+
+
+class PosteriorCallback(TaskLifecycle, pl.Callback):
     """Base class: holds the posterior server and the task bookkeeping; subclasses say how a task ends.
 
     Args:
@@ -42,6 +52,10 @@ class PosteriorCallback(pl.Callback):
         params: regular expressions (``re.search`` on the LightningModule's parameter names) selecting the
             parameters that carry a posterior; ``None`` = every trainable parameter.
         state_key_suffix: distinguishes two instances of the same class on one Trainer.
+        num_examples: :math:`N_t` when the training data has no length (an ``IterableDataset``); with a sized
+            dataset its length is used.
+        batchnorm: ``"freeze"`` keeps BatchNorm's running statistics of the first task (from the second task on
+            those layers train in eval mode); ``"train"`` lets them move (see :mod:`bayescl.lightning.batchnorm`).
 
     Raises:
         TypeError: ``params`` is not a list of strings.
@@ -51,7 +65,8 @@ class PosteriorCallback(pl.Callback):
     prefix = "bayescl"
 
     def __init__(self, prior_precision: float = 1e-4, params: Sequence[str] | None = None,
-                 state_key_suffix: str = "") -> None:
+                 state_key_suffix: str = "", num_examples: int | None = None,
+                 batchnorm: str | BatchNormPolicy = BatchNormPolicy.FREEZE) -> None:
         self.prior_precision = check_real(prior_precision, "prior_precision", low=0.0, low_open=True)
         #: the predicate on parameter names from ``params`` (``None`` keeps every trainable parameter)
         self.param_filter = param_filter(params, "params")
@@ -63,6 +78,11 @@ class PosteriorCallback(pl.Callback):
         self._fit_params: dict[str, nn.Parameter] | None = None  # selected parameters, fixed during a fit
         #: seconds spent closing tasks (curvature passes, variational updates): benchmarks report it apart
         self.end_task_seconds = 0.0
+        self.default_num_examples = (None if num_examples is None
+                                     else check_positive_int(num_examples, "num_examples"))
+        self.batchnorm = as_enum(BatchNormPolicy, batchnorm, "batchnorm")
+        self._batchnorm_layers: list[nn.Module] = []
+        self._init_lifecycle()
 
     # ------------------------------------------------------------------ identity and parameters
     @property
@@ -76,6 +96,18 @@ class PosteriorCallback(pl.Callback):
             ValueError: ``params`` selects no trainable parameter.
         """
         return select_params(pl_module, self.param_filter, what="params")
+
+    def selected_param_ids(self, pl_module: nn.Module) -> list[int]:
+        """``id`` of each selected parameter (what a conflict check compares)."""
+        return [id(p) for p in self.selected_params(pl_module).values()]
+
+    @property
+    def posterior_server_key(self) -> str:
+        """The checkpoint key of this callback's posterior server."""
+        return self._ckpt_key()
+
+    def open_task(self, pl_module: nn.Module) -> None:
+        """Called once when a new task's first fit starts (subclasses prepare the model)."""
 
     def make_prior(self, pl_module: nn.Module) -> Gaussian:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,24 +141,46 @@ class PosteriorCallback(pl.Callback):
     def reset(self) -> None:
         """Forget everything: the next fit starts from the base prior again."""
         self.server, self.tasks_seen, self.num_examples, self._grad_cache = None, 0, None, None
+        self.task_open, self.task_steps = False, 0
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.ensure_server(pl_module)
+        self.lifecycle_setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_server(pl_module)
         self._fit_params = self.selected_params(pl_module)
         n = _dataset_size(trainer.train_dataloader)
         if n is None:
-            n = int(trainer.num_training_batches) * int(getattr(trainer.train_dataloader, "batch_size", 1) or 1)
+            n = self.default_num_examples
+        if n is None:
+            raise ValueError(f"the training data of this fit has no length (an IterableDataset?), so N_t, the "
+                             f"scale 1/N_t of the prior term, is unknown: pass num_examples=N_t to "
+                             f"{type(self).__name__}.")
         self.set_num_examples(max(1, n))
+        self.lifecycle_train_start(trainer, pl_module)
+        self._batchnorm_layers = batchnorm_layers(pl_module)
+        if self._batchnorm_layers:
+            what = ("frozen from the second task on (batchnorm='freeze'), so old tasks keep the statistics they were "
+                    "trained with; batchnorm='train' lets them move" if self.batchnorm is BatchNormPolicy.FREEZE
+                    else "moving with every task (batchnorm='train'); old tasks are then evaluated with the newest "
+                         "task's statistics")
+            self._warn_once("batchnorm", f"the model has {len(self._batchnorm_layers)} BatchNorm layers: their "
+                                         f"running statistics are {what}.")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.batchnorm is BatchNormPolicy.FREEZE and self.tasks_seen > 0:
+            freeze_running_stats(self._batchnorm_layers)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.lifecycle_fit_end(trainer, pl_module)
         self._fit_params = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._fit_params = None
+        self.lifecycle_exception(trainer, exception)
 
     def set_num_examples(self, num_examples: int) -> None:
         """Set :math:`N_t`, the training-set size of the task being fitted (the prior term is scaled by
@@ -140,19 +194,30 @@ class PosteriorCallback(pl.Callback):
         return 1.0 / float(self.num_examples or 1)
 
     @torch.no_grad()
-    def add_prior_grad(self, pl_module: nn.Module) -> None:
+    def add_prior_grad(self, pl_module: nn.Module, only: set[int] | None = None) -> None:
         """``p.grad += (Λθ − η) / N_t`` for every selected parameter (the documented mechanism).
 
-        Fused (:class:`~bayescl.gaussian.server.PriorGradient`, prepared once per posterior; the parameter list is fixed
-        once per fit in ``on_train_start``).
+        Fused (:class:`~bayescl.gaussian.prior_gradient.PriorGradient`, prepared once per posterior and parameter
+        list; the parameter list is fixed once per fit in ``on_train_start``).
+
+        Args:
+            pl_module: the model.
+            only: ``id`` of the parameters the optimizer about to step holds (``None``: all): with several
+                optimizers each parameter gets its term once, from its own optimizer's step.
         """
         if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
             return
         params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
+        if only is not None:
+            params = {n: p for n, p in params.items() if id(p) in only}
+            if not params:
+                return
         q = self.posterior()
-        fused = self._grad_cache
-        if fused is None or fused.q is not q or fused.names != tuple(params):
-            fused = self._grad_cache = PriorGradient(q, params)
+        cache = self._grad_cache if isinstance(self._grad_cache, dict) else {}
+        fused = cache.get(tuple(params))
+        if fused is None or fused.q is not q:
+            fused = cache[tuple(params)] = PriorGradient(q, params)
+        self._grad_cache = cache
         fused.add_(params, self.prior_term_scale())
 
     #: apply the base prior's term on the very first task too (a weak weight decay by default: off).
@@ -166,15 +231,16 @@ class PosteriorCallback(pl.Callback):
         return q * self.prior_term_scale()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        self.add_prior_grad(pl_module)
+        self.add_prior_grad(pl_module, optimizer_param_ids(optimizer))
+        self.count_step()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"tasks_seen": self.tasks_seen, "num_examples": self.num_examples,
+        return {**self.lifecycle_state(), "num_examples": self.num_examples,
                 "sites": list(self.server.names) if self.server is not None else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tasks_seen = int(state_dict.get("tasks_seen", 0))
+        self.load_lifecycle_state(state_dict)
         self.num_examples = state_dict.get("num_examples")
 
     def _ckpt_key(self) -> str:
@@ -189,8 +255,39 @@ class PosteriorCallback(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(self._ckpt_key())
         if state is None:
+            saved = sorted(k for k in checkpoint if k.startswith("bayescl") and "/" in k and not k.endswith("coresets"))
+            if saved:
+                raise ValueError(f"the checkpoint holds the posterior {saved}, not this callback's "
+                                 f"{self._ckpt_key()!r} (another callback class, structure or state_key_suffix); "
+                                 "resume with the callback settings that wrote it.")
             return
+        check_checkpoint_state(self, checkpoint.get("callbacks", {}).get(self.state_key, {}))
         server = self.ensure_server(pl_module)
+        check_server_params(state, server)
         server.load_state_dict(state)
         self._grad_cache = None
+        self.start_from_checkpoint(checkpoint)
+
+
+def check_checkpoint_state(cb: PosteriorCallback, saved: dict[str, Any]) -> None:
+    """Dealbreakers between a saved callback state and the callback resuming it (each a ``ValueError``)."""
+    mine = cb.state_dict()
+    for key in ("structure", "online"):
+        if key in saved and key in mine and saved[key] != mine[key]:
+            raise ValueError(f"the checkpoint was written with {key}={saved[key]!r}, this callback has "
+                             f"{key}={mine[key]!r}; resume with the settings that wrote it.")
+
+
+def check_server_params(state: dict[str, Any], server: PosteriorServer) -> None:
+    """The saved posterior's parameters must exist with the same shapes (new parameters, e.g. heads, are fine)."""
+    prior = state.get("prior", {})
+    saved = prior.get("eta") or prior.get("mean") or {}
+    current = server.prior.eta
+    for n, t in saved.items():
+        if n not in current:
+            raise ValueError(f"the checkpoint's posterior has parameter {n!r}, which this model has not (selected); "
+                             "resume with the model and params= that wrote it.")
+        if tuple(t.shape) != tuple(current[n].shape):
+            raise ValueError(f"parameter {n!r} has shape {tuple(t.shape)} in the checkpoint and "
+                             f"{tuple(current[n].shape)} in the model.")
 

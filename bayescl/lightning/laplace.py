@@ -44,6 +44,11 @@ from bayescl.methods.marglik import fit_prior_precision, with_prior_precision
 __all__ = ["LaplaceCallback", "Structure"]
 
 
+def _shows_progress(trainer: pl.Trainer | None) -> bool:
+    """Whether the end-of-task pass shows a progress bar: when the Trainer shows one (rank 0 only)."""
+    return trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+
+
 def _is_finite(g: Gaussian) -> str | None:
     for n, t in g.eta.items():
         if not bool(torch.isfinite(t).all()):
@@ -82,6 +87,10 @@ class LaplaceCallback(PosteriorCallback):
             prediction and uncertainty): ``"marglik"`` fits it by the Laplace evidence after every task
             (:mod:`bayescl.methods.marglik`), ``"train"`` keeps ``prior_precision``, a number uses that value. Training
             is not affected. ``laplace/penalty`` is logged every ``trainer.log_every_n_steps`` steps.
+        seed: seeds the Monte Carlo labels of the curvature pass.
+        state_key_suffix: distinguishes two instances of the same structure on one Trainer.
+        num_examples: :math:`N_t` for training data without a length (an ``IterableDataset``).
+        batchnorm: ``"freeze"`` (BatchNorm running statistics fixed after the first task) or ``"train"``.
     """
 
     prefix = "bayescl-laplace"
@@ -105,8 +114,11 @@ class LaplaceCallback(PosteriorCallback):
         predictive_prior_precision: float | str = "marglik",
         seed: int = 0,
         state_key_suffix: str = "",
+        num_examples: int | None = None,
+        batchnorm: str = "freeze",
     ) -> None:
-        super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix)
+        super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix,
+                         num_examples=num_examples, batchnorm=batchnorm)
         if isinstance(predictive_prior_precision, str):
             if predictive_prior_precision not in ("marglik", "train"):
                 raise ValueError(f"predictive_prior_precision={predictive_prior_precision!r} is not valid; allowed: "
@@ -150,14 +162,14 @@ class LaplaceCallback(PosteriorCallback):
         return self.builders.prior(pl_module, self.selected_params(pl_module), self.prior_precision)
 
     def curvature_site(self, pl_module: nn.Module, dataloader: Iterable[Any],
-                       params: dict[str, nn.Parameter] | None = None) -> Gaussian:
+                       params: dict[str, nn.Parameter] | None = None, progress: bool = False) -> Gaussian:
         """The curvature at the current weights as a site (precision ``N_t F_t``) over ``params`` (default: the
-        selected parameters)."""
+        selected parameters); ``progress`` shows a progress bar over the pass."""
         params = self.selected_params(pl_module) if params is None else params
         g = torch.Generator(device=next(iter(params.values())).device).manual_seed(self.seed + self.tasks_seen)
         return self.builders.site(pl_module, dataloader, params=list(params), fisher=self.fisher,
                                   mc_samples=self.mc_samples if self.fisher is FisherType.MC else 1,
-                                  generator=g, max_batches=self.max_batches)
+                                  generator=g, max_batches=self.max_batches, progress=progress)
 
     def _low_rank(self, g: Gaussian) -> Gaussian:
         """The one place where ``rank`` / ``rank_diagonal`` are applied (``g`` unchanged without a rank)."""
@@ -192,13 +204,19 @@ class LaplaceCallback(PosteriorCallback):
         Raises:
             ValueError: no dataloader, an empty one, or a non-finite curvature.
         """
+        self.check_manual_commit(trainer)
         server = self.ensure_server(pl_module)
         data = self._curvature_data(trainer, dataloader)
         params = self.selected_params(pl_module)
+        for n, p in params.items():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"parameter {n!r} is not finite (NaN/inf) after training, so the task has no curvature; the "
+                                 "site is refused and the previous posterior kept (lower the learning rate or clip "
+                                 "gradients, then refit the task).")
         theta = {n: p.detach().clone() for n, p in params.items()}
         t0 = time.perf_counter()
         with torch.enable_grad(), torch.inference_mode(False):
-            curv = self.curvature_site(pl_module, data, params)
+            curv = self.curvature_site(pl_module, data, params, progress=_shows_progress(trainer))
         self.end_task_seconds += time.perf_counter() - t0
         if (bad := _is_finite(curv)) is not None:
             raise ValueError(f"the curvature of parameter {bad!r} is not finite; the site is refused and the "
@@ -226,6 +244,7 @@ class LaplaceCallback(PosteriorCallback):
                 server.add(k, s)
             raise
         self.tasks_seen += 1
+        self.task_open, self.task_steps = False, 0
         self._grad_cache = None
         return server.posterior()
 
@@ -273,8 +292,7 @@ class LaplaceCallback(PosteriorCallback):
             pl_module.log("laplace/penalty", self.penalty(pl_module), on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.auto_end_task:
-            self.end_task(trainer, pl_module)
+        self.auto_commit(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "structure": self.structure.value, "online": self.online}

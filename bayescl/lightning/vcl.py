@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl.gaussian import DiagGaussian, PosteriorServer
-from bayescl.lightning.base import PosteriorCallback
+from bayescl.lightning.base import PosteriorCallback, optimizer_param_ids
 from bayescl.lightning.vcl_checkpoint import VCLCheckpointMixin
 from bayescl.lightning.vcl_coresets import CoresetMixin
 from bayescl.lightning.vcl_kl import KLTermMixin, layer_names
@@ -110,6 +110,8 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         auto_end_task: close the task at the end of every ``fit`` (else call :meth:`end_task`).
         seed: seeds coreset selection and the coreset fine-tune's shuffling.
         state_key_suffix: distinguishes two instances on one Trainer.
+        num_examples: :math:`N_t` for training data without a length (an ``IterableDataset``).
+        batchnorm: ``"freeze"`` (BatchNorm running statistics fixed after the first task) or ``"train"``.
     """
 
     prefix = "bayescl-vcl"
@@ -135,8 +137,11 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         auto_end_task: bool = True,
         seed: int = 0,
         state_key_suffix: str = "",
+        num_examples: int | None = None,
+        batchnorm: str = "freeze",
     ) -> None:
-        super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix)
+        super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix,
+                         num_examples=num_examples, batchnorm=batchnorm)
         if isinstance(logvar_init, bool) or not isinstance(logvar_init, (int, float)):
             raise TypeError(f"logvar_init must be a real number, got {type(logvar_init).__name__} {logvar_init!r}.")
         if not math.isfinite(float(logvar_init)):
@@ -159,7 +164,6 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         self.coreset_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
         #: task index -> the coreset's stacked tensors ``(x, y[, task_id])`` (CPU).
         self.coresets: dict[int, tuple[Tensor, ...]] = {}
-        self.task_open = False
         self._touched: set[str] = set()
         self._backup: dict[str, Tensor] | None = None
         self._finetuned_for: int | str | None = None  # the task (or "union") the layers are fine-tuned for
@@ -231,6 +235,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         Layers no step of this task touched keep ``q_{t−1}`` (an empty site). Raises ``ValueError`` naming the
         parameter if ``q_t`` is not finite; the previous posterior is kept.
         """
+        self.check_manual_commit(trainer)
         server = self.ensure_server(pl_module)
         names = list(server.prior.names)
         q_prev = server.posterior()
@@ -255,7 +260,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         informed = self.informed_names()
         self.apply_posterior(pl_module, [n for n in names if n in touched or n in informed])
         self.tasks_seen += 1
-        self.task_open = False
+        self.task_open, self.task_steps = False, 0
         self._touched = set()
         return server.posterior()
 
@@ -272,7 +277,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
 
     def reset(self) -> None:
         super().reset()
-        self.coresets, self.task_open, self._touched, self._backup = {}, False, set(), None
+        self.coresets, self._touched, self._backup = {}, set(), None
         self._finetuned_for = None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -280,24 +285,31 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         convert(pl_module, self.logvar_init, include=self.include_layer)
         enable_predictive(pl_module, self.test_samples)
         wrap_training_step(pl_module, self.train_samples, self.vectorize_samples)
-        self.ensure_server(pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         unwrap_training_step(pl_module)
         self.restore_pre_coreset(pl_module)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        if not self.task_open:
-            if self.tasks_seen > 0:
-                self.apply_posterior(pl_module)
-            self.task_open = True
+    def open_task(self, pl_module: nn.Module) -> None:
+        """A new task starts from the current posterior; its coreset must have been held out.
+
+        Raises:
+            ValueError: ``coreset_size > 0`` and :meth:`prepare_task_data` was not called for this task.
+        """
+        if self.coreset_size > 0 and self.tasks_seen not in self.coresets:
+            raise ValueError(f"coreset_size={self.coreset_size} holds a coreset out of each task, but "
+                             f"prepare_task_data was not called for task {self.tasks_seen}: train on "
+                             "vcl.prepare_task_data(task_dataset) (or use coreset_size=0).")
+        if self.tasks_seen > 0:
+            self.apply_posterior(pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         set_stochastic(pl_module, not self.in_ml_phase(trainer.current_epoch))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.seed_noise(pl_module, 0, self.tasks_seen, trainer.current_epoch, batch_idx)
 
     def _eval_batch_start(self, pl_module: nn.Module, batch_idx: int, dataloader_idx: int) -> None:
@@ -317,14 +329,14 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        kl = self.add_prior_grad(pl_module, trainer.current_epoch)
+        kl = self.add_prior_grad(pl_module, trainer.current_epoch, optimizer_param_ids(optimizer))
+        self.count_step()
         if kl is not None:
             pl_module.log("vcl/kl", kl, on_step=False, on_epoch=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         set_stochastic(pl_module, True)
-        if self.auto_end_task:
-            self.end_task(trainer, pl_module)
+        self.auto_commit(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.coreset_per_task:

@@ -1,7 +1,7 @@
 """Checkpoint state of :class:`~bayescl.lightning.vcl.VCLCallback`.
 
 Besides the posterior server (saved by :class:`~bayescl.lightning.base.PosteriorCallback`), a checkpoint holds
-whether a task is open, which logical parameters its steps have touched, and the coresets (tensors, under
+which logical parameters its steps have touched, and the coresets (tensors, under
 ``<key>/coresets``). The layers' parameters are in the module's own ``state_dict``, so resuming mid-task with
 ``ckpt_path`` continues the task without re-initialising the layers.
 """
@@ -15,20 +15,18 @@ from torch import Tensor
 
 
 class VCLCheckpointMixin:
-    """``state_dict`` / checkpoint hooks of :class:`~bayescl.lightning.vcl.VCLCallback` (uses its ``task_open``,
-    ``_touched`` and ``coresets``)."""
+    """``state_dict`` / checkpoint hooks of :class:`~bayescl.lightning.vcl.VCLCallback` (uses its ``_touched``
+    and ``coresets``)."""
 
-    task_open: bool
     _touched: set[str]
     coresets: dict[int, tuple[Tensor, ...]]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "task_open": self.task_open, "touched": sorted(self._touched),
+        return {**super().state_dict(), "touched": sorted(self._touched),
                 "coreset_tasks": sorted(self.coresets)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.task_open = bool(state_dict.get("task_open", False))
         self._touched = set(state_dict.get("touched", []))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

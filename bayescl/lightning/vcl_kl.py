@@ -69,14 +69,15 @@ class KLTermMixin:
         return total
 
     def _add_kl_grad(self, pl_module: nn.Module, scale: float, prior: DiagGaussian | None = None,
-                     touched: set[str] | None = None) -> Tensor | None:
+                     touched: set[str] | None = None, only: set[int] | None = None) -> Tensor | None:
         """Add ``scale · ∇KL`` to the .grad of the layers that got a data gradient; returns the KL (detached).
 
         Raises:
             ValueError: the KL is not finite (names the non-finite variational parameters).
         """
         layers = self.layers(pl_module)
-        paths = [p for p, layer in layers.items() if has_data_grad(layer)]
+        paths = [p for p, layer in layers.items()
+                 if has_data_grad(layer) and (only is None or id(layer.weight_mu) in only)]
         if touched is not None:
             for p in paths:
                 touched.update(layer_names(p, layers[p]))
@@ -99,12 +100,15 @@ class KLTermMixin:
         return kl
 
     @torch.no_grad()
-    def add_prior_grad(self, pl_module: nn.Module, epoch: int | None = None) -> Tensor | None:
+    def add_prior_grad(self, pl_module: nn.Module, epoch: int | None = None,
+                       only: set[int] | None = None) -> Tensor | None:
         """``.grad += ∇KL(q || q_{t−1}) / N_t`` on the layers with a data gradient (the documented mechanism).
 
         Args:
             pl_module: the model.
             epoch: the epoch within the task (``None``: not in the maximum-likelihood phase, see :meth:`in_ml_phase`).
+            only: ``id`` of the parameters the optimizer about to step holds (``None``: all); a layer is included
+                when its weight mean is among them, so with several optimizers each layer gets its term once.
 
         Returns:
             The KL (detached), or ``None`` when no layer got a data gradient or in the maximum-likelihood phase.
@@ -115,7 +119,7 @@ class KLTermMixin:
                 if has_data_grad(layer):
                     self._touched.update(layer_names(path, layer))
             return None
-        return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched)
+        return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched, only=only)
 
     def in_ml_phase(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` of the current task is a maximum-likelihood epoch (``ml_init``: the first
