@@ -127,15 +127,21 @@ class _GradSpy(SupervisedPlugin):
             self.params.append({n: p.detach().clone() for n, p in named})
 
 
-def test_prior_gradient_is_added_in_before_update_once_per_step():
+def _spied_run(plugin) -> tuple[_GradSpy, _GradSpy]:
+    """Train TinyMT (seed 0) on the first two experiences with ``plugin`` between two gradient spies."""
     torch.manual_seed(0)
     bm = tiny_benchmark()
     model = TinyMT()
     before, after = _GradSpy(), _GradSpy()
-    plugin = LaplacePlugin(structure="diag", prior_precision=1.0)
     strategy = naive(model, [before, plugin, after])
     for exp in bm.train_stream[:2]:
         strategy.train(exp)
+    return before, after
+
+
+def test_prior_gradient_is_added_in_before_update_once_per_step():
+    plugin = LaplacePlugin(structure="diag", prior_precision=1.0)
+    before, after = _spied_run(plugin)
     # experience 0: no site yet, nothing added; experience 1: exactly (Λθ − η) / N_1 added, with the prior of
     # experience 1 (removing the latest site gives it back exactly; it covers the head grown for experience 1)
     assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
@@ -271,14 +277,8 @@ def test_vcl_plugin_train_samples_repeat_the_minibatch_in_one_pass():
 def test_vcl_plugin_adds_the_kl_gradient_in_before_update():
     from bayescl.gaussian.diag import diag_gaussian_kl
 
-    torch.manual_seed(0)
-    bm = tiny_benchmark()
-    model = TinyMT()
-    before, after = _GradSpy(), _GradSpy()
     plugin = VCLPlugin(ml_init=True, ml_epochs=1, test_samples=2)
-    strategy = naive(model, [before, plugin, after])
-    for exp in bm.train_stream[:2]:
-        strategy.train(exp)
+    before, after = _spied_run(plugin)
     # experience 0, epoch 0: the maximum-likelihood start, nothing added
     assert all(torch.equal(before.grads[0][n], after.grads[0][n]) for n in before.grads[0])
     # experience 1: exactly ∇KL(q || q_0) / N_1 added, on the layers with a data gradient
