@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HIDDEN, LR, BS, EPOCHS, K = (16,), 1e-2, 16, 2, 3
 
 
+# plain functions, not the conftest fixtures (make_trainer, small_model): the subprocess entry point below runs them
+# without pytest, each worker in its own process
 def _data(task: int = 0):
     from bayescl import synthetic_stream
 
