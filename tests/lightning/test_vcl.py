@@ -308,6 +308,22 @@ def test_coreset_per_task_finetunes_each_task_on_its_own_coreset(make_trainer, m
         assert torch.equal(p, before[n]), n
 
 
+class _Killed(Exception):
+    pass
+
+
+class _StopAtEpoch(pl.Callback):
+    """Stops a fit at the start of an epoch, as a kill there would: nothing is committed (a fit that ends
+    normally commits its task and writes its last checkpoint again with the site)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise _Killed
+
+
 def test_checkpoint_resume_equals_uninterrupted(make_trainer, make_module, tmp_path):
     s = _stream(n_train=48)
 
@@ -323,9 +339,10 @@ def test_checkpoint_resume_equals_uninterrupted(make_trainer, make_module, tmp_p
                                    filename="{epoch}")
             epochs = 3 if i == 0 else 2
             trainer = make_trainer(cb, epochs, extra=[ckpt], enable_checkpointing=True)
-            if stop_in_task == i:
-                trainer = make_trainer(cb, 1, extra=[ckpt], enable_checkpointing=True)
-                trainer.fit(module, _loader(data))  # "killed" after the first epoch of task i
+            if stop_in_task == i:  # "killed" at the start of task i's second epoch: epoch=0.ckpt is written
+                trainer = make_trainer(cb, epochs, extra=[ckpt, _StopAtEpoch(1)], enable_checkpointing=True)
+                with pytest.raises(_Killed):
+                    trainer.fit(module, _loader(data))
                 return None
             trainer.fit(module, _loader(data), ckpt_path=ckpt_path if i == 1 else None)
         return cb
