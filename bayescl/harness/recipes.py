@@ -91,6 +91,8 @@ class Recipe:
     data: dict[str, Any] = field(default_factory=dict)
     module: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: an Avalanche strategy's ``{class_path, init_args}`` (a baseline the harness does not run), or ``None``
+    avalanche: dict[str, Any] | None = None
 
     @property
     def cumulative(self) -> bool:
@@ -137,7 +139,7 @@ def load_variant(grid: str | os.PathLike[str], variant: str) -> Recipe:
         callbacks[0]["init_args"] = {**(callbacks[0].get("init_args") or {}), **v["init_args"]}
     return Recipe(name=variant, description=v.get("description") or base.description, callbacks=callbacks,
                   trainer={**base.trainer, **(v.get("trainer") or {})}, data={**base.data, **(v.get("data") or {})},
-                  module=base.module, path=Path(grid))
+                  module=base.module, path=Path(grid), avalanche=base.avalanche)
 
 
 def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
@@ -176,5 +178,6 @@ def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:
         trainer=doc.get("trainer") or {},
         data=doc.get("data") or {},
         module=doc.get("module") or {},
+        avalanche=doc.get("avalanche"),
         path=path,
     )
