@@ -31,25 +31,63 @@ class LossType(str, enum.Enum):
 
 
 def iter_batches(dataloader: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[Any]:
-    """Yield at most ``max_batches`` batches; raise if the dataloader yields none."""
+    """Yield at most ``max_batches`` batches (with a tqdm bar when ``progress``); raise if the dataloader yields
+    none. The bar is closed however the iteration ends."""
     if max_batches is not None:
         check_positive_int(max_batches, "max_batches")
+    bar = None
     it: Iterable[Any] = dataloader
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(dataloader, desc=desc)
+        it = bar = tqdm(dataloader, desc=desc, total=_length(dataloader, max_batches))
     count = 0
-    for batch in it:
-        if max_batches is not None and count >= max_batches:
-            break
-        count += 1
-        yield batch
+    try:
+        for batch in it:
+            if max_batches is not None and count >= max_batches:
+                break
+            count += 1
+            yield batch
+    finally:
+        if bar is not None:
+            bar.close()
     if count == 0:
         raise ValueError("dataloader yielded no batches; curvature needs at least one batch of data.")
 
 
-def prepare_batch(batch: Any, ref: Tensor) -> tuple[tuple[Any, ...], Tensor]:
+def _length(dataloader: Iterable[Any], max_batches: int | None) -> int | None:
+    """The number of batches the pass will see, for the progress bar (``None`` when unknown)."""
+    try:
+        n = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
+def prepare_batch(batch: Any, ref: Tensor, index: int) -> tuple[tuple[Any, ...], Tensor]:
+    """Split ``batch`` into inputs and targets on ``ref``'s device and dtype.
+
+    Raises:
+        ValueError: a floating input or target of batch ``index`` holds NaN/inf (checked before any label is
+            sampled, so the error names the batch rather than surfacing from ``torch.multinomial``).
+    """
     inputs, y = split_batch(batch)
     tensors = tuple(t if isinstance(t, Tensor) else torch.as_tensor(t) for t in inputs)
-    return move_inputs(tensors, y, ref.device, ref.dtype)
+    tensors, y = move_inputs(tensors, y, ref.device, ref.dtype)  # after the cast: float64 overflow to float32 counts
+    for what, t in [(f"input {k}" if len(tensors) > 1 else "input", t) for k, t in enumerate(tensors)] + [("target", y)]:
+        if isinstance(t, Tensor) and t.is_floating_point() and not bool(t.isfinite().all()):
+            raise ValueError(f"batch {index} of the curvature dataloader has a non-finite (NaN/inf) {what}; the "
+                             "curvature pass needs finite data (clean or drop those examples).")
+    return tensors, y
+
+
+def check_finite_outputs(outputs: Tensor, index: int) -> None:
+    """Refuse non-finite model outputs of batch ``index`` before labels are sampled from them.
+
+    Raises:
+        ValueError: ``outputs`` holds NaN/inf; the batch index is named.
+    """
+    if not bool(torch.isfinite(outputs.detach()).all()):
+        raise ValueError(f"the model's outputs on batch {index} of the curvature dataloader are not finite (NaN/inf) "
+                         "at the current weights, so the Fisher is undefined; check the weights (learning rate, "
+                         "overflow) and the data of that batch.")

@@ -46,7 +46,7 @@ from torch.func import functional_call, grad, vmap
 
 from bayescl._checks import as_enum, check_positive_int
 from bayescl._params import eval_mode, select_params
-from bayescl.curvature.common import FisherType, LossType, iter_batches, prepare_batch
+from bayescl.curvature.common import FisherType, LossType, check_finite_outputs, iter_batches, prepare_batch
 
 __all__ = ["diag_fisher"]
 
@@ -182,6 +182,7 @@ def _batch_curvature(
     mc_samples: int,
     generator: torch.Generator | None,
     out: dict[str, Tensor],
+    index: int = 0,
 ) -> None:
     owners = _owners(model)
     target_ids = {id(p): n for n, p in targets.items()}
@@ -199,6 +200,7 @@ def _batch_curvature(
     finally:
         for h in handles:
             h.remove()
+    check_finite_outputs(logits, index)
     B = logits.shape[0]
     fast = {m: rec[0] for m, rec in records.items() if _fast_ok(m, rec, B, owners)}
     fast_ids = {id(p) for m in fast for p in m.parameters(False)}
@@ -273,7 +275,8 @@ def diag_fisher(
         ``{name: tensor}`` with the parameter's shape, dtype and device; layers not used by the data are zero.
 
     Raises:
-        ValueError: bad argument, empty dataloader, or a non-finite result (the parameter is named).
+        ValueError: bad argument, empty dataloader, non-finite inputs/targets or model outputs (the batch index is
+            named; raised before any label is sampled), or a non-finite result (the parameter is named).
     """
     fisher = as_enum(FisherType, fisher, "fisher")
     if not callable(loss) or isinstance(loss, (str, LossType)):
@@ -283,9 +286,10 @@ def diag_fisher(
     out = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in targets.items()}
     ref = next(iter(targets.values()))
     with eval_mode(model):
-        for batch in iter_batches(dataloader, max_batches, progress, f"diag Fisher ({fisher.value})"):
-            inputs, y = prepare_batch(batch, ref)
-            _batch_curvature(model, targets, inputs, y, fisher, loss, mc_samples, generator, out)
+        batches = iter_batches(dataloader, max_batches, progress, f"diag Fisher ({fisher.value})")
+        for index, batch in enumerate(batches):
+            inputs, y = prepare_batch(batch, ref, index)
+            _batch_curvature(model, targets, inputs, y, fisher, loss, mc_samples, generator, out, index)
     for n, t in out.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"the diagonal Fisher of parameter {n!r} is not finite (NaN/inf in the model or data).")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int
 from bayescl._params import eval_mode, linear_layers, require_layers, select_params
-from bayescl.curvature.common import FisherType, LossType, iter_batches, prepare_batch
+from bayescl.curvature.common import FisherType, LossType, check_finite_outputs, iter_batches, prepare_batch
 
 
 class KFACApprox(str, enum.Enum):
@@ -43,33 +43,40 @@ class KFACApprox(str, enum.Enum):
     REDUCE = "reduce"
 
 
-class _Wrapped(nn.Module):
-    """Calls ``model(*inputs)`` and adds ``0·Σθ`` so that layers the data does not use (other tasks' heads) stay in
-    the graph: curvlinops differentiates all given parameters and would fail on unused ones."""
-
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
-        super().__init__()
-        self.model = model
-        self._params = params
-
-    def forward(self, X: Any) -> Tensor:
-        out = self.model(*X["inputs"]) if isinstance(X, dict) else self.model(X)
-        return out + 0.0 * sum(p.sum() for p in self._params)
-
-
 class _Data:
-    """Re-iterable ``(X, y)`` view of a bayescl dataloader that counts the examples of its last full pass."""
+    """Re-iterable ``(X, y)`` view of a bayescl dataloader that counts the examples of its last full pass and
+    remembers the index of the batch being served (for :class:`_Wrapped`'s error message). Inputs and targets are
+    checked finite (:func:`~bayescl.curvature.common.prepare_batch`) before curvlinops sees them."""
 
     def __init__(self, dataloader: Iterable[Any], max_batches: int | None, progress: bool, ref: Tensor) -> None:
         self.dataloader, self.max_batches, self.progress, self.ref = dataloader, max_batches, progress, ref
         self.count = 0
+        self.index = 0
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
         self.count = 0
-        for batch in iter_batches(self.dataloader, self.max_batches, self.progress, "KFAC"):
-            inputs, y = prepare_batch(batch, self.ref)
+        for index, batch in enumerate(iter_batches(self.dataloader, self.max_batches, self.progress, "KFAC")):
+            self.index = index
+            inputs, y = prepare_batch(batch, self.ref, index)
             self.count += inputs[0].shape[0]
             yield (inputs[0] if len(inputs) == 1 else {"inputs": inputs}), y
+
+
+class _Wrapped(nn.Module):
+    """Calls ``model(*inputs)`` and adds ``0·Σθ`` so that layers the data does not use (other tasks' heads) stay in
+    the graph: curvlinops differentiates all given parameters and would fail on unused ones. Non-finite outputs are
+    refused here, before curvlinops samples labels from them (``torch.multinomial`` would fail obscurely)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], data: _Data) -> None:
+        super().__init__()
+        self.model = model
+        self._params = params
+        self._data = data
+
+    def forward(self, X: Any) -> Tensor:
+        out = self.model(*X["inputs"]) if isinstance(X, dict) else self.model(X)
+        check_finite_outputs(out, self._data.index)
+        return out + 0.0 * sum(p.sum() for p in self._params)
 
 
 def kfac(
@@ -108,7 +115,9 @@ def kfac(
         ``(out, out)``, in the weight's dtype and device. Layers the data never reaches have zero factors.
 
     Raises:
-        ValueError: no such layer among the selected parameters, a bad argument, or non-finite factors.
+        ValueError: no such layer among the selected parameters, a bad argument, non-finite inputs/targets or
+            model outputs (the batch index is named; raised before curvlinops samples labels), or non-finite
+            factors.
     """
     selected = None if params is None else select_params(model, params)
     mapping = linear_layers(model, selected, layers)
@@ -148,7 +157,7 @@ def kfac_for_layers(
     params = [named[n] for pair in mapping.values() for n in pair if n is not None]
     seed = 2147483647 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))
     data = _Data(dataloader, max_batches, progress, params[0])
-    wrapped = _Wrapped(model, params)
+    wrapped = _Wrapped(model, params, data)
     loss_func = nn.CrossEntropyLoss(reduction="sum") if loss is LossType.CE else nn.MSELoss(reduction="sum")
     curvlinops_fisher = {FisherType.EXACT: "type-2", FisherType.MC: "mc", FisherType.EMPIRICAL: "empirical"}
     with eval_mode(model):

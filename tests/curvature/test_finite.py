@@ -1,0 +1,109 @@
+"""Non-finite data and model outputs are refused by the curvature pass with the batch index, before any label is
+sampled (``torch.multinomial`` would otherwise fail deep inside the pass), and the progress bar of the pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bayescl.curvature import diag_fisher, kfac
+
+DT = torch.float64
+
+
+def _passes():
+    return {"diag": diag_fisher, "kron": kfac}
+
+
+def _loader(n=12, bs=4, nan_at=None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g, dtype=DT).abs() + 1.0
+    y = torch.randint(0, 3, (n,), generator=g)
+    if nan_at is not None:
+        x[nan_at, 2] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=bs)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).to(DT)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+@pytest.mark.parametrize("fisher", ["mc", "exact", "empirical"])
+def test_nan_inputs_are_refused_with_the_batch_index(structure, fisher):
+    with pytest.raises(ValueError, match=r"batch 2 .*non-finite \(NaN/inf\) input"):
+        _passes()[structure](_model(), _loader(nan_at=9), fisher=fisher)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_nan_float_targets_are_refused(structure):
+    x = torch.randn(8, 5, dtype=DT)
+    y = torch.randn(8, 3, dtype=DT)
+    y[5, 0] = float("inf")
+    with pytest.raises(ValueError, match="batch 1 .*target"):
+        _passes()[structure](_model(), DataLoader(TensorDataset(x, y), batch_size=4), fisher="empirical", loss="mse")
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
+def test_weights_that_overflow_the_logits_are_refused_before_sampling(structure, fisher):
+    """Finite weights of 1e200 overflow float64 after two layers: the outputs are inf at the current weights."""
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.fill_(1e200)
+        model[1].weight.fill_(1e200)
+    with pytest.raises(ValueError, match=r"model's outputs on batch 0 .*not finite .*current weights"):
+        _passes()[structure](model, _loader(), fisher=fisher)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_progress_writes_a_tqdm_bar(structure, capsys):
+    _passes()[structure](_model(), _loader(), progress=True)
+    err = capsys.readouterr().err
+    label = "diag Fisher (mc)" if structure == "diag" else "KFAC"
+    assert f"{label}: 100%" in err and "3/3" in err, err
+    _passes()[structure](_model(), _loader())
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_nan_curvature_data_in_a_fit_keeps_the_posterior_bit_for_bit(make_trainer, small_model, structure):
+    """Task 1's curvature data holds a NaN: the fit's automatic end_task raises before sampling (default MC
+    Fisher), naming the batch, and the posterior of task 0 is left exactly as it was."""
+    from bayescl import ClassifierModule, synthetic_stream
+    from bayescl.lightning.laplace import LaplaceCallback
+
+    stream = synthetic_stream(num_tasks=2, n_train=64, n_test=16)
+    module = ClassifierModule(small_model(), num_tasks=3)
+    cb = LaplaceCallback(structure=structure)
+    make_trainer(cb).fit(module, DataLoader(stream[0].train, batch_size=16))
+    before = copy.deepcopy(cb.server.state_dict())
+    q_before = copy.deepcopy(cb.posterior().state_dict())
+    x, y, t = (torch.stack(v) for v in zip(*(stream[1].train[i] for i in range(len(stream[1].train)))))
+    x[40].view(-1)[0] = float("nan")
+    cb.dataloader = DataLoader(TensorDataset(x, y, t), batch_size=16)
+    with pytest.raises(ValueError, match="batch 2 .*non-finite"):
+        make_trainer(cb).fit(module, DataLoader(stream[1].train, batch_size=16))
+    _assert_bitwise_equal(cb.server.state_dict(), before)
+    _assert_bitwise_equal(cb.posterior().state_dict(), q_before)
+    assert cb.tasks_seen == 1
+
+
+def _assert_bitwise_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
