@@ -91,3 +91,15 @@ def check_finite_outputs(outputs: Tensor, index: int) -> None:
         raise ValueError(f"the model's outputs on batch {index} of the curvature dataloader are not finite (NaN/inf) "
                          "at the current weights, so the Fisher is undefined; check the weights (learning rate, "
                          "overflow) and the data of that batch.")
+
+
+def check_finite_params(params: dict[str, Tensor]) -> None:
+    """Refuse a curvature pass at non-finite weights, naming the first such parameter.
+
+    Raises:
+        ValueError: a tensor of ``params`` holds NaN/inf.
+    """
+    for n, p in params.items():
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise ValueError(f"parameter {n!r} is not finite (NaN/inf), so the curvature at the current weights is "
+                             "undefined; fix the training (learning rate, gradient clipping) first.")

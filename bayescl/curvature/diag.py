@@ -46,7 +46,14 @@ from torch.func import functional_call, grad, vmap
 
 from bayescl._checks import as_enum, check_positive_int
 from bayescl._params import eval_mode, select_params
-from bayescl.curvature.common import FisherType, LossType, check_finite_outputs, iter_batches, prepare_batch
+from bayescl.curvature.common import (
+    FisherType,
+    LossType,
+    check_finite_outputs,
+    check_finite_params,
+    iter_batches,
+    prepare_batch,
+)
 
 __all__ = ["diag_fisher"]
 
@@ -283,6 +290,7 @@ def diag_fisher(
         loss = as_enum(LossType, loss, "loss")
     check_positive_int(mc_samples, "mc_samples")
     targets = select_params(model, params)
+    check_finite_params(targets)
     out = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in targets.items()}
     ref = next(iter(targets.values()))
     with eval_mode(model):

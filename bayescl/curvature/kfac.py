@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int
 from bayescl._params import eval_mode, linear_layers, require_layers, select_params
-from bayescl.curvature.common import FisherType, LossType, check_finite_outputs, iter_batches, prepare_batch
+from bayescl.curvature.common import (
+    FisherType,
+    LossType,
+    check_finite_outputs,
+    check_finite_params,
+    iter_batches,
+    prepare_batch,
+)
 
 
 class KFACApprox(str, enum.Enum):
@@ -155,6 +162,7 @@ def kfac_for_layers(
         raise ValueError(f"mc_samples={mc_samples} is only allowed with fisher='mc'; use 1 for {fisher.value!r}.")
     named = dict(model.named_parameters())
     params = [named[n] for pair in mapping.values() for n in pair if n is not None]
+    check_finite_params({n: named[n] for pair in mapping.values() for n in pair if n is not None})
     seed = 2147483647 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))
     data = _Data(dataloader, max_batches, progress, params[0])
     wrapped = _Wrapped(model, params, data)

@@ -107,3 +107,12 @@ def _assert_bitwise_equal(a, b, path="state"):
             _assert_bitwise_equal(x, y, f"{path}/{i}")
     else:
         assert a == b, path
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_nan_weights_name_the_parameter(structure):
+    model = _model()
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    with pytest.raises(ValueError, match="parameter '1.bias' is not finite"):
+        _passes()[structure](model, _loader())
