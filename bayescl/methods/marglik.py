@@ -52,25 +52,55 @@ def _objective(h: Tensor, sq: float, tau: Tensor) -> Tensor:
     return -0.5 * tau * sq + 0.5 * n * torch.log(tau) - 0.5 * torch.log(tau[:, None] + h[None, :]).sum(1)
 
 
-def fit_prior_precision(q: Gaussian, prior_precision: float, grid: int = 141) -> float:
-    """``τ`` maximising the Laplace evidence of ``q`` (trained with base prior precision ``prior_precision``):
-    a grid over ``log10 τ ∈ [-6, 8]`` then golden-section refinement. ``1.0`` if no entry is informed."""
+def fit_prior_precision(q: Gaussian, prior_precision: float, grid: int = 141, progress: bool = False) -> float:
+    """``τ`` maximising the Laplace evidence of ``q`` (trained with base prior precision ``prior_precision``).
+
+    A grid over ``log10 τ ∈ [-6, 8]`` then 40 steps of golden-section refinement; every evaluation is a sum over
+    the informed eigenvalues, so the cost is ``(grid + 80)·P`` logarithms (about 1-2 s for a 2x256 MLP on MNIST,
+    ``P ≈ 2.7e5``, on two CPU cores).
+
+    Args:
+        q: The training posterior (diagonal or Kronecker).
+        prior_precision: Its base prior precision ``τ₀`` (> 0).
+        grid: Points of the coarse grid.
+        progress: Show a tqdm progress bar over the grid chunks and the refinement steps.
+
+    Returns:
+        The fitted ``τ``; ``1.0`` if no entry is informed.
+    """
     tau0 = check_real(prior_precision, "prior_precision", low=0.0, low_open=True)
     h, sq = data_spectrum(q, tau0)
     if h.numel() == 0:
         return 1.0
     logs = torch.linspace(*LOG10_RANGE, grid, dtype=torch.float64)
-    vals = torch.cat([_objective(h, sq, 10.0**chunk) for chunk in logs.split(16)])
-    i = int(torch.argmax(vals))
-    lo, hi = float(logs[max(i - 1, 0)]), float(logs[min(i + 1, grid - 1)])
-    f = lambda x: float(_objective(h, sq, torch.tensor([10.0**x], dtype=torch.float64))[0])
-    r = (math.sqrt(5) - 1) / 2
-    for _ in range(40):
-        a, b = hi - r * (hi - lo), lo + r * (hi - lo)
-        if f(a) >= f(b):
-            hi = b
-        else:
-            lo = a
+    chunks = logs.split(16)
+    steps = 40
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chunks) + steps, desc="Laplace evidence (prior precision)")
+    try:
+        vals = []
+        for chunk in chunks:
+            vals.append(_objective(h, sq, 10.0**chunk))
+            if bar is not None:
+                bar.update()
+        i = int(torch.argmax(torch.cat(vals)))
+        lo, hi = float(logs[max(i - 1, 0)]), float(logs[min(i + 1, grid - 1)])
+        f = lambda x: float(_objective(h, sq, torch.tensor([10.0**x], dtype=torch.float64))[0])
+        r = (math.sqrt(5) - 1) / 2
+        for _ in range(steps):
+            a, b = hi - r * (hi - lo), lo + r * (hi - lo)
+            if f(a) >= f(b):
+                hi = b
+            else:
+                lo = a
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
     return 10.0 ** (0.5 * (lo + hi))
 
 

@@ -116,3 +116,17 @@ def test_nan_weights_name_the_parameter(structure):
         model[1].bias[0] = float("nan")
     with pytest.raises(ValueError, match="parameter '1.bias' is not finite"):
         _passes()[structure](model, _loader())
+
+
+def test_evidence_fit_progress_bar_and_same_result(capsys):
+    """The prior-precision fit that follows a Laplace pass (about 1-2 s for a 2x256 MLP) can show a bar too:
+    9 grid chunks of 16 points and 40 refinement steps."""
+    from bayescl.lightning.laplace import LaplaceCallback
+    from bayescl.methods.marglik import fit_prior_precision
+
+    q = LaplaceCallback(structure="diag", fisher="exact", prior_precision=1e-4).end_task(None, _model(), _loader())
+    plain = fit_prior_precision(q, 1e-4)
+    assert capsys.readouterr().err == ""
+    assert fit_prior_precision(q, 1e-4, progress=True) == plain
+    err = capsys.readouterr().err
+    assert "Laplace evidence (prior precision): 100%" in err and "49/49" in err, err
