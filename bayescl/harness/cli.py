@@ -88,14 +88,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from bayescl.harness.data import data_root
-    from bayescl.harness.fetch import ensure_dataset, verify
+    from bayescl.harness.fetch import canonical, check_files, ensure_dataset
 
     root = data_root(args.data_root)
-    raw = ensure_dataset(args.dataset, root)
-    checks = verify(args.dataset, root)
-    for f, ok in checks.items():
-        print(f"{'ok ' if ok else 'BAD'} {raw / f}")
-    return 0 if all(checks.values()) else 1
+    raw = ensure_dataset(args.dataset, root) if args.action == "fetch" else root / canonical(args.dataset) / "raw"
+    checks = check_files(args.dataset, root)
+    for f, status in checks.items():
+        print(f"{status.split()[0]:<7} {raw / f}{status[3:] if status.startswith('BAD') else ''}")
+    bad = [f for f, status in checks.items() if status != "OK"]
+    if bad:
+        print(f"bayescl: {len(bad)} of {len(checks)} files in {raw} are missing or fail the MD5 check; re-fetch them "
+              f"(delete them, then `bayescl data fetch {args.dataset}`).", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -113,12 +117,17 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{bench,data,report}")
     _add_bench(sub)
     d = sub.add_parser("data", help="dataset files", description="Dataset files in torchvision's layout.")
-    dsub = d.add_subparsers(dest="action", required=True, metavar="{fetch}")
+    dsub = d.add_subparsers(dest="action", required=True, metavar="{fetch,verify}")
     f = dsub.add_parser("fetch", help="make sure a dataset's IDX files exist (download, else an offline mirror)",
                         description="Make sure a dataset's four IDX files exist under the data root, fetching "
                                     "them if not, and check their MD5 sums.")
-    f.add_argument("dataset", choices=["mnist", "fashion-mnist"], help="the dataset to fetch")
-    f.add_argument("--data-root", default=None, help="data root (default: $BAYESCL_DATA, else ./data)")
+    v = dsub.add_parser("verify", help="check a dataset's IDX files against their published MD5 sums",
+                        description="Check the four IDX files under the data root against their published MD5 "
+                                    "sums without fetching anything: one line per file (OK, BAD or MISSING); "
+                                    "exit status 1 when any file is not OK.")
+    for p, verb in ((f, "fetch"), (v, "verify")):
+        p.add_argument("dataset", choices=["mnist", "fashion-mnist"], help=f"the dataset to {verb}")
+        p.add_argument("--data-root", default=None, help="data root (default: $BAYESCL_DATA, else ./data)")
     r = sub.add_parser("report", help="rewrite tables and plots from results JSON",
                        description="Rewrite every scenario's README.md table and plots, and the overview.")
     r.add_argument("results_dir", nargs="?", default="benchmarks/results",

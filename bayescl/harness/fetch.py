@@ -76,10 +76,27 @@ def ensure_dataset(dataset: str, root: Path, *, quiet: bool = False) -> Path:
 
 
 def verify(dataset: str, root: Path) -> dict[str, bool]:
-    """MD5 check of the four files: ``{file: ok}``."""
+    """MD5 check of the four files: ``{file: ok}`` (a missing file is not ok)."""
+    return {f: status == "OK" for f, status in check_files(dataset, root).items()}
+
+
+def check_files(dataset: str, root: Path) -> dict[str, str]:
+    """Per-file status of a dataset's four IDX files under ``root/<dataset>/raw``: ``"OK"`` when the MD5 matches the
+    published one, ``"MISSING"``, or ``"BAD (md5 <got>, expected <published>)"``.
+
+    Raises:
+        ValueError: ``dataset`` is not one of 'mnist', 'fashion-mnist'.
+    """
     name = canonical(dataset)
     raw = Path(root) / name / "raw"
-    return {f: hashlib.md5((raw / f).read_bytes()).hexdigest() == md5 for f, md5 in zip(FILES, MD5[name])}
+    out: dict[str, str] = {}
+    for f, md5 in zip(FILES, MD5[name]):
+        if not (raw / f).is_file():
+            out[f] = "MISSING"
+            continue
+        got = hashlib.md5((raw / f).read_bytes()).hexdigest()
+        out[f] = "OK" if got == md5 else f"BAD (md5 {got}, expected {md5})"
+    return out
 
 
 def _torchvision_download(name: str, root: Path, quiet: bool) -> None:

@@ -81,3 +81,32 @@ def test_bench_output_has_no_library_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert "| laplace-kron |" in proc.stdout
+
+
+def test_data_verify_reports_each_file_and_exits_nonzero_on_a_bad_one(tmp_path, capsys):
+    """``bayescl data verify`` checks the published MD5 sums without fetching: OK / BAD / MISSING per file."""
+    import numpy as np
+
+    from bayescl.harness.fetch import FILES, write_idx
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / FILES[1], np.full(4, 200))
+    assert main(["data", "verify", "mnist", "--data-root", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[1].startswith(f"BAD     {raw / FILES[1]} (md5 ")
+    assert all(line.startswith("MISSING ") for i, line in enumerate(lines) if i != 1)
+    assert "4 of 4 files" in err and "bayescl data fetch mnist" in err
+    assert not (raw / FILES[0]).exists()  # verify never fetches
+
+
+def test_data_verify_passes_on_the_published_files(data_root, capsys):
+    assert main(["data", "verify", "mnist", "--data-root", str(data_root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("OK ") for line in lines)
+
+
+def test_data_verify_cli_exit_code(tmp_path):
+    assert _run("-m", "bayescl.harness.cli", "data", "verify", "fashion-mnist", "--data-root", str(tmp_path),
+                timeout=120).returncode == 1
