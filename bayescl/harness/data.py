@@ -31,6 +31,8 @@ from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl.harness.scenarios import SPLIT_PAIRS, Scenario
 
 DATASET_STATS = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530)}
+#: labels of a dataset lie in ``0 .. NUM_CLASSES[dataset] - 1``
+NUM_CLASSES = {"MNIST": 10, "FashionMNIST": 10}
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -75,7 +77,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 def load_split(dataset: str, split: str, root: str | os.PathLike[str] | None = None) -> tuple[Tensor, Tensor]:
     """Load ``(images uint8 (N, 28, 28), labels int64 (N,))`` of MNIST / FashionMNIST ``train`` or ``test``.
 
-    Missing files are fetched through :func:`bayescl.harness.fetch.ensure_dataset` first.
+    Missing files are fetched through :func:`bayescl.harness.fetch.ensure_dataset` first; the pair is checked with
+    :func:`check_idx_pair` (a label file with overwritten bytes would otherwise drop examples silently).
+
+    Raises:
+        ValueError: unknown ``dataset`` / ``split``, or files that fail :func:`read_idx` / :func:`check_idx_pair`.
     """
     from bayescl.harness.fetch import ensure_dataset
 
@@ -84,19 +90,54 @@ def load_split(dataset: str, split: str, root: str | os.PathLike[str] | None = N
     if split not in IDX_FILES:
         raise ValueError(f"split={split!r} is not valid; allowed: 'train', 'test'.")
     raw = ensure_dataset(dataset, data_root(root))
-    img_name, lab_name = IDX_FILES[split]
-    key = (str((raw / img_name).resolve()), (raw / img_name).stat().st_mtime_ns)
+    paths = tuple(raw / name for name in IDX_FILES[split])
+    key = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
     if key not in _CACHE:
-        images = read_idx(raw / img_name)
-        labels = read_idx(raw / lab_name)
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{raw}: images {images.shape} and labels {labels.shape} do not match.")
+        images, labels = (read_idx(p) for p in paths)
+        check_idx_pair(images, labels, *paths, num_classes=NUM_CLASSES[dataset])
         _CACHE[key] = (torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
     return _CACHE[key]
 
 
-#: Decoded IDX files, keyed by path and modification time (a stream per seed reads the same files).
-_CACHE: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+def check_idx_pair(images: np.ndarray, labels: np.ndarray, images_path: str | os.PathLike[str],
+                   labels_path: str | os.PathLike[str], num_classes: int = 10,
+                   image_shape: tuple[int, int] = (28, 28)) -> None:
+    """Check an image file and its label file as read by :func:`read_idx`.
+
+    Args:
+        images: Expected ``uint8`` of shape ``(N, *image_shape)``.
+        labels: Expected ``uint8`` of shape ``(N,)`` with values in ``0 .. num_classes - 1``.
+        images_path: The image file (named in errors).
+        labels_path: The label file (named in errors).
+        num_classes: Number of classes of the dataset (10 for MNIST and Fashion-MNIST).
+        image_shape: Height and width of an image.
+
+    Raises:
+        ValueError: a wrong dtype or shape, counts that differ, or labels out of range; the message names the
+            file and the bad values.
+    """
+    if images.dtype != np.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"{images_path}: images must be uint8 of shape (N, {image_shape[0]}, {image_shape[1]}); "
+                         f"got {images.dtype} of shape {tuple(images.shape)}.")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(f"{labels_path}: labels must be uint8 of shape (N,); got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}.")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} "
+                         "labels; the counts must match (a corrupt or mismatched file).")
+    bad = labels >= num_classes
+    if bool(bad.any()):
+        values, counts = np.unique(labels[bad], return_counts=True)
+        where = np.flatnonzero(bad)[:5].tolist()
+        shown = ", ".join(f"{int(v)} ({int(c)}x)" for v, c in zip(values[:10], counts[:10]))
+        raise ValueError(f"{labels_path}: {int(bad.sum())} of {labels.size} labels are outside 0..{num_classes - 1}: "
+                         f"{shown}{', ...' if values.size > 10 else ''} (first at positions {where}); the file is "
+                         "corrupt (re-fetch it; `bayescl data verify` checks the checksums).")
+
+
+#: Decoded IDX files, keyed by both files' paths, modification times and sizes (a stream per seed reads the same
+#: files; a rewritten label file is read again).
+_CACHE: dict[tuple[tuple[str, int, int], ...], tuple[Tensor, Tensor]] = {}
 
 
 # --------------------------------------------------------------------------------------------------- tasks

@@ -135,3 +135,63 @@ def test_bad_arguments():
         split_stream("MNIST", "foo")
     with pytest.raises(ValueError, match="num_tasks=0"):
         synthetic_stream(num_tasks=0)
+
+
+def _write_mnist(root, n=6, labels=None, images_shape=None, test_n=None):
+    """Four small IDX files in ``root/MNIST/raw`` (no fetch is attempted when all four exist)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 10 if labels is None else np.asarray(labels)
+    write_idx(raw / FILES[0], rng.integers(0, 256, size=images_shape or (n, 28, 28)))
+    write_idx(raw / FILES[1], labels)
+    write_idx(raw / FILES[2], rng.integers(0, 256, size=(test_n or n, 28, 28)))
+    write_idx(raw / FILES[3], np.arange(n) % 10)
+    return raw
+
+
+def test_load_split_validates_labels_shapes_and_counts(tmp_path):
+    from bayescl.harness.data import load_split
+
+    raw = _write_mnist(tmp_path / "ok")
+    x, y = load_split("MNIST", "train", root=tmp_path / "ok")
+    assert x.shape == (6, 28, 28) and x.dtype == torch.uint8 and y.tolist() == [0, 1, 2, 3, 4, 5]
+    # labels overwritten with 200 (half the examples): refused, naming the file, the values and where
+    raw = _write_mnist(tmp_path / "labels", labels=[0, 200, 1, 200, 2, 255])
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: 3 of 6 labels are outside 0\.\.9: "
+                                         r"200 \(2x\), 255 \(1x\) \(first at positions \[1, 3, 5\]\)") as err:
+        load_split("MNIST", "train", root=tmp_path / "labels")
+    assert str(raw) in str(err.value)
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte holds 5 images but .*t10k-labels-idx1-ubyte "
+                                         r"holds 6 labels"):
+        _write_mnist(tmp_path / "count", test_n=5)
+        load_split("MNIST", "test", root=tmp_path / "count")
+    _write_mnist(tmp_path / "shape", images_shape=(6, 28, 27))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: images must be uint8 of shape \(N, 28, 28\); "
+                                         r"got uint8 of shape \(6, 28, 27\)"):
+        load_split("MNIST", "train", root=tmp_path / "shape")
+
+
+def test_load_split_rereads_a_rewritten_label_file(tmp_path):
+    """The decoded-file cache is keyed by both files: a label file overwritten after a first load is checked."""
+    import os
+
+    from bayescl.harness.data import load_split
+
+    raw = _write_mnist(tmp_path)
+    load_split("MNIST", "train", root=tmp_path)
+    before = (raw / FILES[1]).stat().st_mtime_ns
+    write_idx(raw / FILES[1], [0, 1, 200, 3, 4, 5])
+    os.utime(raw / FILES[1], ns=(before + 10**9, before + 10**9))
+    with pytest.raises(ValueError, match="200"):
+        load_split("MNIST", "train", root=tmp_path)
+
+
+def test_check_idx_pair_refuses_other_dtypes_and_label_shapes():
+    from bayescl.harness.data import check_idx_pair
+
+    imgs = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(ValueError, match="imgs.idx: images must be uint8"):
+        check_idx_pair(imgs.astype(np.float32), np.zeros(2, np.uint8), "imgs.idx", "labs.idx")
+    with pytest.raises(ValueError, match=r"labs.idx: labels must be uint8 of shape \(N,\)"):
+        check_idx_pair(imgs, np.zeros((2, 1), np.uint8), "imgs.idx", "labs.idx")
