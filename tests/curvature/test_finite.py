@@ -130,3 +130,20 @@ def test_evidence_fit_progress_bar_and_same_result(capsys):
     assert fit_prior_precision(q, 1e-4, progress=True) == plain
     err = capsys.readouterr().err
     assert "Laplace evidence (prior precision): 100%" in err and "49/49" in err, err
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_fit_with_a_progress_bar_shows_the_end_of_task_pass(small_model, structure, capsys):
+    """A Trainer that shows a progress bar gets one for the curvature pass too (KFAC: over ``_Data``)."""
+    import pytorch_lightning as pl
+
+    from bayescl import ClassifierModule, synthetic_stream
+    from bayescl.lightning.laplace import LaplaceCallback
+
+    stream = synthetic_stream(num_tasks=1, n_train=48, n_test=16)
+    cb = LaplaceCallback(structure=structure)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ClassifierModule(small_model(), num_tasks=3), DataLoader(stream[0].train, batch_size=16))
+    err = capsys.readouterr().err
+    assert ("diag Fisher (mc): 100%" if structure == "diag" else "KFAC: 100%") in err and "3/3" in err, err
