@@ -13,6 +13,7 @@ The user's LightningModule is never edited.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -147,6 +148,14 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.ensure_server(pl_module)
         self.lifecycle_setup(trainer, pl_module, stage)
+        if stage == "fit" and "on_load_checkpoint" not in vars(pl_module):
+            # Lightning loads the weights before any callback sees the checkpoint, and the module's hook runs
+            # just before that: check there, so a mismatch is our ValueError and the model is left untouched
+            pl_module.on_load_checkpoint = types.MethodType(_check_then_load, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(vars(pl_module).get("on_load_checkpoint"), "__func__", None) is _check_then_load:
+            del pl_module.on_load_checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_server(pl_module)
@@ -251,8 +260,13 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
         if self.server is not None:
             checkpoint[self._ckpt_key()] = self.server.state_dict()
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def check_checkpoint(self, checkpoint: dict[str, Any], pl_module: nn.Module) -> dict[str, Any] | None:
+        """This callback's saved posterior in ``checkpoint`` (``None`` if it holds no bayescl posterior).
+
+        Raises:
+            ValueError: the checkpoint holds another callback's posterior (class, structure or
+                ``state_key_suffix``), other settings, or a parameter this model lacks or has in another shape.
+        """
         state = checkpoint.get(self._ckpt_key())
         if state is None:
             saved = sorted(k for k in checkpoint if k.startswith("bayescl") and "/" in k and not k.endswith("coresets"))
@@ -260,13 +274,29 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
                 raise ValueError(f"the checkpoint holds the posterior {saved}, not this callback's "
                                  f"{self._ckpt_key()!r} (another callback class, structure or state_key_suffix); "
                                  "resume with the callback settings that wrote it.")
-            return
+            return None
         check_checkpoint_state(self, checkpoint.get("callbacks", {}).get(self.state_key, {}))
+        check_server_params(state, self.ensure_server(pl_module))
+        return state
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = self.check_checkpoint(checkpoint, pl_module)
+        if state is None:
+            return
         server = self.ensure_server(pl_module)
-        check_server_params(state, server)
         server.load_state_dict(state)
         self._grad_cache = None
         self.start_from_checkpoint(checkpoint)
+
+
+def _check_then_load(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """The module's ``on_load_checkpoint`` during a fit: every posterior callback checks the checkpoint first."""
+    from bayescl.lightning.lifecycle import posterior_callbacks
+
+    for cb in posterior_callbacks(pl_module.trainer):
+        cb.check_checkpoint(checkpoint, pl_module)
+    type(pl_module).on_load_checkpoint(pl_module, checkpoint)
 
 
 def check_checkpoint_state(cb: PosteriorCallback, saved: dict[str, Any]) -> None:

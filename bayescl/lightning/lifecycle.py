@@ -163,8 +163,16 @@ class TaskLifecycle:
         self.resave_checkpoints(trainer)
 
     def lifecycle_fit_end(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        if trainer.interrupted:
+            return
+        if not self.task_open and not self._fit_committed and self.auto_end_task:
+            # Lightning skipped the loop (limit_train_batches=0, an empty loader): no task was opened
+            why = self._not_training(trainer) or "no optimizer step ran"
+            self._warn_once(f"nocommit-{why}", f"{why}: task {self.tasks_seen} is not committed, the posterior is "
+                                               "unchanged.")
+            return
         # a resumed fit whose loops had already finished never reaches on_train_end
-        if trainer.train_dataloader is not None and not trainer.interrupted:
+        if trainer.train_dataloader is not None:
             self.auto_commit(trainer, pl_module)
 
     def lifecycle_exception(self, trainer: pl.Trainer, exception: BaseException) -> None:
