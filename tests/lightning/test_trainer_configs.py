@@ -325,9 +325,9 @@ def test_lightning_package_trainer_and_module():
             trainer.fit(module, loader(t))
             assert trainer.global_step == 2
         reused = l_trainer(cb)  # then one L.Trainer for two more tasks
+        reused.fit(module, loader(2))
         with pytest.warns(UserWarning, match="max_epochs is raised"):
-            for t in range(2, 4):
-                reused.fit(module, loader(t))
+            reused.fit(module, loader(3))
         assert reused.global_step == 4
         assert list(cb.server.names) == [f"task-{t}" for t in range(4)], type(cb).__name__
 
@@ -457,3 +457,12 @@ def test_batchnorm_running_stats_after_the_first_task(make_trainer, policy):
     assert stats.moved == ([True, False, False] if policy == "freeze" else [True, True, True])
     assert len(bayescl_warnings(rec, "BatchNorm")) == 1
     assert list(cb.server.names) == ["task-0", "task-1", "task-2"]
+
+
+# ------------------------------------------------------------------------------ DDP: refused today
+def test_laplace_refuses_several_processes():
+    class TwoRanks:
+        world_size = 2
+
+    with pytest.raises(ValueError, match="world_size=2"):
+        LaplaceCallback().setup(TwoRanks(), Tiny(), "fit")
