@@ -158,9 +158,23 @@ class Task:
     test: Dataset
     val: Dataset | None = None
 
-    def train_dataloader(self, batch_size: int = 64, shuffle: bool = True, **kwargs) -> DataLoader:
-        return DataLoader(self.train, batch_size=check_positive_int(batch_size, "batch_size"), shuffle=shuffle,
-                          **kwargs)
+    def train_dataloader(self, batch_size: int = 64, shuffle: bool = True, seed: int = 0, **kwargs) -> DataLoader:
+        """The task's training loader: a :class:`~bayescl.lightning.ResumableDataLoader`.
+
+        Each epoch's order depends on ``(seed, epoch)`` only, so a fit resumed from a checkpoint (mid-epoch
+        included) trains on exactly the batches an uninterrupted fit would.
+
+        Args:
+            batch_size: examples per batch.
+            shuffle: a new order every epoch (drawn from ``(seed, epoch)``); ``False``: dataset order.
+            seed: the seed of the orders (different seeds, different orders).
+            **kwargs: other :class:`~torch.utils.data.DataLoader` arguments (not ``sampler``, ``batch_sampler``
+                or ``generator``: the loader draws its own order).
+        """
+        from bayescl.lightning.resumable import ResumableDataLoader
+
+        return ResumableDataLoader(self.train, batch_size=check_positive_int(batch_size, "batch_size"),
+                                   shuffle=shuffle, seed=seed, **kwargs)
 
     def val_dataloader(self, batch_size: int = 1000, **kwargs) -> DataLoader | None:
         if self.val is None:
