@@ -13,7 +13,6 @@ The user's LightningModule is never edited.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -148,14 +147,6 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.ensure_server(pl_module)
         self.lifecycle_setup(trainer, pl_module, stage)
-        if stage == "fit" and "on_load_checkpoint" not in vars(pl_module):
-            # Lightning loads the weights before any callback sees the checkpoint, and the module's hook runs
-            # just before that: check there, so a mismatch is our ValueError and the model is left untouched
-            pl_module.on_load_checkpoint = types.MethodType(_check_then_load, pl_module)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(vars(pl_module).get("on_load_checkpoint"), "__func__", None) is _check_then_load:
-            del pl_module.on_load_checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_server(pl_module)
@@ -288,15 +279,6 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
         server.load_state_dict(state)
         self._grad_cache = None
         self.start_from_checkpoint(checkpoint)
-
-
-def _check_then_load(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """The module's ``on_load_checkpoint`` during a fit: every posterior callback checks the checkpoint first."""
-    from bayescl.lightning.lifecycle import posterior_callbacks
-
-    for cb in posterior_callbacks(pl_module.trainer):
-        cb.check_checkpoint(checkpoint, pl_module)
-    type(pl_module).on_load_checkpoint(pl_module, checkpoint)
 
 
 def check_checkpoint_state(cb: PosteriorCallback, saved: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from bayescl import ClassifierModule, LaplaceCallback, VCLCallback, synthetic_stream
+from bayescl.lightning.base import check_server_params
 
 N = 16  # training examples per task
 BS = 8  # batch size: N // BS optimizer steps per epoch
@@ -398,9 +399,14 @@ def test_checkpoint_resumed_with_other_callback_settings_refused(make_trainer, t
 def test_checkpoint_with_other_parameter_shapes_names_the_parameter(make_trainer, tmp_path):
     path = _diag_checkpoint(make_trainer, tmp_path)
     cb, steps = LaplaceCallback(structure="diag"), StepCounter()
-    with pytest.raises(ValueError, match=r"net\.0\.weight"):
+    # Lightning loads the weights before callbacks see the checkpoint: torch refuses the shapes, naming the
+    # parameter (bayescl never edits the user's module to get in first); the callback's own check names it too
+    with pytest.raises((RuntimeError, ValueError), match=r"net\.0\.weight"):
         make_trainer(cb, extra=(steps,)).fit(Tiny(hidden=6), loader(1), ckpt_path=path)
     assert steps.steps == 0
+    cb.ensure_server(Tiny(hidden=6))
+    with pytest.raises(ValueError, match=r"net\.0\.weight"):
+        check_server_params(torch.load(path, weights_only=False)[cb.posterior_server_key], cb.server)
 
 
 # ------------------------------------------------------------------------------ 10. the site is in the fit's checkpoint
