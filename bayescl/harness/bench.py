@@ -24,7 +24,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl.harness.avalanche_recipes import check_harness_recipe
@@ -33,6 +32,7 @@ from bayescl.harness.metrics import summarize
 from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
 from bayescl.harness.module import ClassifierModule
 from bayescl.harness.recipes import Recipe, load_recipe
+from bayescl.lightning.resumable import ResumableDataLoader
 from bayescl.methods.uncertainty import evaluate_uncertainty, posterior_for
 
 MODELS = ("mlp", "cnn")
@@ -134,7 +134,8 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
             for cb in callbacks:
                 if hasattr(cb, "prepare_task_data"):
                     data = cb.prepare_task_data(data, task=i)
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True)
+        # the order of each epoch is drawn from (seed, epoch): different seeds, different orders; resumable exactly
+        loader = ResumableDataLoader(data, batch_size=cfg.batch_size, shuffle=True, seed=seed)
         trainer = pl.Trainer(
             max_epochs=cfg.epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
