@@ -3,7 +3,8 @@
 >>> # after a crash, in a fresh process:                                                   # doctest: +SKIP
 >>> point = resume_point("checkpoints/last.ckpt")
 >>> for t in range(point.task, len(stream)):
-...     trainer = pl.Trainer(max_epochs=5, callbacks=[laplace, ModelCheckpoint(dirpath="checkpoints", save_last=True)])
+...     ck = ModelCheckpoint(dirpath="checkpoints", save_last=True, enable_version_counter=False)  # else last-v1.ckpt
+...     trainer = pl.Trainer(max_epochs=5, callbacks=[laplace, ck])
 ...     trainer.fit(model, stream[t].train_dataloader(), ckpt_path=point.ckpt_path if t == point.task else None)
 
 Passing the checkpoint to the fit of ``point.task`` does the right thing either way: inside a task's fit
