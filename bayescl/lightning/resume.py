@@ -44,14 +44,27 @@ def _callback_states(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in states.items() if isinstance(v, dict) and {"tasks_seen", "task_open"} <= set(v)}
 
 
+def _newest_checkpoint(folder: str) -> str:
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt")]
+    if not files:
+        raise FileNotFoundError(f"ckpt_path={folder!r} is a folder without a .ckpt file.")
+    return max(files, key=lambda f: (os.path.getmtime(f), f))
+
+
 def resume_point(ckpt_path: str | os.PathLike[str]) -> ResumePoint:
     """Read a Lightning checkpoint written with a bayescl callback and say which task to fit next.
 
+    Args:
+        ckpt_path: a checkpoint file, or a folder: then its most recently written ``.ckpt`` (so ``last-v1.ckpt``,
+            written by a new ``ModelCheckpoint`` per task with Lightning's version counter, is not missed).
+
     Raises:
-        FileNotFoundError: no file at ``ckpt_path``.
+        FileNotFoundError: no such file, or a folder without checkpoints.
         ValueError: the checkpoint holds no bayescl callback state, or two callbacks disagree on the task.
     """
     path = os.fspath(ckpt_path)
+    if os.path.isdir(path):
+        path = _newest_checkpoint(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ckpt_path={path!r} is not a file.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

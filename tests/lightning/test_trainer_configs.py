@@ -472,3 +472,25 @@ def test_laplace_refuses_several_processes():
 
     with pytest.raises(ValueError, match="world_size=2"):
         LaplaceCallback().setup(TwoRanks(), Tiny(), "fit")
+
+
+def test_resume_point_of_a_folder_is_its_newest_checkpoint(make_trainer, tmp_path):
+    """A new ModelCheckpoint per task writes last.ckpt, then last-v1.ckpt, ...: the folder form finds the newest."""
+    import os
+    import time
+
+    from bayescl import resume_point
+
+    module, cb = Tiny(), LaplaceCallback(structure="diag")
+    for t in range(2):
+        ck = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        make_trainer(cb, extra=(ck,), enable_checkpointing=True).fit(module, loader(t))
+        time.sleep(0.01)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["last-v1.ckpt", "last.ckpt"]
+    assert resume_point(tmp_path / "last.ckpt").task == 1  # the stale file: task 0 committed
+    point = resume_point(tmp_path)
+    assert point.task == 2 and not point.finishes_task and point.ckpt_path.endswith("last-v1.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without a .ckpt"):
+        resume_point(tmp_path / "empty")
