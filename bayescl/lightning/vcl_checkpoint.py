@@ -38,5 +38,6 @@ class VCLCheckpointMixin:
                            checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         cores = checkpoint.get(f"{self._ckpt_key()}/coresets")
-        if cores is not None:
-            self.coresets = {int(t): tuple(c) for t, c in cores.items()}
+        if cores is not None:  # the saved coresets, and those prepared in this process for tasks they lack
+            loaded = {int(t): tuple(c) for t, c in cores.items()}
+            self.coresets = {**loaded, **{t: c for t, c in self.coresets.items() if t not in loaded}}

@@ -377,3 +377,18 @@ def test_invalid_params_regex_names_params():
         VCLCallback(params=["model.(trunk"])
     cb = VCLCallback(params=[r"heads\.0\."])
     assert cb.include_layer("model.heads.0") and not cb.include_layer("model.trunk.1")
+
+
+def test_coreset_prepared_before_resuming_a_committed_checkpoint_is_kept(make_trainer, make_module, tmp_path):
+    """The next task's coreset, held out before fit(ckpt_path=<committed checkpoint>), survives the restore."""
+    s = _stream(n_train=48)
+    module = make_module()
+    cb = VCLCallback(ml_init=False, coreset_size=4, test_samples=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    make_trainer(cb, 1, extra=[ckpt], enable_checkpointing=True).fit(module, _loader(cb.prepare_task_data(s[0].train)))
+    fresh = VCLCallback(ml_init=False, coreset_size=4, test_samples=2)  # a new process: the next task
+    fresh.tasks_seen = 1  # what resume_point names; prepare_task_data uses it as the default task
+    data = fresh.prepare_task_data(s[1].train)
+    make_trainer(fresh, 1).fit(make_module(), _loader(data), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert sorted(fresh.coresets) == [0, 1] and fresh.tasks_seen == 2
+    assert torch.equal(fresh.coresets[0][0], cb.coresets[0][0])
