@@ -14,6 +14,7 @@ import json
 import logging
 import resource
 import shlex
+import shutil
 import sys
 import time
 import warnings
@@ -69,6 +70,7 @@ class BenchConfig:
     first_seed: int = 0
     progress: bool = False
     uncertainty: bool = True
+    resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -115,8 +117,33 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
 
 
-def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str, Any]:
-    """Run one seed of a recipe over a stream; returns its accuracy matrix and timings."""
+def _load_progress(state_dir: Path | None) -> dict[str, Any] | None:
+    path = None if state_dir is None else state_dir / "progress.json"
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def _save_progress(state_dir: Path, trainer: pl.Trainer, module: ClassifierModule, done: int,
+                   fit_seconds: float, steps: int, uncertainty: list[dict[str, Any]]) -> None:
+    """After task ``done - 1`` is tested: its checkpoint (the committed posterior), then what the seed has measured
+    so far (the accuracy counts, timings, uncertainty records), each written whole before it replaces the last."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(state_dir / "tested.ckpt.tmp")
+    (state_dir / "tested.ckpt.tmp").replace(state_dir / "tested.ckpt")
+    doc = {"tasks_done": done, "correct": module.acc_matrix.correct.tolist(), "total": module.acc_matrix.total.tolist(),
+           "fit_seconds": fit_seconds, "steps": steps, "uncertainty": uncertainty}
+    (state_dir / "progress.json.tmp").write_text(json.dumps(doc))
+    (state_dir / "progress.json.tmp").replace(state_dir / "progress.json")
+
+
+def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: Path | None = None,
+             resume: bool = False) -> dict[str, Any]:
+    """Run one seed of a recipe over a stream; returns its accuracy matrix and timings.
+
+    With ``state_dir``, the seed's progress is saved there after every tested task (and removed when the seed
+    finishes); with ``resume`` a seed found there part-way continues after its last tested task
+    (``fit(ckpt_path=...)`` of a committed checkpoint: the next task starts with a full budget from the saved weights
+    and posterior, as :func:`bayescl.lightning.resume_point` says).
+    """
     check_harness_recipe(recipe)  # an Avalanche recipe would run as fine-tuning under its name
     pl.seed_everything(seed, verbose=False)
     stream = _stream(cfg, seed)
@@ -128,7 +155,19 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
     steps = 0
     uncertainty: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    done, resume_ckpt = 0, None
+    if state_dir is not None and not resume:
+        shutil.rmtree(state_dir, ignore_errors=True)  # a stale run's progress is not this run's
+    if (saved := _load_progress(state_dir)) is not None:
+        done, fit_seconds, steps, uncertainty = saved["tasks_done"], saved["fit_seconds"], saved["steps"], \
+            saved["uncertainty"]
+        module.acc_matrix.correct = torch.tensor(saved["correct"], dtype=torch.long)
+        module.acc_matrix.total = torch.tensor(saved["total"], dtype=torch.long)
+        resume_ckpt = str(state_dir / "tested.ckpt")
+        log(f"  seed {seed}: resuming after task {done}/{len(stream)} ({resume_ckpt})")
     for i, task in enumerate(stream):
+        if i < done:
+            continue
         data = stream.cumulative_train(i) if recipe.cumulative else task.train
         if not recipe.cumulative:  # callbacks that hold data out of training (VCL coresets) take it here
             for cb in callbacks:
@@ -142,7 +181,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
             num_sanity_val_steps=0, **recipe.trainer,
         )
         t_fit = time.perf_counter()
-        trainer.fit(module, loader)
+        trainer.fit(module, loader, ckpt_path=resume_ckpt if i == done else None)
         fit_seconds += time.perf_counter() - t_fit
         steps += trainer.global_step
         module.stage = i
@@ -150,10 +189,14 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print) -> dict[str
         if cfg.uncertainty:
             uncertainty.append(evaluate_uncertainty(module, posterior_for(callbacks, module), test_loaders,
                                                     stage=i, seed=seed))
+        if state_dir is not None:
+            _save_progress(state_dir, trainer, module, i + 1, fit_seconds, steps, uncertainty)
         row = module.acc_matrix.compute()[i]
         seen = row[: i + 1]
         log(f"  seed {seed} task {i + 1}/{len(stream)}: mean acc on seen tasks {100 * float(seen.mean()):.2f} "
             f"[{' '.join(f'{100 * float(a):.1f}' for a in seen)}]")
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)  # the seed's result goes into the JSON
     R = module.acc_matrix.compute()
     end_task = sum(float(getattr(cb, "end_task_seconds", 0.0)) for cb in callbacks)
     return {
@@ -175,6 +218,16 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
 
+def _aggregate(result: dict[str, Any]) -> None:
+    """The accuracy matrices and the mean ± std of every per-seed number, from ``result["per_seed"]``."""
+    runs = result["per_seed"]
+    if not runs:
+        return
+    result["accuracy_matrix"] = [r["accuracy_matrix"] for r in runs]
+    for key in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds", "end_task_seconds", "step_ms"):
+        result[key] = _mean_std([r[key] for r in runs])
+
+
 def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/results", log=print,
                   command: str | None = None) -> dict[str, Any]:
     """Run ``cfg.seeds`` seeds, write the JSON (updated after every finished seed) and return the results."""
@@ -192,21 +245,28 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
         "strategy": recipe.name,
         "description": recipe.description,
         "command": command or "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress",)},
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "resume")},
         "seeds": [],
         "per_seed": [],
     }
     log(f"{recipe.name} on {cfg.scenario}: {cfg.seeds} seed(s), {cfg.epochs} epoch(s) per task, "
         f"batch {cfg.batch_size}")
+    if cfg.resume and path is not None and path.is_file():  # the seeds that finished stay as they are
+        previous = json.loads(path.read_text())
+        if previous.get("config") != json.loads(json.dumps(result["config"])):
+            raise ValueError(f"--resume: {path} was written with another configuration ({previous.get('config')}); "
+                             "rerun without --resume, or with the same arguments.")
+        result["seeds"], result["per_seed"] = previous.get("seeds", []), previous.get("per_seed", [])
+        _aggregate(result)
     for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
-        run = run_seed(cfg, recipe, s, log=log)
+        if s in result["seeds"]:
+            log(f"  seed {s}: finished in {path}, kept (--resume)")
+            continue
+        state_dir = None if path is None else path.parent / "_resume" / recipe.name / f"seed-{s}"
+        run = run_seed(cfg, recipe, s, log=log, state_dir=state_dir, resume=cfg.resume)
         result["seeds"].append(s)
         result["per_seed"].append(run)
-        runs = result["per_seed"]
-        result["accuracy_matrix"] = [r["accuracy_matrix"] for r in runs]
-        for key in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds", "end_task_seconds",
-                    "step_ms"):
-            result[key] = _mean_std([r[key] for r in runs])
+        _aggregate(result)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if path is not None:
             path.write_text(json.dumps(result, indent=1))

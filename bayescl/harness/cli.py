@@ -55,6 +55,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="Lightning progress bars (default: on in a terminal)")
     p.add_argument("--uncertainty", action=argparse.BooleanOptionalAction, default=True,
                    help="predictive uncertainty and calibration per task after each task (default: on)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run: keep its finished seeds and continue a seed after its last tested "
+                        "task (progress is kept under <out>/<scenario>/_resume/ while a seed runs)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite the scenario's table and plots")
 
 
@@ -69,7 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
             scenario=args.scenario, strategy=strategy, seeds=args.seeds, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, model=args.model, num_tasks=args.num_tasks, limit=args.limit,
             root=args.data_root, first_seed=args.first_seed, progress=args.progress,
-            uncertainty=args.uncertainty,
+            uncertainty=args.uncertainty, resume=args.resume,
         )
         for strategy in args.strategy
     ]

@@ -123,3 +123,38 @@ def test_cli_runs_a_grid_variant(tmp_path, capsys):
     assert rc == 0 and "| diag-lam3 |" in capsys.readouterr().out
     doc = json.loads((tmp_path / "synthetic" / "diag-lam3.json").read_text())
     assert doc["strategy"] == "diag-lam3" and doc["config"]["strategy"] == f"{grid}#diag-lam3"
+
+
+def test_resume_continues_a_stopped_seed_to_the_same_result(tmp_path):
+    """A seed stopped after its second task and resumed with --resume gives the uninterrupted run's results."""
+    import json
+
+    from bayescl.harness.bench import BenchConfig, run_benchmark
+
+    def cfg(**kw):
+        return BenchConfig(scenario="synthetic", strategy="laplace-diag", seeds=1, epochs=1, batch_size=64,
+                           uncertainty=False, **kw)
+
+    full = run_benchmark(cfg(), out_dir=tmp_path / "full", log=lambda *_: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_task_2(msg: str) -> None:
+        if "task 2/3" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_benchmark(cfg(), out_dir=tmp_path / "stopped", log=stop_after_task_2)
+    state = tmp_path / "stopped" / "synthetic" / "_resume" / "laplace-diag" / "seed-0"
+    assert json.loads((state / "progress.json").read_text())["tasks_done"] == 2
+    logs: list[str] = []
+    resumed = run_benchmark(cfg(resume=True), out_dir=tmp_path / "stopped", log=logs.append)
+    assert any("resuming after task 2/3" in m for m in logs)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert not state.exists()  # the finished seed's progress is gone; its result is in the JSON
+    kept = run_benchmark(cfg(resume=True), out_dir=tmp_path / "stopped", log=logs.append)
+    assert kept["accuracy_matrix"] == full["accuracy_matrix"] and any("kept (--resume)" in m for m in logs)
+    with pytest.raises(ValueError, match="another configuration"):
+        run_benchmark(BenchConfig(scenario="synthetic", strategy="laplace-diag", seeds=1, epochs=2, batch_size=64,
+                                  uncertainty=False, resume=True), out_dir=tmp_path / "stopped", log=logs.append)
