@@ -62,3 +62,25 @@ def make_trainer():
                           enable_progress_bar=False, num_sanity_val_steps=0, **kw)
 
     return make_trainer
+
+
+def _bitwise_equal(a, b, path: str = "state") -> None:
+    """Two nested states (dicts, lists, tensors) hold the same keys and bit-identical tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            _bitwise_equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _bitwise_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="session")
+def assert_bitwise_equal():
+    """``assert_bitwise_equal(a, b)``: nested states with the same keys and bit-identical tensors."""
+    return _bitwise_equal

@@ -286,24 +286,8 @@ def test_predictive_posterior_uses_the_evidence_prior_precision(make_trainer, sm
         LaplaceCallback(predictive_prior_precision=-1.0)
 
 
-def _assert_bitwise_equal(a, b, path="state"):
-    """Two nested state dicts hold the same keys and bit-identical tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("online", [False, True])
-def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(make_trainer, small_model, online):
+def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(assert_bitwise_equal, make_trainer, small_model, online):
     """A failure after the earlier sites were tempered by gamma (a site name that exists; an online merge that
     raises) leaves the server exactly as it was: the rollback in end_task restores the untempered sites."""
     import dataclasses
@@ -324,8 +308,8 @@ def test_end_task_failing_after_gamma_tempering_rolls_back_bit_for_bit(make_trai
     else:
         with pytest.raises(KeyError, match="task-0"):
             cb.end_task(None, module, loaders(stream)[1], name="task-0")
-    _assert_bitwise_equal(cb.server.state_dict(), before)
-    _assert_bitwise_equal(cb.posterior().state_dict(), q_before.state_dict())
+    assert_bitwise_equal(cb.server.state_dict(), before)
+    assert_bitwise_equal(cb.posterior().state_dict(), q_before.state_dict())
     assert cb.tasks_seen == 1
 
 

@@ -57,22 +57,6 @@ def snapshot(cb) -> dict:
     return copy.deepcopy(cb.server.state_dict())
 
 
-def assert_bitwise_equal(a, b, path="state"):
-    """Two nested states hold the same keys and bit-identical tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{path}/{i}")
-    else:
-        assert a == b, path
-
-
 def bayescl_warnings(record, text: str) -> list[str]:
     return [str(w.message) for w in record if str(w.message).startswith("bayescl") and text in str(w.message)]
 
@@ -141,7 +125,7 @@ def _empty_loader():
 
 
 @pytest.mark.parametrize("case", ["fast_dev_run", "limit_train_batches=0", "empty loader", "raises mid-epoch"])
-def test_fit_that_trains_nothing_keeps_posterior_bit_for_bit_and_warns_once(make_trainer, case):
+def test_fit_that_trains_nothing_keeps_posterior_bit_for_bit_and_warns_once(assert_bitwise_equal, make_trainer, case):
     module, cb = Tiny(), LaplaceCallback(structure="diag")
     make_trainer(cb).fit(module, loader(0))
     before = snapshot(cb)
@@ -168,7 +152,7 @@ def test_fit_that_trains_nothing_keeps_posterior_bit_for_bit_and_warns_once(make
     assert len(bayescl_warnings(rec, "not committed")) == 1, [str(w.message) for w in rec]
 
 
-def test_end_task_by_hand_after_the_automatic_commit_raises(make_trainer):
+def test_end_task_by_hand_after_the_automatic_commit_raises(assert_bitwise_equal, make_trainer):
     module, cb = Tiny(), LaplaceCallback(structure="diag")
     trainer = make_trainer(cb)
     trainer.fit(module, loader(0))
@@ -334,7 +318,7 @@ def test_lightning_package_trainer_and_module():
 
 
 # ------------------------------------------------------------------------------ 8. two posterior callbacks
-def test_laplace_and_vcl_on_one_trainer_refused_in_setup(make_trainer):
+def test_laplace_and_vcl_on_one_trainer_refused_in_setup(assert_bitwise_equal, make_trainer):
     module, lap = Tiny(), LaplaceCallback(structure="diag")
     make_trainer(lap).fit(module, loader(0))
     before, steps = snapshot(lap), StepCounter()
@@ -411,7 +395,7 @@ def test_checkpoint_with_other_parameter_shapes_names_the_parameter(make_trainer
 
 # ------------------------------------------------------------------------------ 10. the site is in the fit's checkpoint
 @pytest.mark.parametrize("save_last", [True, False], ids=["save_last", "latest"])
-def test_committed_site_is_in_the_fits_checkpoint_and_starts_the_next_task(make_trainer, tmp_path, save_last):
+def test_committed_site_is_in_the_fits_checkpoint_and_starts_the_next_task(assert_bitwise_equal, make_trainer, tmp_path, save_last):
     module, cb = Tiny(), LaplaceCallback(structure="diag")
     ck = ModelCheckpoint(dirpath=tmp_path, save_last=save_last)
     make_trainer(cb, extra=(ck,), enable_checkpointing=True).fit(module, loader(0))
