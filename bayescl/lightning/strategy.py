@@ -54,14 +54,21 @@ moves about twice that), :attr:`bytes_gathered` the end-of-task collective (``W 
 
 Limits: synchronous only; every rank must run the same number of optimizer steps (Lightning's
 ``DistributedSampler`` pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails;
-``precision='16-mixed'`` with a ``GradScaler`` is refused (the term would be added to scaled gradients); the server
-is not saved in checkpoints yet.
+``precision='16-mixed'`` with a ``GradScaler`` is refused (the term would be added to scaled gradients).
+
+**Checkpoints.** Every Lightning checkpoint holds the server under :attr:`PosteriorServerStrategy.CHECKPOINT_KEY`:
+the shared part (prior, past sites, task counter) and every rank's local state (its own site, the others' share,
+the sync counters and the buffered batches of the next curvature estimate), all-gathered by :meth:`save_checkpoint`
+(called on every rank by ``Trainer.save_checkpoint``, as Lightning requires) and written by rank 0. A fit with
+``ckpt_path`` on the same number of workers restores them in :meth:`setup` (each rank takes its own), so a killed
+run resumed from a checkpoint written at an epoch boundary continues to the uninterrupted run's posterior, bit
+for bit. Mid-epoch, Lightning restarts the epoch's data unless the loader is stateful.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -69,6 +76,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from bayescl._checks import as_enum, check_positive_int, check_real
@@ -113,6 +121,9 @@ class PosteriorServerStrategy(DDPStrategy):
     """
 
     strategy_name = "posterior_server"
+
+    #: the entry of a Lightning checkpoint that holds the server and every rank's local state
+    CHECKPOINT_KEY = "posterior_server_strategy"
 
     #: apply the term when the cavity is the base prior alone (first task, before any other worker's site has
     #: arrived; with one worker, the whole first task): a weak weight decay, off by default as in the callbacks
@@ -180,6 +191,8 @@ class PosteriorServerStrategy(DDPStrategy):
         self._buffer: deque[Any] = deque(maxlen=self.fisher_batches)
         self._task_syncs = 0
         self._prior_grad: PriorGradient | None = None  # the cavity's gradient, prepared once per sync
+        self._resume_state: dict[str, Any] | None = None  # read by load_checkpoint, applied by setup
+        self._resume_optimizers: list[Any] | None = None  # this rank's, applied by load_optimizer_state_dict
 
     # ------------------------------------------------------------------ no DDP wrapper, keys, server
     def configure_ddp(self) -> None:
@@ -244,7 +257,10 @@ class PosteriorServerStrategy(DDPStrategy):
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
+        resume, self._resume_state = self._resume_state, None
         if trainer.state.fn != TrainerFn.FITTING:
+            if resume is not None:
+                self.load_server_state(resume)
             return
         from bayescl.lightning.base import PosteriorCallback
 
@@ -255,19 +271,117 @@ class PosteriorServerStrategy(DDPStrategy):
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError("PosteriorServerStrategy does not support precision='16-mixed' with a GradScaler; "
                              "use '32-true', '64-true' or 'bf16-mixed'.")
-        self.open_task(self.lightning_module)
+        if resume is not None:
+            self.load_server_state(resume)
+        self.open_task(self.lightning_module, keep_progress=resume is not None)
 
-    def open_task(self, module: nn.Module) -> None:
+    def open_task(self, module: nn.Module, keep_progress: bool = False) -> None:
         """Start (or continue) the current task: the server gets empty sites ``own_key`` (and ``others_key`` with
-        several workers) unless it has them; called by :meth:`setup` at every ``fit``."""
+        several workers) unless it has them; called by :meth:`setup` at every ``fit``.
+
+        Args:
+            module: the trained module (its selected parameters shape the sites).
+            keep_progress: keep the steps and batches since the last sync (a fit resumed from a checkpoint);
+                otherwise a continued task starts a new sync period.
+        """
         server = self._ensure_server(module)
         if self.own_key not in server:
             server.add(self.own_key, DiagGaussian.zeros_like(server.prior.eta))
             if self.world > 1:
                 server.add(self.others_key, DiagGaussian.zeros_like(server.prior.eta))
             self._task_syncs = 0
-        self._steps_since_sync = 0
+            keep_progress = False
+        if not keep_progress:
+            self._steps_since_sync = 0
+            self._buffer.clear()
+        self._prior_grad = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def server_state(self) -> dict[str, Any]:
+        """This rank's view: ``{"shared": ..., "local": ...}``. ``shared`` (the same on every rank) is the server's
+        ``state_dict`` without this rank's running sites, plus ``tasks_seen`` and ``world_size``; ``local`` holds the
+        own site and the others' share (``None`` outside a task), the counters and the buffered batches, and on
+        ranks other than 0 the module's ``state_dict`` and the optimizers' states (every worker trains its own
+        weights between syncs; rank 0's are the checkpoint's ``state_dict`` and ``optimizer_states``), on CPU."""
+        server = self.server
+        local_keys = (self.own_key, self.others_key)
+        shared: dict[str, Any] = {"tasks_seen": self.tasks_seen, "world_size": self.world, "server": None}
+        local: dict[str, Any] = {"rank": int(self.global_rank), "own": None, "others": None, "module": None,
+                                 "optimizers": None}
+        if server is not None:
+            rest = PosteriorServer(server.prior, damping=server.damping)
+            for key, site in server.items():
+                if key not in local_keys:
+                    rest.add(key, site)
+            shared["server"] = rest.state_dict()
+            for name, key in (("own", self.own_key), ("others", self.others_key)):
+                local[name] = server[key].state_dict() if key in server else None
+        module = self.lightning_module
+        if self.global_rank != 0 and module is not None:  # rank 0's are the checkpoint's own entries
+            local["module"] = ops.to_cpu(module.state_dict())
+            local["optimizers"] = [ops.to_cpu(self.optimizer_state(o)) for o in self.optimizers]
+        local.update(num_syncs=self.num_syncs, task_syncs=self._task_syncs, steps_since_sync=self._steps_since_sync,
+                     bytes_communicated=self.bytes_communicated, bytes_gathered=self.bytes_gathered,
+                     last_gather_drift=self.last_gather_drift, buffer=[ops.to_cpu(b) for b in self._buffer])
+        return {"shared": shared, "local": local}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Add :attr:`CHECKPOINT_KEY` (``{"shared": ..., "workers": [local state of rank 0, …, W−1]}``, see
+        :meth:`server_state`) to the checkpoint, then write it from rank 0 (collective: an ``all_gather_object``;
+        Lightning's ``Trainer.save_checkpoint`` runs on every rank)."""
+        state = self.server_state()
+        workers = ops.all_gather_object(state["local"], self.world)
+        checkpoint[self.CHECKPOINT_KEY] = {"shared": state["shared"], "workers": workers}
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Read the checkpoint (every rank) and keep its :attr:`CHECKPOINT_KEY` entry for :meth:`setup`, which
+        restores it once the module is connected (:meth:`load_server_state`)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._resume_state, self._resume_optimizers = checkpoint.get(self.CHECKPOINT_KEY), None
+        if self._resume_state is None:
+            rank_zero_warn(f"the checkpoint {str(checkpoint_path)!r} holds no posterior server (written without "
+                           "PosteriorServerStrategy): the weights are restored but the server starts from the prior.")
+        return checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Lightning's optimizer restore, with this rank's optimizer states when the checkpoint holds them (ranks
+        other than 0, see :meth:`server_state`)."""
+        states, self._resume_optimizers = self._resume_optimizers, None
+        if states is not None:
+            checkpoint = {**checkpoint, "optimizer_states": states}
+        super().load_optimizer_state_dict(checkpoint)
+
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        """Restore the server, the task counter and this rank's local state (its weights now, its optimizer states
+        when Lightning restores the optimizers) from a checkpoint's :attr:`CHECKPOINT_KEY` entry (``{"shared", "workers"}``, see :meth:`save_checkpoint`).
+
+        Raises:
+            ValueError: the checkpoint was written by another number of workers, or lacks this rank's state.
+        """
+        shared, workers = state["shared"], state["workers"]
+        if int(shared["world_size"]) != self.world or len(workers) != self.world:
+            raise ValueError(f"the checkpoint's posterior server was written by {len(workers)} workers but this run "
+                             f"has {self.world}; resume a PosteriorServerStrategy on the same number of workers.")
+        local = workers[self.global_rank]
+        if int(local["rank"]) != self.global_rank:
+            raise ValueError(f"the checkpoint's worker states are out of order: entry {self.global_rank} holds rank "
+                             f"{local['rank']}.")
+        self.tasks_seen = int(shared["tasks_seen"])
+        self.server = None if shared["server"] is None else PosteriorServer.from_state_dict(shared["server"])
+        if self.server is not None:
+            for name, key in (("own", self.own_key), ("others", self.others_key)):
+                if local[name] is not None:
+                    self.server.add(key, DiagGaussian.from_state_dict(local[name]))
+        self.num_syncs, self._task_syncs = int(local["num_syncs"]), int(local["task_syncs"])
+        self._steps_since_sync = int(local["steps_since_sync"])
+        self.bytes_communicated, self.bytes_gathered = int(local["bytes_communicated"]), int(local["bytes_gathered"])
+        self.last_gather_drift = float(local["last_gather_drift"])
+        if local.get("module") is not None and self.lightning_module is not None:
+            self.lightning_module.load_state_dict(local["module"])  # after configure_ddp broadcast rank 0's
+        self._resume_optimizers = local.get("optimizers")  # for load_optimizer_state_dict, after setup
         self._buffer.clear()
+        self._buffer.extend(ops.to_device(b, self.root_device) for b in local["buffer"])
         self._prior_grad = None
 
     def on_train_start(self) -> None:

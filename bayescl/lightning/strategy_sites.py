@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from bayescl.curvature import FisherType, diag_fisher
@@ -17,8 +18,9 @@ from bayescl.gaussian.diag import DiagGaussian
 from bayescl.gaussian.server import PosteriorServer
 from bayescl.gaussian.server import laplace_site as _laplace_site
 
-__all__ = ["all_gather", "all_reduce_sum", "batch_size", "broadcast_module", "check_server", "flatten_naturals",
-           "laplace_site", "shard_curvature", "shard_size", "start_server", "unflatten_naturals"]
+__all__ = ["all_gather", "all_gather_object", "all_reduce_sum", "batch_size", "broadcast_module", "check_server", "flatten_naturals",
+           "laplace_site", "shard_curvature", "shard_size", "start_server", "to_cpu", "to_device",
+           "unflatten_naturals"]
 
 
 def _distributed(world: int) -> bool:
@@ -42,6 +44,26 @@ def all_gather(vec: Tensor, device: torch.device, world: int) -> list[Tensor]:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
     return [p.to(vec) for p in parts]
+
+
+def all_gather_object(obj: Any, world: int) -> list[Any]:
+    """``[obj of rank 0, …, obj of rank W−1]`` of picklable objects (``dist.all_gather_object``; ``[obj]`` when not
+    distributed). Tensors travel as pickles: put them on the CPU first (:func:`to_cpu`)."""
+    if not _distributed(world):
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def to_cpu(data: Any) -> Any:
+    """``data`` (a batch: tensors in tuples, lists, dicts) with every tensor moved to the CPU."""
+    return move_data_to_device(data, torch.device("cpu"))
+
+
+def to_device(data: Any, device: torch.device) -> Any:
+    """``data`` with every tensor moved to ``device``."""
+    return move_data_to_device(data, device)
 
 
 @torch.no_grad()

@@ -1,0 +1,159 @@
+"""PosteriorServerStrategy checkpoints: a 2-process (gloo) run killed after a checkpoint inside a task and resumed in
+a fresh 2-process run ends on the uninterrupted run's server, bit for bit.
+
+As in ``test_strategy.py`` the runs are subprocesses of this file (``python tests/lightning/test_strategy_resume.py
+MODE OUT [CKPT]``; Lightning's ``popen`` launcher re-runs it for rank 1), each in its own session, bounded by a
+deadline and killed as a group afterwards, so no process outlives the test.
+
+The task: 4 epochs of 2 steps per rank (64 examples, 2 ranks, batches of 16), a sync every 3 steps, the curvature
+from the last 3 batches. The checkpoint at the end of epoch 1 (step 4) lies between two syncs: the own site and
+the others' share hold the sync of step 3, one step counts towards the next sync, the buffer holds batch 4 (which
+the sync of step 6 uses), and the two ranks' weights and Adam states differ (each trained on its shard since the
+re-centring at step 3). Leaving out any of them changes the result (checked by breaking the buffer's restore: the
+batches-seen record and the sites differ).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS, BS, K, KILL_EPOCH = 4, 16, 3, 2  # the run is killed at the start of epoch KILL_EPOCH (0-based)
+CKPT = f"epoch={KILL_EPOCH - 1}.ckpt"
+
+
+# ================================================================================ subprocess entry point
+def _main(mode: str, out: Path, ckpt: str | None) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from bayescl import ClassifierModule, MultiHeadMLP, synthetic_stream
+    from bayescl.lightning.strategy import PosteriorServerStrategy
+
+    torch.manual_seed(0)
+    module = ClassifierModule(MultiHeadMLP(hidden=(16,), num_tasks=2), num_tasks=2, lr=1e-2)
+    data = synthetic_stream(num_tasks=2, n_train=64, n_test=16, seed=0)[0].train
+    strategy = PosteriorServerStrategy(sync_every=K, fisher="exact", fisher_batches=3, timeout=timedelta(seconds=30),
+                                       process_group_backend="gloo")
+
+    class Kill(pl.Callback):
+        """SIGKILL this rank at the start of epoch KILL_EPOCH: nothing of Lightning's teardown runs."""
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == KILL_EPOCH:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    seen = []
+
+    class Record(pl.Callback):
+        """(step, sum of the batch, sum of the weights, syncs) before every training batch."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, float(batch[0].sum()),
+                         float(sum(p.detach().double().sum() for p in pl_module.parameters())),
+                         strategy.num_syncs, strategy._steps_since_sync, len(strategy._buffer)))
+
+    callbacks = [Record(), ModelCheckpoint(dirpath=out, filename="{epoch}", every_n_epochs=1, save_top_k=-1,
+                                 save_on_train_epoch_end=True)]
+    if mode == "stop":
+        callbacks.append(Kill())
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=EPOCHS, logger=False,
+                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(data, batch_size=BS), ckpt_path=ckpt)
+    rec = {"server": strategy.server.state_dict(), "stats": strategy.stats(), "step": trainer.global_step, "seen": seen,
+           "weights": {n: p.detach().clone() for n, p in module.named_parameters()}}
+    torch.save(rec, out / f"rank{strategy.global_rank}.pt")
+
+
+# ================================================================================ the test
+def _start(mode: str, out: Path, *extra: str):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / f"{mode}.log", "w")  # noqa: SIM115 - closed by _finish
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, str(out), *extra], cwd=ROOT,
+                            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, fh
+
+
+def _finish(out: Path, proc, fh, deadline: float, mode: str) -> tuple[int | None, str]:
+    try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        try:  # the whole session: rank 1 included, whatever happened
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        fh.close()
+    return rc, (out / f"{mode}.log").read_text()
+
+
+def _server_equal(a: dict, b: dict) -> None:
+    assert list(a["sites"]) == list(b["sites"])
+    for name in a["sites"]:
+        for key in ("eta", "precision"):
+            for n, t in a["sites"][name][key].items():
+                assert torch.equal(t, b["sites"][name][key][n]), f"site {name} {key} {n} differs"
+
+
+def test_killed_run_resumed_from_its_checkpoint_ends_on_the_uninterrupted_posterior(tmp_path):
+    deadline = time.monotonic() + 100.0
+    full, stop = tmp_path / "full", tmp_path / "stop"
+    runs = {"full": _start("full", full), "stop": _start("stop", stop)}  # both spend most of their time importing
+    rc_full, log_full = _finish(full, *runs["full"], deadline, "full")
+    rc_stop, log_stop = _finish(stop, *runs["stop"], deadline, "stop")
+    assert rc_full == 0, log_full[-3000:]
+    assert rc_stop is not None and rc_stop != 0, log_stop[-3000:]  # killed (SIGKILL), not finished
+    assert not (stop / "rank0.pt").exists() and (stop / CKPT).exists(), log_stop[-3000:]
+
+    ckpt = torch.load(stop / CKPT, weights_only=True)  # plain tensors, dicts, tuples: loadable safely
+    state = ckpt["posterior_server_strategy"]
+    assert [w["rank"] for w in state["workers"]] == [0, 1] and state["shared"]["world_size"] == 2
+    for w in state["workers"]:  # mid-task, between two syncs
+        assert w["own"] is not None and w["others"] is not None
+        assert (w["num_syncs"], w["steps_since_sync"], len(w["buffer"])) == (1, 1, 1)
+    assert not torch.equal(state["workers"][0]["own"]["eta"]["model.trunk.1.weight"],
+                           state["workers"][1]["own"]["eta"]["model.trunk.1.weight"])  # each rank's own site
+
+    resumed = tmp_path / "resumed"
+    rc, log = _finish(resumed, *_start("resume", resumed, str(stop / CKPT)), deadline + 40.0, "resume")
+    assert rc == 0, log[-3000:]
+    for r in (0, 1):
+        a = torch.load(full / f"rank{r}.pt", weights_only=False)
+        b = torch.load(resumed / f"rank{r}.pt", weights_only=False)
+        assert a["step"] == b["step"] == EPOCHS * 2
+        assert a["stats"] == b["stats"]
+        assert b["seen"] == a["seen"][-len(b["seen"]):], (a["seen"], b["seen"])
+        assert list(a["server"]["sites"]) == ["task-0/worker-0", "task-0/worker-1"]
+        _server_equal(a["server"], b["server"])
+        for n, w in a["weights"].items():
+            assert torch.equal(w, b["weights"][n]), n
+
+
+def test_resume_on_another_number_of_workers_raises():
+    from bayescl.lightning.strategy import PosteriorServerStrategy
+
+    s = PosteriorServerStrategy()
+    state = {"shared": {"world_size": 2, "tasks_seen": 0, "server": None}, "workers": [{"rank": 0}, {"rank": 1}]}
+    with pytest.raises(ValueError, match="written by 2 workers"):
+        s.load_server_state(state)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
