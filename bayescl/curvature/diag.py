@@ -262,6 +262,7 @@ def diag_fisher(
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     r"""Diagonal Fisher summed over the examples of ``dataloader``: :math:`\sum_n \operatorname{diag} F_n`.
 
@@ -277,6 +278,9 @@ def diag_fisher(
         generator: Random generator for ``"mc"`` (its device is where labels are drawn).
         max_batches: Use only the first ``max_batches`` batches.
         progress: Show a tqdm progress bar.
+        reduce: Applied to the list of summed tensors before they are checked and returned, e.g.
+            :func:`bayescl.lightning.distributed.sum_across_ranks` when each process has summed over its own
+            examples (every process must then call it).
 
     Returns:
         ``{name: tensor}`` with the parameter's shape, dtype and device; layers not used by the data are zero.
@@ -298,6 +302,8 @@ def diag_fisher(
         for index, batch in enumerate(batches):
             inputs, y = prepare_batch(batch, ref, index)
             _batch_curvature(model, targets, inputs, y, fisher, loss, mc_samples, generator, out, index)
+    if reduce is not None:
+        out = dict(zip(out, reduce(list(out.values()))))
     for n, t in out.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"the diagonal Fisher of parameter {n!r} is not finite (NaN/inf in the model or data).")

@@ -25,7 +25,7 @@ is rescaled by the number of examples counted during that pass.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -99,6 +99,7 @@ def kfac(
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     r"""KFAC factors ``{layer_name: (A, G)}`` with ``kron(G, A)`` ≈ the summed Fisher block of ``[W, b]``.
 
@@ -116,6 +117,10 @@ def kfac(
         generator: Seeds the label sampling of ``"mc"`` (one integer is drawn from it).
         max_batches: Use only the first ``max_batches`` batches.
         progress: Show a tqdm progress bar.
+        reduce: Applied to the list of this pass's sums (every layer's ``Σ ã ãᵀ`` and ``G``, then the example count
+            as an int64 tensor) before ``A`` is divided by the count, e.g.
+            :func:`bayescl.lightning.distributed.sum_across_ranks` when each process has passed over its own
+            examples: ``A`` is then the average over all processes' examples and ``G`` their sum.
 
     Returns:
         ``A`` of shape ``(in_flat + 1, in_flat + 1)`` (``in_flat`` without a trainable bias) and ``G`` of shape
@@ -130,7 +135,8 @@ def kfac(
     mapping = linear_layers(model, selected, layers)
     require_layers(model, mapping, "KFAC")
     return kfac_for_layers(model, dataloader, mapping, fisher=fisher, loss=loss, kfac_approx=kfac_approx,
-                           mc_samples=mc_samples, generator=generator, max_batches=max_batches, progress=progress)
+                           mc_samples=mc_samples, generator=generator, max_batches=max_batches, progress=progress,
+                           reduce=reduce)
 
 
 def kfac_for_layers(
@@ -145,6 +151,7 @@ def kfac_for_layers(
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """:func:`kfac` for layers already discovered: ``mapping`` is ``{layer: (weight name, bias name or None)}``
     from :func:`bayescl._params.linear_layers` (not empty); the other arguments as for :func:`kfac`."""
@@ -187,14 +194,28 @@ def kfac_for_layers(
         op.compute_kronecker_factors()
     state = op.state_dict()
     A_all, G_all = state["input_covariances"], state["gradient_covariances"]
+    sums: dict[str, tuple[Tensor | None, Tensor | None]] = {}  # (Σ ã ãᵀ, G); None: the data never reached it
+    for layer, (w_name, b_name) in mapping.items():
+        key = f"model.{layer}" if layer else "model"
+        sums[layer] = (A_all.get(key), G_all.get(key))
+    count: int | Tensor = data.count
+    if reduce is not None:  # zeros for the unreached layers: every process reduces the same list
+        full = []
+        for layer, (w_name, b_name) in mapping.items():
+            w = named[w_name]
+            n_in = w[0].numel() + (b_name is not None)
+            A, G = sums[layer]
+            full += [torch.zeros(n_in, n_in, dtype=w.dtype, device=w.device) if A is None else A,
+                     torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype, device=w.device) if G is None else G]
+        reduced = reduce([*full, torch.tensor(count, dtype=torch.int64, device=params[0].device)])
+        sums = {layer: (reduced[2 * i], reduced[2 * i + 1]) for i, layer in enumerate(mapping)}
+        count = int(reduced[-1])
     out: dict[str, tuple[Tensor, Tensor]] = {}
     for layer, (w_name, b_name) in mapping.items():
         w = named[w_name]
         n_in = w[0].numel() + (b_name is not None)
-        key = f"model.{layer}" if layer else "model"
-        A = A_all.get(key)
-        G = G_all.get(key)
-        A = torch.zeros(n_in, n_in, dtype=w.dtype, device=w.device) if A is None else A / data.count
+        A, G = sums[layer]
+        A = torch.zeros(n_in, n_in, dtype=w.dtype, device=w.device) if A is None else A / count
         G = torch.zeros(w.shape[0], w.shape[0], dtype=w.dtype, device=w.device) if G is None else G
         for what, t in (("A", A), ("G", G)):
             if not bool(torch.isfinite(t).all()):

@@ -7,7 +7,7 @@ at the current weights :math:`\theta^*`; both functions compute it for the selec
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -47,13 +47,16 @@ def kron_site(
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> KronGaussian:
     r"""Laplace site with Kronecker-factored precision :math:`G\otimes A` per supported layer at the current
     weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other selected parameter.
 
     Arguments as for :func:`~bayescl.curvature.kfac.kfac`: ``params`` (names; ``None`` = every trainable
     parameter) selects the parameters of the site, ``layers`` restricts the Kronecker blocks among them. Layer
-    discovery runs once, and curvature is computed for the selected parameters only.
+    discovery runs once, and curvature is computed for the selected parameters only. ``reduce`` (e.g.
+    :func:`bayescl.lightning.distributed.sum_across_ranks`) combines the sums of several processes, each over its
+    own examples, in both passes.
 
     Returns:
         A :class:`bayescl.gaussian.kron.KronGaussian` over the selected parameters, in the model's order.
@@ -63,7 +66,7 @@ def kron_site(
     require_layers(model, mapping, "KFAC")
     factors = kfac_for_layers(
         model, dataloader, mapping, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples,
-        generator=generator, max_batches=max_batches, progress=progress,
+        generator=generator, max_batches=max_batches, progress=progress, reduce=reduce,
     )
     # a layer the data never reached (another task's head) has zero factors: it gets no term at all
     factors = {k: (A, G) for k, (A, G) in factors.items() if bool(A.abs().max() > 0) and bool(G.abs().max() > 0)}
@@ -73,7 +76,7 @@ def kron_site(
     if rest:
         diag = diag_fisher(
             model, dataloader, fisher=fisher, loss=loss, mc_samples=mc_samples, params=rest, generator=generator,
-            max_batches=max_batches, progress=progress,
+            max_batches=max_batches, progress=progress, reduce=reduce,
         )
     mean = {n: p.detach().clone() for n, p in selected.items()}
     return KronGaussian.from_factors(mean, factors, mapping, diag)

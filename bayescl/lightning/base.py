@@ -9,6 +9,13 @@ The prior term. For task ``t`` with ``N_t`` training examples the MAP objective 
 so after ``backward`` each gradient gets ``(Λθ − η) / N_t`` added, in ``on_before_optimizer_step``: once per
 optimizer step whatever ``accumulate_grad_batches`` is, after AMP unscaling and before gradient clipping.
 The user's LightningModule is never edited.
+
+Under Lightning DDP the loss is a per-rank batch mean and DDP averages the gradients, i.e. the gradient of the
+global batch mean: :math:`N_t` is the **global** task size. It is ``len`` of the training loader's dataset, which is
+the whole task on every rank (Lightning's ``DistributedSampler`` only chooses each rank's indices), so no collective
+is needed and the padding the sampler adds is not counted; ``num_examples`` (for an ``IterableDataset``) is the
+global size too. Weights and posterior being identical on every rank, so is the prior term
+(:mod:`bayescl.lightning.distributed`).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
             parameters that carry a posterior; ``None`` = every trainable parameter.
         state_key_suffix: distinguishes two instances of the same class on one Trainer.
         num_examples: :math:`N_t` when the training data has no length (an ``IterableDataset``); with a sized
-            dataset its length is used.
+            dataset its length is used. Under DDP it is the global task size (all ranks together).
         batchnorm: ``"freeze"`` keeps BatchNorm's running statistics of the first task (from the second task on
             those layers train in eval mode); ``"train"`` lets them move (see :mod:`bayescl.lightning.batchnorm`).
 
@@ -151,7 +158,7 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ensure_server(pl_module)
         self._fit_params = self.selected_params(pl_module)
-        n = _dataset_size(trainer.train_dataloader)
+        n = _dataset_size(trainer.train_dataloader)  # under DDP: the whole dataset, the global N_t
         if n is None:
             n = self.default_num_examples
         if n is None:

@@ -21,6 +21,13 @@ With ``structure="kron"`` the per-layer precision is a sum of Kronecker products
 prior-gradient cost grow with the tasks). ``online=True`` keeps one site: the diagonal sum is exact; for kron the
 sum is replaced by its nearest single Kronecker pair after every task (``KronGaussian.merge``, an approximation,
 constant memory and cost) — the recipes say which they use.
+
+Under Lightning DDP (``strategy="ddp"``, or ``"ddp_find_unused_parameters_true"`` for a multi-head model) every
+rank holds the same posterior: :math:`N_t` is the global task size (``len`` of the training loader's dataset, the
+whole task on every rank), and the curvature pass splits that dataset between the ranks (indices
+``rank::world_size``, each example once, not the padded shards of ``DistributedSampler``) and all-reduces the sums
+(diagonal Fisher; KFAC's ``Σ ã ãᵀ``, ``G`` and the example count), so every rank adds the same site
+(:mod:`bayescl.lightning.distributed`). Every rank must reach the end of the task: the pass is a collective.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl.curvature import FisherType
 from bayescl.gaussian import Gaussian, laplace_site
 from bayescl.lightning.base import PosteriorCallback
+from bayescl.lightning.distributed import is_distributed, rank_and_world, rank_share, sum_across_ranks
 from bayescl.lightning.structure import Structure, builders_for
+from bayescl.lightning.vcl_noise import mix
 from bayescl.methods.marglik import fit_prior_precision, with_prior_precision
 
 __all__ = ["LaplaceCallback", "Structure"]
@@ -164,12 +173,19 @@ class LaplaceCallback(PosteriorCallback):
     def curvature_site(self, pl_module: nn.Module, dataloader: Iterable[Any],
                        params: dict[str, nn.Parameter] | None = None, progress: bool = False) -> Gaussian:
         """The curvature at the current weights as a site (precision ``N_t F_t``) over ``params`` (default: the
-        selected parameters); ``progress`` shows a progress bar over the pass."""
+        selected parameters); ``progress`` shows a progress bar over the pass.
+
+        Under DDP ``dataloader`` is this rank's share of the task (:meth:`_curvature_data`): the sums are
+        all-reduced, so every rank returns the same site (its Monte Carlo labels are seeded per rank).
+        """
         params = self.selected_params(pl_module) if params is None else params
-        g = torch.Generator(device=next(iter(params.values())).device).manual_seed(self.seed + self.tasks_seen)
+        rank, world = rank_and_world()
+        seed = self.seed + self.tasks_seen if world == 1 else mix(self.seed, self.tasks_seen, rank)
+        g = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
         return self.builders.site(pl_module, dataloader, params=list(params), fisher=self.fisher,
                                   mc_samples=self.mc_samples if self.fisher is FisherType.MC else 1,
-                                  generator=g, max_batches=self.max_batches, progress=progress)
+                                  generator=g, max_batches=self.max_batches, progress=progress,
+                                  reduce=sum_across_ranks if world > 1 else None)
 
     def _low_rank(self, g: Gaussian) -> Gaussian:
         """The one place where ``rank`` / ``rank_diagonal`` are applied (``g`` unchanged without a rank)."""
@@ -181,6 +197,8 @@ class LaplaceCallback(PosteriorCallback):
             data = trainer.train_dataloader
         if data is None:
             raise ValueError("end_task needs a dataloader (none given and the trainer has no train_dataloader).")
+        if is_distributed():  # each rank sums over indices rank::world_size of the whole task, counted once
+            return rank_share(data, self.curvature_batch_size)
         if self.curvature_batch_size is not None and getattr(data, "dataset", None) is not None:
             data = DataLoader(data.dataset, batch_size=self.curvature_batch_size, shuffle=False)
         return data
@@ -276,15 +294,6 @@ class LaplaceCallback(PosteriorCallback):
         return super().forget(task)
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(trainer, "world_size", 1) > 1:
-            raise ValueError(
-                f"LaplaceCallback runs in one process (world_size={trainer.world_size}): each rank would compute its "
-                "curvature on its own shard and the posteriors would drift apart. Use "
-                "bayescl.PosteriorServerStrategy for several workers."
-            )
-        super().setup(trainer, pl_module, stage)
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         if self.server is None or len(self.server) == 0:
             return

@@ -43,6 +43,14 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
   ``coreset_per_task=True`` (the paper's multi-head protocol) instead fine-tunes a fresh copy of ``q̃`` on each
   task's own coreset, before the first test batch of that task (by the batch's ``task_id``).
 
+Under Lightning DDP (``strategy="ddp"``; ``"ddp_find_unused_parameters_true"`` for a multi-head model) every rank
+holds the same posterior: :math:`N_t` is the global task size (see :mod:`bayescl.lightning.base`), the KL gradient
+depends only on the parameters and the prior, which are identical on every rank after DDP's gradient all-reduce,
+and the task's site is computed from those parameters. The training noise is seeded per rank (the rank joins the
+batch's key), so examples on different ranks do not share it. :meth:`prepare_task_data` is deterministic per
+``(seed, task)``: called with the same dataset in every process (the script runs once per rank), it holds out the
+same coreset on every rank.
+
 Checkpoints hold the server (tensors), the coresets and the bookkeeping (``tasks_seen``, whether a task is open,
 which layers it has touched); the layers' parameters are in the module's ``state_dict``. Resuming mid-task with
 ``ckpt_path`` continues the task without re-initialising the layers.
@@ -310,7 +318,8 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self.seed_noise(pl_module, 0, self.tasks_seen, trainer.current_epoch, batch_idx)
+        rank = (trainer.global_rank,) if getattr(trainer, "world_size", 1) > 1 else ()  # one process: as before
+        self.seed_noise(pl_module, 0, self.tasks_seen, trainer.current_epoch, batch_idx, *rank)
 
     def _eval_batch_start(self, pl_module: nn.Module, batch_idx: int, dataloader_idx: int) -> None:
         self.seed_noise(pl_module, 1, dataloader_idx, batch_idx)

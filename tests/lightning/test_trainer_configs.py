@@ -449,15 +449,6 @@ def test_batchnorm_running_stats_after_the_first_task(make_trainer, policy):
     assert list(cb.server.names) == ["task-0", "task-1", "task-2"]
 
 
-# ------------------------------------------------------------------------------ DDP: refused today
-def test_laplace_refuses_several_processes():
-    class TwoRanks:
-        world_size = 2
-
-    with pytest.raises(ValueError, match="world_size=2"):
-        LaplaceCallback().setup(TwoRanks(), Tiny(), "fit")
-
-
 def test_resume_point_of_a_folder_is_its_newest_checkpoint(make_trainer, tmp_path):
     """A new ModelCheckpoint per task writes last.ckpt, then last-v1.ckpt, ...: the folder form finds the newest."""
     import os
