@@ -58,7 +58,8 @@ Limits: synchronous only; every rank must run the same number of optimizer steps
 
 **Checkpoints.** Every Lightning checkpoint holds the server under :attr:`PosteriorServerStrategy.CHECKPOINT_KEY`:
 the shared part (prior, past sites, task counter) and every rank's local state (its own site, the others' share,
-the sync counters and the buffered batches of the next curvature estimate), all-gathered by :meth:`save_checkpoint`
+the sync counters, the buffered batches of the next curvature estimate and, since every worker trains its own
+weights between syncs, rank 1…W−1's weights and optimizer states), all-gathered by :meth:`save_checkpoint`
 (called on every rank by ``Trainer.save_checkpoint``, as Lightning requires) and written by rank 0. A fit with
 ``ckpt_path`` on the same number of workers restores them in :meth:`setup` (each rank takes its own), so a killed
 run resumed from a checkpoint written at an epoch boundary continues to the uninterrupted run's posterior, bit
