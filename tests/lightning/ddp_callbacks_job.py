@@ -1,0 +1,123 @@
+"""The job of ``test_ddp_callbacks.py``: fit two tasks with LaplaceCallback (diag, kron) and VCLCallback, in DDP.
+
+``python tests/lightning/ddp_callbacks_job.py DEVICES OUT [METHOD ...]`` (methods: :data:`METHODS`): with ``DEVICES=2`` Lightning's DDP launcher
+re-runs this file for rank 1 (gloo, CPU); with ``DEVICES=1`` it is the one-process reference on the same data with
+the same *global* batch (``2 * BS``): with an unshuffled ``DistributedSampler`` rank ``r`` takes examples
+``r, r + 2, …``, so the union of the two ranks' k-th batches is the k-th batch of the one-process run. Every rank
+saves ``OUT/<method>-rank<r>.pt`` (the server's state after each task, the weights, the coresets); the two-process
+run also writes a ``last.ckpt`` per task under ``OUT/ckpt-<method>-<task>``. ``BAYESCL_TEST_NO_REDUCE=1`` replaces
+the curvature all-reduce by the identity (to see the test fail).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+BS, EPOCHS, HIDDEN, N_TRAIN, CORESET = 8, 2, (8,), 32, 4
+#: "vcl" trains without weight noise (comparable with one process); "vcl-noisy" as users do (DDP only)
+METHODS = ("diag", "kron", "vcl", "vcl-noisy")
+
+
+def task_data(task: int, method: str):
+    """A task's training set: ``N_TRAIN`` examples (after VCL's coreset is held out: ``N_TRAIN + CORESET``)."""
+    from bayescl import synthetic_stream
+
+    n = N_TRAIN + (CORESET if method.startswith("vcl") else 0)
+    return synthetic_stream(num_tasks=2, n_train=n, n_test=4, seed=0)[task].train
+
+
+def make_module():
+    from bayescl import ClassifierModule, MultiHeadMLP
+
+    torch.manual_seed(0)
+    return ClassifierModule(MultiHeadMLP(hidden=HIDDEN, num_tasks=2), num_tasks=2, lr=1e-2)
+
+
+def make_callback(method: str):
+    from bayescl import LaplaceCallback, VCLCallback
+
+    if method.startswith("vcl"):
+        return VCLCallback(coreset_size=CORESET, coreset_epochs=0, test_samples=1)
+    # the exact Fisher: no sampled labels, so the two-process pass sums the same terms as the one-process one
+    return LaplaceCallback(structure=method, fisher="exact", predictive_prior_precision="train")
+
+
+def make_trainer(devices: int, callbacks: list, ckpt_dir: Path | None, precision: str):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.strategies import DDPStrategy
+
+    if ckpt_dir is not None:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
+    strategy = (DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timedelta(seconds=60))
+                if devices > 1 else "auto")  # the multi-head model leaves the other task's head unused
+    return pl.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=EPOCHS, logger=False,
+                      precision=precision, enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                      use_distributed_sampler=False)
+
+
+def _set_stochastic(module, on: bool) -> None:
+    from bayescl.methods.variational import set_stochastic
+
+    set_stochastic(module, on)
+
+
+def _no_noise(module, on: bool) -> None:
+    _set_stochastic(module, False)
+
+
+def loader(data, devices: int) -> DataLoader:
+    """Unshuffled: in DDP an explicit ``DistributedSampler(shuffle=False)`` (Lightning's own would shuffle), built
+    before the process group exists, from the rank Lightning's launcher puts in ``LOCAL_RANK``."""
+    if devices == 1:
+        return DataLoader(data, batch_size=2 * BS, shuffle=False)
+    sampler = DistributedSampler(data, num_replicas=devices, rank=int(os.environ.get("LOCAL_RANK", "0")), shuffle=False)
+    return DataLoader(data, batch_size=BS, sampler=sampler)
+
+
+def run(method: str, devices: int, out: Path) -> None:
+    from bayescl.lightning import vcl
+
+    # The weight noise is drawn per rank, so no two-process run draws the one-process run's noise: "vcl" switches
+    # it off (the layers use their means; the KL term, N_t and the task's site are what DDP changes).
+    vcl.set_stochastic = _no_noise if method == "vcl" else _set_stochastic
+    module, cb = make_module(), make_callback(method)
+    record: dict = {"servers": []}
+    rank = 0
+    for task in range(2):
+        data = task_data(task, method)
+        if method.startswith("vcl"):
+            data = cb.prepare_task_data(data)
+        ckpt = out / f"ckpt-{method}-{task}" if devices > 1 else None
+        # float64 for Laplace (tight comparisons); VCL in float32 (its server does not follow a float64 module)
+        trainer = make_trainer(devices, [cb], ckpt, "32-true" if method.startswith("vcl") else "64-true")
+        trainer.fit(module, loader(data, devices))
+        rank = trainer.global_rank
+        record["servers"].append(cb.server.state_dict())
+        record[f"num_examples{task}"] = cb.num_examples
+    record["weights"] = {n: p.detach().clone() for n, p in module.named_parameters()}
+    if method.startswith("vcl"):
+        record["coresets"] = {t: list(c) for t, c in cb.coresets.items()}
+    torch.save(record, out / f"{method}-rank{rank}.pt")
+
+
+def main(devices: int, out: Path, methods: list[str]) -> None:
+    warnings.filterwarnings("ignore")
+    if os.environ.get("BAYESCL_TEST_NO_REDUCE") == "1":
+        from bayescl.lightning import laplace
+
+        laplace.sum_across_ranks = list  # each rank keeps its own half of the curvature
+    for method in methods:
+        run(method, devices, out)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(METHODS))

@@ -1,0 +1,173 @@
+"""LaplaceCallback (diag, kron) and VCLCallback under Lightning DDP: 2 CPU processes (gloo) against one process.
+
+The runs are subprocesses (``ddp_callbacks_job.py``; Lightning's launcher re-runs it for rank 1), each in its own
+session, bounded by one deadline and killed as a group afterwards, so pytest stays single-process and never hangs.
+Two tasks of 32 examples, unshuffled, 8 per rank and step: the one-process reference takes batches of 16, the union of
+the two ranks' batches. Setting ``BAYESCL_TEST_NO_REDUCE=1`` removes the curvature all-reduce: the comparisons with
+one process then fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = Path(__file__).resolve().parent / "ddp_callbacks_job.py"
+sys.path.insert(0, str(JOB.parent))
+import ddp_callbacks_job as job
+
+COMPARED = ("diag", "kron", "vcl")
+
+
+def _start(devices: int, out: Path, methods: tuple[str, ...]):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    env.pop("LOCAL_RANK", None)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / "job.log", "w")  # noqa: SIM115 - closed by _finish
+    proc = subprocess.Popen([sys.executable, str(JOB), str(devices), str(out), *methods], cwd=ROOT, env=env,
+                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, fh
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _finish(out: Path, proc, fh, deadline: float) -> tuple[int | None, str, bool]:
+    """``(returncode or None if it ran past the deadline, log, whether a process of its group outlived the kill)``."""
+    try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        try:  # the whole session: rank 1 included, whatever happened
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        fh.close()
+    end = time.monotonic() + 5.0
+    while _group_alive(proc.pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    return rc, (out / "job.log").read_text(), _group_alive(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The two-process run (every method) and the one-process reference, started together with one deadline."""
+    outs = {2: tmp_path_factory.mktemp("two"), 1: tmp_path_factory.mktemp("one")}
+    started = {2: _start(2, outs[2], job.METHODS), 1: _start(1, outs[1], COMPARED)}
+    deadline = time.monotonic() + 120.0
+    return {d: (*_finish(outs[d], *started[d], deadline), outs[d]) for d in (2, 1)}
+
+
+def _out(runs, devices: int) -> Path:
+    rc, log, _alive, out = runs[devices]
+    assert rc is not None, f"the {devices}-process run hung past the deadline:\n{log[-3000:]}"
+    assert rc == 0, log[-3000:]
+    return out
+
+
+def _numbers(state):
+    """``state`` without the ``tag`` of Kronecker terms (random identifiers, drawn per process, not numbers)."""
+    if isinstance(state, dict):
+        return {k: _numbers(v) for k, v in state.items() if k != "tag"}
+    if isinstance(state, (list, tuple)):
+        return [_numbers(v) for v in state]
+    return state
+
+
+def _load(path: Path) -> dict:
+    return _numbers(torch.load(path, weights_only=False))
+
+
+def test_no_process_outlives_the_runs(runs):
+    assert not any(runs[d][2] for d in runs), "a process of a DDP run survived the kill of its session"
+
+
+@pytest.mark.parametrize("method", job.METHODS)
+def test_both_ranks_hold_the_same_posterior_bit_for_bit(runs, method, assert_bitwise_equal):
+    out = _out(runs, 2)
+    r0, r1 = _load(out / f"{method}-rank0.pt"), _load(out / f"{method}-rank1.pt")
+    assert r0["num_examples0"] == r0["num_examples1"] == job.N_TRAIN  # N_t: the global task size
+    assert len(r0["servers"][1]["sites"]) == 2
+    assert_bitwise_equal(r0, r1)  # servers after each task, weights (and VCL's coresets)
+
+
+@pytest.mark.parametrize("method", COMPARED)
+def test_two_processes_equal_one_process_on_the_union(runs, method):
+    two, one = _load(_out(runs, 2) / f"{method}-rank0.pt"), _load(_out(runs, 1) / f"{method}-rank0.pt")
+    assert two["num_examples0"] == one["num_examples0"] == job.N_TRAIN
+    rtol = 1e-4 if method == "vcl" else 1e-10  # VCL trains in float32, Laplace in float64
+
+    def close(a, b, path):
+        if isinstance(a, torch.Tensor):
+            assert a.shape == b.shape and a.dtype == b.dtype, path
+            if a.numel():
+                assert float((a - b).abs().max()) <= rtol * float(b.abs().max()) + 1e-12, path
+        elif isinstance(a, dict):
+            assert list(a) == list(b), path
+            for k in a:
+                close(a[k], b[k], f"{path}/{k}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), path
+            for i, (x, y) in enumerate(zip(a, b)):
+                close(x, y, f"{path}/{i}")
+        else:
+            assert a == b, path
+
+    close(two, one, method)
+
+
+def test_vcl_coresets_are_the_same_on_every_rank(runs):
+    out = _out(runs, 2)
+    for method in ("vcl", "vcl-noisy"):
+        c0, c1 = _load(out / f"{method}-rank0.pt")["coresets"], _load(out / f"{method}-rank1.pt")["coresets"]
+        assert sorted(c0) == sorted(c1) == [0, 1]
+        for t in c0:
+            assert len(c0[t][0]) == job.CORESET
+            assert all(torch.equal(a, b) for a, b in zip(c0[t], c1[t]))
+
+
+class _Restored(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["diag", "kron", "vcl-noisy"])
+def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, method, assert_bitwise_equal):
+    import pytorch_lightning as pl
+
+    out = _out(runs, 2)
+    ckpt = out / f"ckpt-{method}-1" / "last.ckpt"  # written (by rank 0) after task 1 was committed
+    assert ckpt.is_file()
+    module, cb, seen = job.make_module(), job.make_callback(method), {}
+
+    class Capture(pl.Callback):  # first in the list: sees the restored state before anything trains
+        def on_train_start(self, trainer, pl_module):
+            seen["server"] = _numbers(cb.server.state_dict())
+            seen["coresets"] = {t: list(c) for t, c in getattr(cb, "coresets", {}).items()}
+            raise _Restored
+
+    precision = "32-true" if method.startswith("vcl") else "64-true"
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         precision=precision, callbacks=[Capture(), cb])
+    with pytest.raises(_Restored):
+        trainer.fit(module, job.loader(job.task_data(1, method), 1), ckpt_path=ckpt)
+    saved = _load(out / f"{method}-rank0.pt")
+    assert_bitwise_equal(seen["server"], saved["servers"][1])
+    if method.startswith("vcl"):
+        assert_bitwise_equal(seen["coresets"], saved["coresets"])
