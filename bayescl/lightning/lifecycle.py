@@ -197,5 +197,6 @@ class TaskLifecycle:
                     self._warn_once("monitor", f"ModelCheckpoint(monitor={ck.monitor!r}) without save_last: none of "
                                                "its files holds this task's site; add save_last=True.")
                 continue
-            if os.path.exists(path):
+            # rank 0 wrote the file: its answer holds for every rank (save_checkpoint has a barrier inside)
+            if trainer.strategy.broadcast(os.path.exists(path)):
                 trainer.save_checkpoint(path, weights_only=ck.save_weights_only)
