@@ -53,7 +53,10 @@ moves about twice that), :attr:`bytes_gathered` the end-of-task collective (``W 
 ``gather_sites=False``); both stay 0 with one worker. Data-parallel SGD all-reduces ``P`` floats every step.
 
 Limits: synchronous only; every rank must run the same number of optimizer steps (Lightning's
-``DistributedSampler`` pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails;
+``DistributedSampler`` pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails.
+A rank that dies, fails or stalls fails the run: the others' next collective raises within ``timeout`` a
+``RuntimeError`` naming the rank, the step and the sync, and with the ``popen`` launcher rank 0 then kills the
+workers it started (:meth:`PosteriorServerStrategy.on_exception`), so none is left behind;
 ``precision='16-mixed'`` with a ``GradScaler`` is refused (the term would be added to scaled gradients).
 
 **Checkpoints.** Every Lightning checkpoint holds the server under :attr:`PosteriorServerStrategy.CHECKPOINT_KEY`:
@@ -68,8 +71,10 @@ for bit. Mid-epoch, Lightning restarts the epoch's data unless the loader is sta
 
 from __future__ import annotations
 
+import signal
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -116,7 +121,8 @@ class PosteriorServerStrategy(DDPStrategy):
         gather_sites: at the end of a task, all-gather the worker sites (one site per (task, worker), ``W × 2P``
             floats); ``False`` all-reduces them into one site ``SiteKey(t)`` (``2P`` floats).
         seed: seeds the Monte Carlo labels (with the rank and the sync index).
-        timeout: timeout of every collective; a worker that dies or stalls makes the others fail after it.
+        timeout: timeout of every collective; a worker that dies or stalls makes the others fail after it, with a
+            ``RuntimeError`` naming the rank, the step and the sync.
         process_group_backend: ``None`` picks gloo on CPU, nccl on CUDA.
         start_method: as :class:`~pytorch_lightning.strategies.DDPStrategy` (``"popen"`` re-runs the script).
     """
@@ -160,6 +166,7 @@ class PosteriorServerStrategy(DDPStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout, start_method=start_method)
+        self.collective_timeout = timeout
         self.sync_every = check_positive_int(sync_every, "sync_every")
         self.damping = None if damping is None else check_real(damping, "damping", low=0.0, high=1.0, low_open=True)
         self.prior_precision = check_real(prior_precision, "prior_precision", low=0.0, low_open=True)
@@ -249,11 +256,29 @@ class PosteriorServerStrategy(DDPStrategy):
 
     def _all_reduce_sum(self, vec: Tensor) -> Tensor:
         """``Σ_ranks vec`` (collective; a copy of ``vec`` without a process group)."""
-        return ops.all_reduce_sum(vec, self.root_device, self.world)
+        with self._collective("the all-reduce of a sync"):
+            return ops.all_reduce_sum(vec, self.root_device, self.world)
 
     def _all_gather(self, vec: Tensor) -> list[Tensor]:
         """``[vec of rank 0, …, vec of rank W−1]`` (collective; ``[vec]`` without a process group)."""
-        return ops.all_gather(vec, self.root_device, self.world)
+        with self._collective("the all-gather of the sites at the end of the task"):
+            return ops.all_gather(vec, self.root_device, self.world)
+
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Re-raise a failed collective as a ``RuntimeError`` naming this rank, the step and the sync."""
+        try:
+            yield
+        except Exception as e:
+            try:
+                step: Any = self.lightning_module.trainer.global_step
+            except (AttributeError, RuntimeError):  # no module, or a module outside a Trainer
+                step = "?"
+            raise RuntimeError(
+                f"PosteriorServerStrategy: rank {self.global_rank} of {self.world}, after optimizer step {step} "
+                f"(sync {self.num_syncs + 1}): {what} failed: another worker died, failed or stalled for longer than "
+                f"timeout={self.collective_timeout} (its log names the cause). The run stops; resume it from the last "
+                f"checkpoint. {type(e).__name__}: {e}") from e
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer) -> None:
@@ -411,6 +436,16 @@ class PosteriorServerStrategy(DDPStrategy):
         if self._steps_since_sync >= self.sync_every:
             self.sync()
         return out
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A failed rank stops the others: with Lightning's script launcher (``start_method="popen"``), rank 0 kills
+        the worker processes it started, so that a stalled one does not outlive the run (Lightning does this itself
+        only for ``KeyboardInterrupt``; it kills rank 0 when a child dies). Under ``torchrun`` or SLURM their
+        launcher stops the job when a rank exits with an error."""
+        super().on_exception(exception)
+        launcher = self.launcher
+        if self.global_rank == 0 and launcher is not None and hasattr(launcher, "kill") and self.world > 1:
+            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
 
     def on_train_end(self) -> None:
         super().on_train_end()

@@ -1,5 +1,6 @@
-"""PosteriorServerStrategy checkpoints: a 2-process (gloo) run killed after a checkpoint inside a task and resumed in
-a fresh 2-process run ends on the uninterrupted run's server, bit for bit.
+"""PosteriorServerStrategy checkpoints and failures: a 2-process (gloo) run killed after a checkpoint inside a task
+and resumed in a fresh 2-process run ends on the uninterrupted run's server, bit for bit; a rank that stalls fails
+the run within the collective timeout, and no process is left.
 
 As in ``test_strategy.py`` the runs are subprocesses of this file (``python tests/lightning/test_strategy_resume.py
 MODE OUT [CKPT]``; Lightning's ``popen`` launcher re-runs it for rank 1), each in its own session, bounded by a
@@ -29,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BS, K, KILL_EPOCH = 4, 16, 3, 2  # the run is killed at the start of epoch KILL_EPOCH (0-based)
 CKPT = f"epoch={KILL_EPOCH - 1}.ckpt"
+STALL_TIMEOUT = 8  # seconds, the collective timeout of the stalling run
 
 
 # ================================================================================ subprocess entry point
@@ -46,8 +48,8 @@ def _main(mode: str, out: Path, ckpt: str | None) -> None:
     torch.manual_seed(0)
     module = ClassifierModule(MultiHeadMLP(hidden=(16,), num_tasks=2), num_tasks=2, lr=1e-2)
     data = synthetic_stream(num_tasks=2, n_train=64, n_test=16, seed=0)[0].train
-    strategy = PosteriorServerStrategy(sync_every=K, fisher="exact", fisher_batches=3, timeout=timedelta(seconds=30),
-                                       process_group_backend="gloo")
+    strategy = PosteriorServerStrategy(sync_every=K, fisher="exact", fisher_batches=3, process_group_backend="gloo",
+                                       timeout=timedelta(seconds=STALL_TIMEOUT if mode == "stall" else 30))
 
     class Kill(pl.Callback):
         """SIGKILL this rank at the start of epoch KILL_EPOCH: nothing of Lightning's teardown runs."""
@@ -68,8 +70,17 @@ def _main(mode: str, out: Path, ckpt: str | None) -> None:
 
     callbacks = [Record(), ModelCheckpoint(dirpath=out, filename="{epoch}", every_n_epochs=1, save_top_k=-1,
                                  save_on_train_epoch_end=True)]
+    class Stall(pl.Callback):
+        """Rank 1 hangs (outside any collective) at the start of step 4; rank 0 waits at the sync of step 6."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1 and trainer.global_step == 4:
+                time.sleep(10**6)
+
     if mode == "stop":
         callbacks.append(Kill())
+    if mode == "stall":
+        callbacks.append(Stall())
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=EPOCHS, logger=False,
                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
@@ -144,6 +155,43 @@ def test_killed_run_resumed_from_its_checkpoint_ends_on_the_uninterrupted_poster
         _server_equal(a["server"], b["server"])
         for n, w in a["weights"].items():
             assert torch.equal(w, b["weights"][n]), n
+
+
+def _live_processes(pgid: int) -> list[int]:
+    """The processes of the process group ``pgid`` that are not zombies (Linux ``/proc``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts the run's processes through /proc")
+def test_a_stalled_rank_fails_the_run_within_the_timeout_and_leaves_no_process(tmp_path):
+    start = time.monotonic()
+    proc, fh = _start("stall", tmp_path)
+    try:
+        rc = proc.wait(timeout=STALL_TIMEOUT + 50.0)  # startup (~10 s on 2 busy cores) + 4 steps + the timeout
+    except subprocess.TimeoutExpired:
+        rc = None
+    elapsed = time.monotonic() - start
+    left = _live_processes(proc.pid)  # before the clean-up below: the run must not leave its rank 1 behind
+    deadline = time.monotonic() + 5.0
+    while left and time.monotonic() < deadline:  # a killed process may take a moment to go
+        time.sleep(0.2)
+        left = _live_processes(proc.pid)
+    _, log = _finish(tmp_path, proc, fh, time.monotonic(), "stall")
+    assert rc is not None and rc != 0, log[-3000:]
+    assert not left, f"processes {left} outlived the run:\n{log[-3000:]}"
+    assert "PosteriorServerStrategy: rank 0 of 2, after optimizer step 5 (sync 2)" in log, log[-3000:]
+    assert f"timeout={timedelta(seconds=STALL_TIMEOUT)}" in log
+    assert not (tmp_path / "rank0.pt").exists()
+    print(f"stalled run failed after {elapsed:.1f} s")
 
 
 def test_resume_on_another_number_of_workers_raises():
