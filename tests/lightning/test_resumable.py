@@ -28,7 +28,7 @@ def test_order_depends_on_seed_and_epoch_only():
     torch.manual_seed(123)  # the global generator plays no part
     assert _batches(b) == first
     a.sampler.set_epoch(1)
-    assert _batches(a) != first and sorted(sum(_batches(a), [])) == list(range(10))
+    assert _batches(a) != first and sorted(x for b in _batches(a) for x in b) == list(range(10))
     assert _batches(ResumableDataLoader(DATA, batch_size=3, shuffle=True, seed=2)) != first
     assert _batches(ResumableDataLoader(DATA, batch_size=3)) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
 
