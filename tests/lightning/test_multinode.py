@@ -1,0 +1,146 @@
+"""LaplaceCallback (diag, kron) under DDP with 2 nodes × 1 process on loopback, against one process on the union.
+
+Two node processes (``multinode_job.py`` with ``NODE_RANK=0`` and ``1``, ``MASTER_ADDR=127.0.0.1``, a free
+``MASTER_PORT``) and the one-process reference (``ddp_callbacks_job.py 1``) run as subprocesses, each in its own
+session, bounded by one deadline and killed as groups afterwards: pytest stays single-process and no process outlives
+the test. Both nodes must hold the same posterior bit for bit, equal to the one-process run's to float64 tolerance. With ``BAYESCL_TEST_NO_REDUCE=1`` (no curvature all-reduce)
+those comparisons fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+METHODS = ("diag", "kron")
+N_TRAIN = 32  # ddp_callbacks_job.N_TRAIN: the global task size
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], log: Path, **extra: str):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", *(() if "NODE_RANK" in extra else ("NODE_RANK",))):
+        env.pop(name, None)
+    if "MASTER_PORT" not in extra:
+        env.pop("MASTER_PORT", None)
+    fh = open(log, "w")  # noqa: SIM115 - closed by _finish
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, fh, log
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _finish(proc, fh, log: Path, deadline: float) -> tuple[int | None, str, bool]:
+    """``(returncode or None past the deadline, log, whether a process of its session outlived the kill)``."""
+    try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        fh.close()
+    end = time.monotonic() + 5.0
+    while _group_alive(proc.pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    return rc, log.read_text(), _group_alive(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Node 1, node 0 and the one-process reference, started together and bounded by one 90 s deadline."""
+    out = tmp_path_factory.mktemp("multinode")
+    (out / "one").mkdir()
+    node = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    job = [str(HERE / "multinode_job.py"), str(out), *METHODS]
+    started = {
+        "node1": _start(job, out / "node1.log", NODE_RANK="1", **node),
+        "node0": _start(job, out / "node0.log", NODE_RANK="0", **node),
+        "one": _start([str(HERE / "ddp_callbacks_job.py"), "1", str(out / "one"), *METHODS], out / "one.log"),
+    }
+    deadline = time.monotonic() + 90.0
+    return out, {name: _finish(*started[name], deadline) for name in started}
+
+
+def _out(runs) -> Path:
+    out, results = runs
+    for name, (rc, log, _alive) in results.items():
+        assert rc is not None, f"{name} hung past the deadline:\n{log[-3000:]}"
+        assert rc == 0, f"{name} failed:\n{log[-3000:]}"
+    return out
+
+
+def _numbers(state):
+    """``state`` without the ``tag`` of Kronecker terms (random identifiers drawn per process, not numbers)."""
+    if isinstance(state, dict):
+        return {k: _numbers(v) for k, v in state.items() if k != "tag"}
+    if isinstance(state, (list, tuple)):
+        return [_numbers(v) for v in state]
+    return state
+
+
+def _load(path: Path) -> dict:
+    return _numbers(torch.load(path, weights_only=False))
+
+
+def _close(a, b, path: str, rtol: float = 1e-10) -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if a.numel():
+            assert float((a - b).abs().max()) <= rtol * float(b.abs().max()) + 1e-12, path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}/{k}", rtol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}/{i}", rtol)
+    else:
+        assert a == b, path
+
+
+def test_no_process_outlives_the_runs(runs):
+    _out, results = runs
+    assert not any(alive for _rc, _log, alive in results.values()), "a process survived the kill of its session"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_both_nodes_hold_the_same_posterior_bit_for_bit(runs, method, assert_bitwise_equal):
+    out = _out(runs)
+    n0, n1 = _load(out / f"{method}-node0.pt"), _load(out / f"{method}-node1.pt")
+    assert n0["num_examples0"] == n0["num_examples1"] == N_TRAIN  # N_t: the global task size, not a node's half
+    assert len(n0["servers"][1]["sites"]) == 2
+    assert_bitwise_equal(n0, n1)  # servers after each task and the weights
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_nodes_equal_one_process_on_the_union(runs, method):
+    out = _out(runs)
+    two, one = _load(out / f"{method}-node0.pt"), _load(out / "one" / f"{method}-rank0.pt")
+    _close(two, one, method)
