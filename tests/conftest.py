@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,48 @@ def _bitwise_equal(a, b, path: str = "state") -> None:
 def assert_bitwise_equal():
     """``assert_bitwise_equal(a, b)``: nested states with the same keys and bit-identical tensors."""
     return _bitwise_equal
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Job:
+    """A subprocess of a test: its own session (so its whole process group can be killed), output to ``log``.
+
+    :meth:`finish` waits until ``deadline`` (``time.monotonic()``) at most, then kills the group whatever happened.
+    """
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+        self.log = log
+        self._fh = open(log, "w")  # noqa: SIM115 - closed by finish
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def finish(self, deadline: float) -> tuple[int | None, str, bool]:
+        """``(returncode, or None if it ran past the deadline; the log; whether a process outlived the kill)``."""
+        try:
+            rc = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+            self._fh.close()
+        end = time.monotonic() + 5.0
+        while _group_alive(self.proc.pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        return rc, self.log.read_text(), _group_alive(self.proc.pid)
+
+
+@pytest.fixture(scope="session")
+def start_job():
+    """``start_job(cmd, log, env=None)`` starts a :class:`Job` (a bounded, killable subprocess of a test)."""
+    return Job

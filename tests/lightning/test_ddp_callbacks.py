@@ -10,8 +10,6 @@ one process then fail.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,51 +25,21 @@ import ddp_callbacks_job as job
 COMPARED = ("diag", "kron", "vcl")
 
 
-def _start(devices: int, out: Path, methods: tuple[str, ...]):
+def _start(start_job, devices: int, out: Path, methods: tuple[str, ...]):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
     env.pop("LOCAL_RANK", None)
     out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / "job.log", "w")  # noqa: SIM115 - closed by _finish
-    proc = subprocess.Popen([sys.executable, str(JOB), str(devices), str(out), *methods], cwd=ROOT, env=env,
-                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, fh
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _finish(out: Path, proc, fh, deadline: float) -> tuple[int | None, str, bool]:
-    """``(returncode or None if it ran past the deadline, log, whether a process of its group outlived the kill)``."""
-    try:
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        try:  # the whole session: rank 1 included, whatever happened
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        fh.close()
-    end = time.monotonic() + 5.0
-    while _group_alive(proc.pid) and time.monotonic() < end:
-        time.sleep(0.05)
-    return rc, (out / "job.log").read_text(), _group_alive(proc.pid)
+    return start_job([sys.executable, str(JOB), str(devices), str(out), *methods], out / "job.log", env=env)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, start_job):
     """The two-process run (every method) and the one-process reference, started together with one deadline."""
     outs = {2: tmp_path_factory.mktemp("two"), 1: tmp_path_factory.mktemp("one")}
-    started = {2: _start(2, outs[2], job.METHODS), 1: _start(1, outs[1], COMPARED)}
+    started = {2: _start(start_job, 2, outs[2], job.METHODS), 1: _start(start_job, 1, outs[1], COMPARED)}
     deadline = time.monotonic() + 120.0
-    return {d: (*_finish(outs[d], *started[d], deadline), outs[d]) for d in (2, 1)}
+    return {d: (*started[d].finish(deadline), outs[d]) for d in (2, 1)}
 
 
 def _out(runs, devices: int) -> Path:

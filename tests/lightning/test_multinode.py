@@ -10,9 +10,7 @@ those comparisons fail.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,59 +30,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], log: Path, **extra: str):
+def _start(start_job, args: list[str], log: Path, **extra: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
     for name in ("LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", *(() if "NODE_RANK" in extra else ("NODE_RANK",))):
         env.pop(name, None)
     if "MASTER_PORT" not in extra:
         env.pop("MASTER_PORT", None)
-    fh = open(log, "w")  # noqa: SIM115 - closed by _finish
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    return proc, fh, log
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _finish(proc, fh, log: Path, deadline: float) -> tuple[int | None, str, bool]:
-    """``(returncode or None past the deadline, log, whether a process of its session outlived the kill)``."""
-    try:
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        fh.close()
-    end = time.monotonic() + 5.0
-    while _group_alive(proc.pid) and time.monotonic() < end:
-        time.sleep(0.05)
-    return rc, log.read_text(), _group_alive(proc.pid)
+    return start_job([sys.executable, *args], log, env=env)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, start_job):
     """Node 1, node 0 and the one-process reference, started together and bounded by one 90 s deadline."""
     out = tmp_path_factory.mktemp("multinode")
     (out / "one").mkdir()
     node = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     job = [str(HERE / "multinode_job.py"), str(out), *METHODS]
     started = {
-        "node1": _start(job, out / "node1.log", NODE_RANK="1", **node),
-        "node0": _start(job, out / "node0.log", NODE_RANK="0", **node),
-        "one": _start([str(HERE / "ddp_callbacks_job.py"), "1", str(out / "one"), *METHODS], out / "one.log"),
+        "node1": _start(start_job, job, out / "node1.log", NODE_RANK="1", **node),
+        "node0": _start(start_job, job, out / "node0.log", NODE_RANK="0", **node),
+        "one": _start(start_job, [str(HERE / "ddp_callbacks_job.py"), "1", str(out / "one"), *METHODS],
+                      out / "one.log"),
     }
     deadline = time.monotonic() + 90.0
-    return out, {name: _finish(*started[name], deadline) for name in started}
+    return out, {name: started[name].finish(deadline) for name in started}
 
 
 def _out(runs) -> Path:

@@ -8,8 +8,6 @@ timeout, so pytest itself stays single-process and never hangs.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -115,39 +113,22 @@ def _main(mode: str, out: Path) -> None:
     torch.save(rec, out / f"rank{rank}.pt")
 
 
-def _start(mode: str, out: Path):
+def _start(start_job, mode: str, out: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
     out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / f"{mode}.log", "w")  # noqa: SIM115 - closed by _finish
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, str(out)], cwd=ROOT, env=env,
-                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, fh
-
-
-def _finish(mode: str, out: Path, proc, fh, deadline: float) -> tuple[int | None, str]:
-    try:
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        try:  # the whole session: rank 1 included, whatever happened
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        fh.close()
-    return rc, (out / f"{mode}.log").read_text()
+    return start_job([sys.executable, str(Path(__file__).resolve()), mode, str(out)], out / f"{mode}.log", env=env)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, start_job):
     """The three multi-process runs, started together (they spend most of their time importing) with one
     deadline; each result is ``(returncode or None if it hung, log text, output folder)``."""
     modes = ("one", "two", "fail")
     outs = {m: tmp_path_factory.mktemp(m) for m in modes}
-    started = {m: _start(m, outs[m]) for m in modes}
+    started = {m: _start(start_job, m, outs[m]) for m in modes}
     deadline = time.monotonic() + 150.0
-    return {m: (*_finish(m, outs[m], *started[m], deadline), outs[m]) for m in modes}
+    return {m: (*started[m].finish(deadline)[:2], outs[m]) for m in modes}
 
 
 def _result(runs, mode: str, ok: bool = True):

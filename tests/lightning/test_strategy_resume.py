@@ -91,28 +91,12 @@ def _main(mode: str, out: Path, ckpt: str | None) -> None:
 
 
 # ================================================================================ the test
-def _start(mode: str, out: Path, *extra: str):
+def _start(start_job, mode: str, out: Path, *extra: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
     out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / f"{mode}.log", "w")  # noqa: SIM115 - closed by _finish
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), mode, str(out), *extra], cwd=ROOT,
-                            env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, fh
-
-
-def _finish(out: Path, proc, fh, deadline: float, mode: str) -> tuple[int | None, str]:
-    try:
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        try:  # the whole session: rank 1 included, whatever happened
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        fh.close()
-    return rc, (out / f"{mode}.log").read_text()
+    return start_job([sys.executable, str(Path(__file__).resolve()), mode, str(out), *extra], out / f"{mode}.log",
+                     env=env)
 
 
 def _server_equal(a: dict, b: dict) -> None:
@@ -123,12 +107,12 @@ def _server_equal(a: dict, b: dict) -> None:
                 assert torch.equal(t, b["sites"][name][key][n]), f"site {name} {key} {n} differs"
 
 
-def test_killed_run_resumed_from_its_checkpoint_ends_on_the_uninterrupted_posterior(tmp_path):
+def test_killed_run_resumed_from_its_checkpoint_ends_on_the_uninterrupted_posterior(tmp_path, start_job):
     deadline = time.monotonic() + 100.0
     full, stop = tmp_path / "full", tmp_path / "stop"
-    runs = {"full": _start("full", full), "stop": _start("stop", stop)}  # both spend most of their time importing
-    rc_full, log_full = _finish(full, *runs["full"], deadline, "full")
-    rc_stop, log_stop = _finish(stop, *runs["stop"], deadline, "stop")
+    runs = {"full": _start(start_job, "full", full), "stop": _start(start_job, "stop", stop)}  # mostly importing
+    rc_full, log_full, _ = runs["full"].finish(deadline)
+    rc_stop, log_stop, _ = runs["stop"].finish(deadline)
     assert rc_full == 0, log_full[-3000:]
     assert rc_stop is not None and rc_stop != 0, log_stop[-3000:]  # killed (SIGKILL), not finished
     assert not (stop / "rank0.pt").exists() and (stop / CKPT).exists(), log_stop[-3000:]
@@ -143,7 +127,7 @@ def test_killed_run_resumed_from_its_checkpoint_ends_on_the_uninterrupted_poster
                            state["workers"][1]["own"]["eta"]["model.trunk.1.weight"])  # each rank's own site
 
     resumed = tmp_path / "resumed"
-    rc, log = _finish(resumed, *_start("resume", resumed, str(stop / CKPT)), deadline + 40.0, "resume")
+    rc, log, _ = _start(start_job, "resume", resumed, str(stop / CKPT)).finish(deadline + 40.0)
     assert rc == 0, log[-3000:]
     for r in (0, 1):
         a = torch.load(full / f"rank{r}.pt", weights_only=False)
@@ -172,9 +156,10 @@ def _live_processes(pgid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts the run's processes through /proc")
-def test_a_stalled_rank_fails_the_run_within_the_timeout_and_leaves_no_process(tmp_path):
+def test_a_stalled_rank_fails_the_run_within_the_timeout_and_leaves_no_process(tmp_path, start_job):
     start = time.monotonic()
-    proc, fh = _start("stall", tmp_path)
+    job = _start(start_job, "stall", tmp_path)
+    proc = job.proc
     try:
         rc = proc.wait(timeout=STALL_TIMEOUT + 50.0)  # startup (~10 s on 2 busy cores) + 4 steps + the timeout
     except subprocess.TimeoutExpired:
@@ -185,7 +170,7 @@ def test_a_stalled_rank_fails_the_run_within_the_timeout_and_leaves_no_process(t
     while left and time.monotonic() < deadline:  # a killed process may take a moment to go
         time.sleep(0.2)
         left = _live_processes(proc.pid)
-    _, log = _finish(tmp_path, proc, fh, time.monotonic(), "stall")
+    _, log, _ = job.finish(time.monotonic())
     assert rc is not None and rc != 0, log[-3000:]
     assert not left, f"processes {left} outlived the run:\n{log[-3000:]}"
     assert "PosteriorServerStrategy: rank 0 of 2, after optimizer step 5 (sync 2)" in log, log[-3000:]
