@@ -25,6 +25,20 @@ BS, EPOCHS, HIDDEN, N_TRAIN, CORESET = 8, 2, (8,), 32, 4
 METHODS = ("diag", "kron", "vcl", "vcl-noisy")
 
 
+def numbers_only(state):
+    """``state`` without the ``tag`` of Kronecker terms (random identifiers drawn per process, not numbers)."""
+    if isinstance(state, dict):
+        return {k: numbers_only(v) for k, v in state.items() if k != "tag"}
+    if isinstance(state, (list, tuple)):
+        return [numbers_only(v) for v in state]
+    return state
+
+
+def load_numbers(path: Path) -> dict:
+    """A record a job saved, without the Kronecker terms' tags."""
+    return numbers_only(torch.load(path, weights_only=False))
+
+
 def task_data(task: int, method: str):
     """A task's training set: ``N_TRAIN`` examples (after VCL's coreset is held out: ``N_TRAIN + CORESET``)."""
     from bayescl import synthetic_stream

@@ -49,19 +49,6 @@ def _out(runs, devices: int) -> Path:
     return out
 
 
-def _numbers(state):
-    """``state`` without the ``tag`` of Kronecker terms (random identifiers, drawn per process, not numbers)."""
-    if isinstance(state, dict):
-        return {k: _numbers(v) for k, v in state.items() if k != "tag"}
-    if isinstance(state, (list, tuple)):
-        return [_numbers(v) for v in state]
-    return state
-
-
-def _load(path: Path) -> dict:
-    return _numbers(torch.load(path, weights_only=False))
-
-
 def test_no_process_outlives_the_runs(runs):
     assert not any(runs[d][2] for d in runs), "a process of a DDP run survived the kill of its session"
 
@@ -69,7 +56,7 @@ def test_no_process_outlives_the_runs(runs):
 @pytest.mark.parametrize("method", job.METHODS)
 def test_both_ranks_hold_the_same_posterior_bit_for_bit(runs, method, assert_bitwise_equal):
     out = _out(runs, 2)
-    r0, r1 = _load(out / f"{method}-rank0.pt"), _load(out / f"{method}-rank1.pt")
+    r0, r1 = job.load_numbers(out / f"{method}-rank0.pt"), job.load_numbers(out / f"{method}-rank1.pt")
     assert r0["num_examples0"] == r0["num_examples1"] == job.N_TRAIN  # N_t: the global task size
     assert len(r0["servers"][1]["sites"]) == 2
     assert_bitwise_equal(r0, r1)  # servers after each task, weights (and VCL's coresets)
@@ -77,7 +64,7 @@ def test_both_ranks_hold_the_same_posterior_bit_for_bit(runs, method, assert_bit
 
 @pytest.mark.parametrize("method", COMPARED)
 def test_two_processes_equal_one_process_on_the_union(runs, method):
-    two, one = _load(_out(runs, 2) / f"{method}-rank0.pt"), _load(_out(runs, 1) / f"{method}-rank0.pt")
+    two, one = job.load_numbers(_out(runs, 2) / f"{method}-rank0.pt"), job.load_numbers(_out(runs, 1) / f"{method}-rank0.pt")
     assert two["num_examples0"] == one["num_examples0"] == job.N_TRAIN
     rtol = 1e-4 if method == "vcl" else 1e-10  # VCL trains in float32, Laplace in float64
 
@@ -103,7 +90,7 @@ def test_two_processes_equal_one_process_on_the_union(runs, method):
 def test_vcl_coresets_are_the_same_on_every_rank(runs):
     out = _out(runs, 2)
     for method in ("vcl", "vcl-noisy"):
-        c0, c1 = _load(out / f"{method}-rank0.pt")["coresets"], _load(out / f"{method}-rank1.pt")["coresets"]
+        c0, c1 = job.load_numbers(out / f"{method}-rank0.pt")["coresets"], job.load_numbers(out / f"{method}-rank1.pt")["coresets"]
         assert sorted(c0) == sorted(c1) == [0, 1]
         for t in c0:
             assert len(c0[t][0]) == job.CORESET
@@ -125,7 +112,7 @@ def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, metho
 
     class Capture(pl.Callback):  # first in the list: sees the restored state before anything trains
         def on_train_start(self, trainer, pl_module):
-            seen["server"] = _numbers(cb.server.state_dict())
+            seen["server"] = job.numbers_only(cb.server.state_dict())
             seen["coresets"] = {t: list(c) for t, c in getattr(cb, "coresets", {}).items()}
             raise _Restored
 
@@ -135,7 +122,7 @@ def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, metho
                          precision=precision, callbacks=[Capture(), cb])
     with pytest.raises(_Restored):
         trainer.fit(module, job.loader(job.task_data(1, method), 1), ckpt_path=ckpt)
-    saved = _load(out / f"{method}-rank0.pt")
+    saved = job.load_numbers(out / f"{method}-rank0.pt")
     assert_bitwise_equal(seen["server"], saved["servers"][1])
     if method.startswith("vcl"):
         assert_bitwise_equal(seen["coresets"], saved["coresets"])

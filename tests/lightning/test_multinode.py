@@ -20,6 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import ddp_callbacks_job as job
+
 METHODS = ("diag", "kron")
 N_TRAIN = 32  # ddp_callbacks_job.N_TRAIN: the global task size
 
@@ -45,10 +48,10 @@ def runs(tmp_path_factory, start_job):
     out = tmp_path_factory.mktemp("multinode")
     (out / "one").mkdir()
     node = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    job = [str(HERE / "multinode_job.py"), str(out), *METHODS]
+    node_cmd = [str(HERE / "multinode_job.py"), str(out), *METHODS]
     started = {
-        "node1": _start(start_job, job, out / "node1.log", NODE_RANK="1", **node),
-        "node0": _start(start_job, job, out / "node0.log", NODE_RANK="0", **node),
+        "node1": _start(start_job, node_cmd, out / "node1.log", NODE_RANK="1", **node),
+        "node0": _start(start_job, node_cmd, out / "node0.log", NODE_RANK="0", **node),
         "one": _start(start_job, [str(HERE / "ddp_callbacks_job.py"), "1", str(out / "one"), *METHODS],
                       out / "one.log"),
     }
@@ -62,19 +65,6 @@ def _out(runs) -> Path:
         assert rc is not None, f"{name} hung past the deadline:\n{log[-3000:]}"
         assert rc == 0, f"{name} failed:\n{log[-3000:]}"
     return out
-
-
-def _numbers(state):
-    """``state`` without the ``tag`` of Kronecker terms (random identifiers drawn per process, not numbers)."""
-    if isinstance(state, dict):
-        return {k: _numbers(v) for k, v in state.items() if k != "tag"}
-    if isinstance(state, (list, tuple)):
-        return [_numbers(v) for v in state]
-    return state
-
-
-def _load(path: Path) -> dict:
-    return _numbers(torch.load(path, weights_only=False))
 
 
 def _close(a, b, path: str, rtol: float = 1e-10) -> None:
@@ -102,7 +92,7 @@ def test_no_process_outlives_the_runs(runs):
 @pytest.mark.parametrize("method", METHODS)
 def test_both_nodes_hold_the_same_posterior_bit_for_bit(runs, method, assert_bitwise_equal):
     out = _out(runs)
-    n0, n1 = _load(out / f"{method}-node0.pt"), _load(out / f"{method}-node1.pt")
+    n0, n1 = job.load_numbers(out / f"{method}-node0.pt"), job.load_numbers(out / f"{method}-node1.pt")
     assert n0["num_examples0"] == n0["num_examples1"] == N_TRAIN  # N_t: the global task size, not a node's half
     assert len(n0["servers"][1]["sites"]) == 2
     assert_bitwise_equal(n0, n1)  # servers after each task and the weights
@@ -111,5 +101,6 @@ def test_both_nodes_hold_the_same_posterior_bit_for_bit(runs, method, assert_bit
 @pytest.mark.parametrize("method", METHODS)
 def test_two_nodes_equal_one_process_on_the_union(runs, method):
     out = _out(runs)
-    two, one = _load(out / f"{method}-node0.pt"), _load(out / "one" / f"{method}-rank0.pt")
+    two = job.load_numbers(out / f"{method}-node0.pt")
+    one = job.load_numbers(out / "one" / f"{method}-rank0.pt")
     _close(two, one, method)
