@@ -250,6 +250,13 @@ class PosteriorServer:
         return DiagGaussian(q.eta, {n: torch.maximum(p, base.precision[n]) for n, p in q.precision.items()},
                             signed=True)
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Move the prior and every site to ``device`` / ``dtype``, in place (a module moved or cast after the
+        server was built, e.g. by Lightning's ``precision="64-true"``)."""
+        self._prior = self._prior.to(device=device, dtype=dtype)
+        self._sites = {k: site.to(device=device, dtype=dtype) for k, site in self._sites.items()}
+        self._cache = None
+
     def extend_prior(self, params: Params, precision: float) -> None:
         """Add parameters not seen so far (heads that appear later): base prior ``precision`` in the prior and
         zero-precision entries in every site; the prior's mean there is the given tensors."""

@@ -156,8 +156,11 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
         self.lifecycle_setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ensure_server(pl_module)
+        server = self.ensure_server(pl_module)
         self._fit_params = self.selected_params(pl_module)
+        ref = next(iter(self._fit_params.values()))
+        server.to(device=ref.device, dtype=ref.dtype)  # Lightning moves and casts the module after setup
+        self._grad_cache = None
         n = _dataset_size(trainer.train_dataloader)  # under DDP: the whole dataset, the global N_t
         if n is None:
             n = self.default_num_examples

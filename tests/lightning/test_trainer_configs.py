@@ -469,3 +469,17 @@ def test_resume_point_of_a_folder_is_its_newest_checkpoint(make_trainer, tmp_pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="without a .ckpt"):
         resume_point(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("method", ["vcl", "kron"])
+def test_precision_64_true_keeps_the_posterior_in_the_modules_dtype(make_trainer, method):
+    """Lightning casts the module after the callbacks' setup: the posterior follows it to float64."""
+    from bayescl import ClassifierModule, MultiHeadMLP, VCLCallback, synthetic_stream
+
+    stream = synthetic_stream(num_tasks=2, n_train=64, n_test=8)
+    module = ClassifierModule(MultiHeadMLP(hidden=(16,), num_tasks=2), num_tasks=2)
+    cb = VCLCallback(train_samples=2, test_samples=2) if method == "vcl" else LaplaceCallback(structure="kron")
+    for t in range(2):
+        make_trainer(cb, precision="64-true").fit(module, stream[t].train_dataloader(batch_size=16))
+    assert cb.tasks_seen == 2
+    assert {v.dtype for v in cb.posterior().eta.values()} == {torch.float64}
