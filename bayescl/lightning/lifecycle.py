@@ -47,6 +47,8 @@ class TaskLifecycle:
 
     tasks_seen: int
     auto_end_task: bool = True
+    #: the callback replaces the model's layers (VCL): no other posterior callback can share its Trainer
+    swaps_layers: bool = False
 
     def _init_lifecycle(self) -> None:
         self.task_open = False
@@ -70,7 +72,7 @@ class TaskLifecycle:
             return
         mine = set(self.selected_param_ids(pl_module))
         for cb in others:
-            if type(cb).__name__ == "VCLCallback" or type(self).__name__ == "VCLCallback":
+            if self.swaps_layers or cb.swaps_layers:
                 raise ValueError(f"{type(self).__name__} and {type(cb).__name__} are attached to one Trainer: "
                                  "VCLCallback replaces the layers the other callback holds a posterior over. Use "
                                  "one posterior callback per Trainer.")

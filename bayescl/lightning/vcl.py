@@ -123,6 +123,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
     """
 
     prefix = "bayescl-vcl"
+    swaps_layers = True
     penalise_prior_alone = True
 
     def __init__(
