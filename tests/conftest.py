@@ -83,6 +83,31 @@ def _bitwise_equal(a, b, path: str = "state") -> None:
         assert a == b, path
 
 
+def _close_states(a, b, rtol: float, path: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, path
+        if a.numel():
+            assert float((a - b).abs().max()) <= rtol * float(b.abs().max()) + 1e-12, path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            if k != "tag":  # a Kronecker term's tag is a random identity, not a number
+                _close_states(a[k], b[k], rtol, f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_states(x, y, rtol, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="session")
+def assert_states_close():
+    """``assert_states_close(a, b, rtol, path)``: nested states with the same keys (Kronecker tags aside) and
+    tensors within ``rtol`` of the reference's largest entry."""
+    return _close_states
+
+
 @pytest.fixture(scope="session")
 def assert_bitwise_equal():
     """``assert_bitwise_equal(a, b)``: nested states with the same keys and bit-identical tensors."""

@@ -63,28 +63,14 @@ def test_both_ranks_hold_the_same_posterior_bit_for_bit(runs, method, assert_bit
 
 
 @pytest.mark.parametrize("method", COMPARED)
-def test_two_processes_equal_one_process_on_the_union(runs, method):
-    two, one = job.load_numbers(_out(runs, 2) / f"{method}-rank0.pt"), job.load_numbers(_out(runs, 1) / f"{method}-rank0.pt")
+def test_two_processes_equal_one_process_on_the_union(runs, method, assert_states_close):
+    two = job.load_numbers(_out(runs, 2) / f"{method}-rank0.pt")
+    one = job.load_numbers(_out(runs, 1) / f"{method}-rank0.pt")
     assert two["num_examples0"] == one["num_examples0"] == job.N_TRAIN
     rtol = 1e-4 if method == "vcl" else 1e-10  # VCL trains in float32, Laplace in float64
 
-    def close(a, b, path):
-        if isinstance(a, torch.Tensor):
-            assert a.shape == b.shape and a.dtype == b.dtype, path
-            if a.numel():
-                assert float((a - b).abs().max()) <= rtol * float(b.abs().max()) + 1e-12, path
-        elif isinstance(a, dict):
-            assert list(a) == list(b), path
-            for k in a:
-                close(a[k], b[k], f"{path}/{k}")
-        elif isinstance(a, (list, tuple)):
-            assert len(a) == len(b), path
-            for i, (x, y) in enumerate(zip(a, b)):
-                close(x, y, f"{path}/{i}")
-        else:
-            assert a == b, path
 
-    close(two, one, method)
+    assert_states_close(two, one, rtol, method)
 
 
 def test_vcl_coresets_are_the_same_on_every_rank(runs):

@@ -64,7 +64,7 @@ def _in_process(recipe: str) -> dict:
 
 
 @pytest.mark.parametrize("recipe", ["laplace-diag", "laplace-kron"])
-def test_one_task_per_run_carries_the_posterior(tmp_path, recipe):
+def test_one_task_per_run_carries_the_posterior(tmp_path, recipe, assert_states_close):
     ckpt_dir = tmp_path / "ckpts"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_config(recipe, ckpt_dir)))
@@ -79,22 +79,6 @@ def test_one_task_per_run_carries_the_posterior(tmp_path, recipe):
     online = recipe == "laplace-kron"
     assert list(server["sites"]) == list(expected["sites"]) == (["online"] if online else
                                                                  [f"task-{t}" for t in range(TASKS)])
-    _assert_close(server, expected)
+    assert_states_close(server, expected, 1e-5, "server")
 
 
-def _assert_close(a, b, path="server"):
-    """Equal nested states: the same keys, tensors equal to float tolerance, other values equal (a Kronecker
-    term's ``tag`` is a random identity, not a value)."""
-    if isinstance(b, dict):
-        assert isinstance(a, dict) and set(a) == set(b), path
-        for k in b:
-            if k != "tag":
-                _assert_close(a[k], b[k], f"{path}/{k}")
-    elif isinstance(b, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{path}[{i}]")
-    elif isinstance(b, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=path)
-    else:
-        assert a == b, path

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -67,23 +66,6 @@ def _out(runs) -> Path:
     return out
 
 
-def _close(a, b, path: str, rtol: float = 1e-10) -> None:
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape and a.dtype == b.dtype, path
-        if a.numel():
-            assert float((a - b).abs().max()) <= rtol * float(b.abs().max()) + 1e-12, path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            _close(a[k], b[k], f"{path}/{k}", rtol)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}/{i}", rtol)
-    else:
-        assert a == b, path
-
-
 def test_no_process_outlives_the_runs(runs):
     _out, results = runs
     assert not any(alive for _rc, _log, alive in results.values()), "a process survived the kill of its session"
@@ -99,8 +81,8 @@ def test_both_nodes_hold_the_same_posterior_bit_for_bit(runs, method, assert_bit
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_two_nodes_equal_one_process_on_the_union(runs, method):
+def test_two_nodes_equal_one_process_on_the_union(runs, method, assert_states_close):
     out = _out(runs)
     two = job.load_numbers(out / f"{method}-node0.pt")
     one = job.load_numbers(out / "one" / f"{method}-rank0.pt")
-    _close(two, one, method)
+    assert_states_close(two, one, 1e-10, method)
