@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from bayescl._checks import check_positive_int
-from bayescl.harness.data import Task, TaskStream, data_root
+from bayescl._checks import check_positive_int, check_real
+from bayescl.harness.data import Task, TaskStream, data_root, split_validation
 
 __all__ = ["PRESETS", "ExperienceDataset", "make_avalanche_stream", "stream_from_benchmark"]
 
@@ -103,6 +103,7 @@ def stream_from_benchmark(
     limit: int | None = None,
     seed: int = 0,
     materialize: bool = False,
+    val_fraction: float = 0.0,
     train_stream: str = "train_stream",
     test_stream: str = "test_stream",
 ) -> TaskStream:
@@ -123,6 +124,8 @@ def stream_from_benchmark(
             examples per experience; not the first ones, since Avalanche's experiences are often sorted by class.
         seed: seed of the ``limit`` subsets.
         materialize: copy each experience into a ``TensorDataset`` once (fast epochs; costs memory).
+        val_fraction: fraction of each experience's training data (after ``limit``) held out as ``Task.val``,
+            drawn with its own generator seeded by ``seed`` (so the ``limit`` subsets do not depend on it).
         train_stream: attribute name of the training stream.
         test_stream: attribute name of the test stream.
 
@@ -130,8 +133,8 @@ def stream_from_benchmark(
         The task stream; test data use the experiences' eval transforms.
 
     Raises:
-        ValueError: the streams differ in length, the benchmark has no training experience, or an experience
-            is empty.
+        ValueError: the streams differ in length, the benchmark has no training experience, an experience
+            is empty, or ``val_fraction`` is outside [0, 1) or leaves no training example.
         TypeError: ``num_tasks`` or ``limit`` is not an int.
     """
     trains = list(getattr(benchmark, train_stream))
@@ -144,6 +147,7 @@ def stream_from_benchmark(
         trains, tests = trains[:num_tasks], tests[:num_tasks]
     if limit is not None:
         check_positive_int(limit, "limit")
+    check_real(val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
     if not trains:
         raise ValueError("benchmark has no training experience.")
     task_labels = [_task_labels(e) for e in trains]
@@ -157,6 +161,7 @@ def stream_from_benchmark(
     num_classes = max(max(s) for s in label_sets) + 1
     original = getattr(benchmark, "original_classes_in_exp", None)
     g = torch.Generator().manual_seed(int(seed))
+    g_val = torch.Generator().manual_seed(int(seed) + 1)
     stream = TaskStream(name=name or f"avalanche:{type(benchmark).__name__}", setting=setting,
                         num_classes=num_classes)
     for i, (tr, te) in enumerate(zip(trains, tests)):
@@ -167,7 +172,8 @@ def stream_from_benchmark(
             wrapped: Dataset = _limit(ExperienceDataset(ds, with_task_id, tl), limit, g)
             parts.append(_materialize(wrapped) if materialize else wrapped)
         classes = sorted(int(c) for c in original[i]) if original is not None else sorted(label_sets[i])
-        stream.tasks.append(Task(task_id=i, classes=tuple(classes), train=parts[0], test=parts[1]))
+        train, val = split_validation(parts[0], val_fraction, g_val)
+        stream.tasks.append(Task(task_id=i, classes=tuple(classes), train=train, val=val, test=parts[1]))
     return stream
 
 
@@ -204,6 +210,7 @@ def make_avalanche_stream(
     num_tasks: int | None = None,
     limit: int | None = None,
     materialize: bool = True,
+    val_fraction: float = 0.0,
 ) -> TaskStream:
     """Build an Avalanche classic benchmark from a spec and return it as a :class:`~bayescl.harness.data.TaskStream`.
 
@@ -219,6 +226,7 @@ def make_avalanche_stream(
         num_tasks: keep only the first ``num_tasks`` experiences.
         limit: training and test examples kept per experience (see :func:`stream_from_benchmark`).
         materialize: copy each experience into a ``TensorDataset`` once.
+        val_fraction: fraction of each experience's training data held out as ``Task.val`` (seeded by ``seed``).
 
     Raises:
         ImportError: avalanche-lib is not installed.
@@ -241,4 +249,4 @@ def make_avalanche_stream(
     n_exp = kwargs.pop("n_experiences", None)
     benchmark = factory(n_exp, **kwargs) if n_exp is not None else factory(**kwargs)
     return stream_from_benchmark(benchmark, name=f"avalanche:{name}", num_tasks=num_tasks, limit=limit,
-                                 seed=seed, materialize=materialize)
+                                 seed=seed, materialize=materialize, val_fraction=val_fraction)

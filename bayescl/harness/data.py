@@ -13,6 +13,8 @@ Scenarios (van de Ven & Tolias 2019; Hsu et al. 2018):
 Pixels are in [0, 1] by default (the VCL protocol); ``normalize=True`` standardises with the dataset's mean/std.
 The data root is the ``root`` argument, else ``$BAYESCL_DATA``, else ``./data``; files follow torchvision's
 layout ``<root>/MNIST/raw/train-images-idx3-ubyte`` etc. Missing files are fetched (see :mod:`bayescl.harness.fetch`).
+Every builder takes ``val_fraction``: that seeded fraction of each task's training data becomes ``Task.val`` (the
+data that may choose hyperparameters; the test data never does).
 """
 
 from __future__ import annotations
@@ -233,12 +235,22 @@ def _tensor_dataset(x: Tensor, y: Tensor, task_id: int | None) -> TensorDataset:
     return TensorDataset(x, y, torch.full_like(y, task_id))
 
 
-def _split_val(ds: TensorDataset, val_fraction: float, generator: torch.Generator) -> tuple[Dataset, Dataset | None]:
+def split_validation(ds: Dataset, val_fraction: float,
+                     generator: torch.Generator) -> tuple[Dataset, Dataset | None]:
+    """``(train, val)``: a random ``round(val_fraction * n)`` examples of ``ds`` (at least one, drawn with
+    ``generator``) held out as ``val``, the rest ``train``; ``(ds, None)`` when ``val_fraction`` is 0.
+
+    Raises:
+        ValueError: the split would leave no training example.
+    """
     if val_fraction == 0:
         return ds, None
     n = len(ds)
     perm = torch.randperm(n, generator=generator)
     n_val = max(1, round(val_fraction * n))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} holds out {n_val} of a task's {n} training examples and "
+                         "leaves none to train on; use a smaller val_fraction (or a larger limit).")
     return Subset(ds, perm[n_val:].tolist()), Subset(ds, perm[:n_val].tolist())
 
 
@@ -290,7 +302,7 @@ def split_stream(
             if setting != "class":
                 y = torch.searchsorted(torch.tensor(sorted(group)), y)
             parts[s] = _tensor_dataset(_to_float(x, normalize, dataset), y, t if setting == "task" else None)
-        train, val = _split_val(parts["train"], val_fraction, g)
+        train, val = split_validation(parts["train"], val_fraction, g)
         stream.tasks.append(Task(task_id=t, classes=tuple(group), train=train, val=val, test=parts["test"]))
     return stream
 
@@ -315,7 +327,11 @@ def permuted_stream(
     val_fraction: float = 0.0,
     limit: int | None = None,
 ) -> TaskStream:
-    """Permuted MNIST: ``num_tasks`` tasks, each MNIST under its own seeded pixel permutation (10 classes)."""
+    """Permuted MNIST: ``num_tasks`` tasks, each MNIST under its own seeded pixel permutation (10 classes).
+
+    ``val_fraction`` of each task's training images are held out as ``Task.val`` (a different seeded draw per
+    task); ``limit`` keeps the first ``limit`` training and test images before that split.
+    """
     check_real(val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
     if limit is not None:
         check_positive_int(limit, "limit")
@@ -330,22 +346,27 @@ def permuted_stream(
         for s, (images, labels) in splits.items():
             x = _to_float(images, normalize, "MNIST").flatten(1)[:, perm].view(-1, 1, 28, 28)
             parts[s] = _tensor_dataset(x, labels, None)
-        train, val = _split_val(parts["train"], val_fraction, g)
+        train, val = split_validation(parts["train"], val_fraction, g)
         stream.tasks.append(Task(task_id=t, classes=tuple(range(10)), train=train, val=val, test=parts["test"]))
     return stream
 
 
 def synthetic_stream(
-    num_tasks: int = 3, n_train: int = 256, n_test: int = 128, *, seed: int = 0, setting: str = "task"
+    num_tasks: int = 3, n_train: int = 256, n_test: int = 128, *, seed: int = 0, setting: str = "task",
+    val_fraction: float = 0.0,
 ) -> TaskStream:
     """A tiny task-incremental stream of MNIST-shaped Gaussian blobs (2 classes per task), for tests and demos.
 
     Class ``c`` of task ``t`` is a random 28x28 template plus noise; a 2x256 MLP separates them in one epoch.
+    With ``val_fraction`` > 0 that fraction of each task's ``n_train`` examples is held out as ``Task.val``
+    (drawn by a generator of its own, so the examples themselves do not depend on ``val_fraction``).
     """
     check_positive_int(num_tasks, "num_tasks")
     check_positive_int(n_train, "n_train")
     check_positive_int(n_test, "n_test")
+    check_real(val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
     g = torch.Generator().manual_seed(seed)
+    g_val = torch.Generator().manual_seed(seed + 1)
     stream = TaskStream(name="synthetic", setting=setting, num_classes=2)
     for t in range(num_tasks):
         templates = torch.rand(2, 1, 28, 28, generator=g)
@@ -354,7 +375,8 @@ def synthetic_stream(
             y = torch.randint(0, 2, (n,), generator=g)
             x = (templates[y] + 0.3 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0, 1)
             parts.append(_tensor_dataset(x, y, t if setting == "task" else None))
-        stream.tasks.append(Task(task_id=t, classes=(2 * t, 2 * t + 1), train=parts[0], test=parts[1]))
+        train, val = split_validation(parts[0], val_fraction, g_val)
+        stream.tasks.append(Task(task_id=t, classes=(2 * t, 2 * t + 1), train=train, val=val, test=parts[1]))
     return stream
 
 

@@ -195,3 +195,62 @@ def test_check_idx_pair_refuses_other_dtypes_and_label_shapes():
         check_idx_pair(imgs.astype(np.float32), np.zeros(2, np.uint8), "imgs.idx", "labs.idx")
     with pytest.raises(ValueError, match=r"labs.idx: labels must be uint8 of shape \(N,\)"):
         check_idx_pair(imgs, np.zeros((2, 1), np.uint8), "imgs.idx", "labs.idx")
+
+
+# --------------------------------------------------------------------------------------------------- validation splits
+def _rows(ds) -> set[bytes]:
+    return {ds[i][0].numpy().tobytes() for i in range(len(ds))}
+
+
+def test_synthetic_validation_split_is_seeded_disjoint_and_leaves_the_examples_as_they_are():
+    plain = synthetic_stream(num_tasks=2, n_train=100, seed=3)
+    held = synthetic_stream(num_tasks=2, n_train=100, seed=3, val_fraction=0.2)
+    again = synthetic_stream(num_tasks=2, n_train=100, seed=3, val_fraction=0.2)
+    for p, h, a in zip(plain, held, again):
+        assert (len(h.train), len(h.val)) == (80, 20) and p.val is None
+        assert not _rows(h.train) & _rows(h.val)
+        assert _rows(h.train) | _rows(h.val) == _rows(p.train)  # the same examples, only split
+        assert h.val.indices == a.val.indices  # seeded
+        assert len(h.val_dataloader(batch_size=7)) == 3
+    assert held[0].val.indices != synthetic_stream(num_tasks=2, n_train=100, seed=4, val_fraction=0.2)[0].val.indices
+
+
+def test_permuted_stream_validation_split(data_root):
+    s = make_stream("permuted-mnist", root=data_root, num_tasks=2, seed=1, limit=50, val_fraction=0.1)
+    for t in s:
+        assert (len(t.train), len(t.val), len(t.test)) == (45, 5, 50)
+        assert not set(t.train.indices) & set(t.val.indices)
+    assert s[0].val.indices != s[1].val.indices  # a different draw per task
+
+
+def test_validation_split_refuses_bad_fractions():
+    from bayescl.harness.data import split_validation
+
+    with pytest.raises(ValueError, match="val_fraction=1.0 is out of range"):
+        synthetic_stream(val_fraction=1.0)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        split_validation(torch.utils.data.TensorDataset(torch.zeros(2, 1)), 0.9, torch.Generator())
+
+
+def test_avalanche_stream_validation_split():
+    """``stream_from_benchmark(val_fraction=...)`` holds out part of each experience's (limited) training data."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from bayescl.harness.avalanche_stream import stream_from_benchmark
+
+    g = torch.Generator().manual_seed(0)
+
+    def exp(n, t):
+        data = TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.arange(n) % 2, torch.full((n,), t))
+        return SimpleNamespace(dataset=data, task_labels=[t], classes_in_this_experience=[0, 1])
+
+    bm = SimpleNamespace(train_stream=[exp(40, 0), exp(40, 1)], test_stream=[exp(10, 0), exp(10, 1)])
+    plain = stream_from_benchmark(bm, limit=30, seed=2)
+    held = stream_from_benchmark(bm, limit=30, seed=2, val_fraction=0.1)
+    for p, h in zip(plain, held):
+        assert (len(h.train), len(h.val), len(h.test)) == (27, 3, 10) and p.val is None
+        assert not _rows(h.train) & _rows(h.val) and _rows(h.train) | _rows(h.val) == _rows(p.train)
+    with pytest.raises(ValueError, match="val_fraction=-0.1 is out of range"):
+        stream_from_benchmark(bm, val_fraction=-0.1)
