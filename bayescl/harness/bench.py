@@ -1,10 +1,13 @@
 """The benchmark harness: a recipe over a scenario with a plain Lightning Trainer, one ``fit`` per task.
 
-After each task the model is tested on every task of the stream, which fills one row of the accuracy matrix.
-Results go to ``benchmarks/results/<scenario>/<strategy>.json``; :mod:`bayescl.harness.report` turns the JSON files of a
+After each task the model is tested on every task of the stream, which fills one row of the accuracy matrix; when the
+tasks hold validation data (``val_fraction`` > 0, the default 10 % of each task's training data) it is evaluated on
+every task's validation data too, which fills the validation accuracy matrix (the only one that may choose a
+hyperparameter: :mod:`bayescl.harness.tune`). Results go to ``benchmarks/results/<scenario>/<strategy>.json``; :mod:`bayescl.harness.report` turns the JSON files of a
 scenario into a markdown table and plots.
 
-Protocol defaults (the ones the README's numbers use): Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1];
+Protocol defaults (the ones the README's numbers use): Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1],
+10 % of each task's training data held out for validation (seeded by the run's seed);
 models: multi-head MLP 2x256 (task-IL), MLP 2x256 (domain/class-IL), MLP 2x100 (permuted MNIST).
 """
 
@@ -29,7 +32,7 @@ from torch import nn
 from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl.harness.avalanche_recipes import check_harness_recipe
 from bayescl.harness.data import Scenario, TaskStream, make_stream
-from bayescl.harness.metrics import summarize
+from bayescl.harness.metrics import AccuracyMatrix, summarize
 from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
 from bayescl.harness.module import ClassifierModule
 from bayescl.harness.recipes import Recipe, load_recipe
@@ -55,7 +58,12 @@ def default_model(stream: TaskStream, kind: str = "mlp") -> nn.Module:
 
 @dataclass
 class BenchConfig:
-    """Everything one benchmark run depends on (stored in the JSON with the results)."""
+    """Everything one benchmark run depends on (stored in the JSON with the results).
+
+    ``val_fraction`` of each task's training data is held out for validation (seeded by the run's seed; 0: none).
+    ``evaluate_test=False`` evaluates on the validation data only and never builds a test loader (the tuning phase
+    of :mod:`bayescl.harness.tune`); it needs ``val_fraction`` > 0 and ``uncertainty=False``.
+    """
 
     scenario: str
     strategy: str
@@ -71,6 +79,8 @@ class BenchConfig:
     progress: bool = False
     uncertainty: bool = True
     resume: bool = False
+    val_fraction: float = 0.1
+    evaluate_test: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -86,6 +96,13 @@ class BenchConfig:
             check_positive_int(self.num_tasks, "num_tasks")
         if self.limit is not None:
             check_positive_int(self.limit, "limit")
+        check_real(self.val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
+        if not self.evaluate_test and self.val_fraction == 0:
+            raise ValueError("evaluate_test=False needs validation data to evaluate on; val_fraction=0 holds none "
+                             "(allowed: val_fraction in (0, 1)).")
+        if not self.evaluate_test and self.uncertainty:
+            raise ValueError("uncertainty=True evaluates the posterior on test data; with evaluate_test=False the "
+                             "test data must not be read: set uncertainty=False.")
 
 
 def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
@@ -93,8 +110,8 @@ def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
         from bayescl.harness.avalanche_stream import make_avalanche_stream
 
         return make_avalanche_stream(cfg.scenario, root=cfg.root, seed=seed, num_tasks=cfg.num_tasks,
-                                     limit=cfg.limit)
-    kwargs: dict[str, Any] = {"seed": seed}
+                                     limit=cfg.limit, val_fraction=cfg.val_fraction)
+    kwargs: dict[str, Any] = {"seed": seed, "val_fraction": cfg.val_fraction}
     sc = as_enum(Scenario, cfg.scenario, "scenario")
     if sc.needs_files:
         kwargs.update(root=cfg.root, limit=cfg.limit)
@@ -123,21 +140,51 @@ def _load_progress(state_dir: Path | None) -> dict[str, Any] | None:
 
 
 def _save_progress(state_dir: Path, trainer: pl.Trainer, module: ClassifierModule, done: int,
-                   fit_seconds: float, steps: int, uncertainty: list[dict[str, Any]]) -> None:
-    """After task ``done - 1`` is tested: its checkpoint (the committed posterior), then what the seed has measured
-    so far (the accuracy counts, timings, uncertainty records), each written whole before it replaces the last."""
+                   fit_seconds: float, steps: int, uncertainty: list[dict[str, Any]],
+                   val_matrix: AccuracyMatrix | None) -> None:
+    """After task ``done - 1`` is evaluated: its checkpoint (the committed posterior), then what the seed has
+    measured so far (the test and validation accuracy counts, timings, uncertainty records), each written whole
+    before it replaces the last."""
     state_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(state_dir / "tested.ckpt.tmp")
     (state_dir / "tested.ckpt.tmp").replace(state_dir / "tested.ckpt")
     doc = {"tasks_done": done, "correct": module.acc_matrix.correct.tolist(), "total": module.acc_matrix.total.tolist(),
            "fit_seconds": fit_seconds, "steps": steps, "uncertainty": uncertainty}
+    if val_matrix is not None:
+        doc.update(val_correct=val_matrix.correct.tolist(), val_total=val_matrix.total.tolist())
     (state_dir / "progress.json.tmp").write_text(json.dumps(doc))
     (state_dir / "progress.json.tmp").replace(state_dir / "progress.json")
 
 
+def _evaluate(trainer: pl.Trainer, module: ClassifierModule, loaders: list, matrix: AccuracyMatrix) -> None:
+    """Fill ``matrix`` (row ``module.stage``) from ``loaders`` (one per task) through the module's own
+    ``test_step``: validation accuracy is measured exactly as test accuracy is."""
+    kept = module.acc_matrix
+    module.acc_matrix = matrix
+    try:
+        trainer.test(module, dataloaders=loaders, verbose=False)
+    finally:
+        module.acc_matrix = kept
+
+
+def _matrix(metric: AccuracyMatrix) -> torch.Tensor:
+    """The metric's ``(T, T)`` matrix (torchmetrics returns a 1-task stream's as a scalar)."""
+    return metric.compute().reshape(metric.num_tasks, metric.num_tasks)
+
+
+def _seen(R: torch.Tensor, i: int) -> str:
+    seen = R[i, : i + 1]
+    return f"{100 * float(seen.mean()):.2f} [{' '.join(f'{100 * float(a):.1f}' for a in seen)}]"
+
+
 def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: Path | None = None,
              resume: bool = False) -> dict[str, Any]:
-    """Run one seed of a recipe over a stream; returns its accuracy matrix and timings.
+    """Run one seed of a recipe over a stream; returns its accuracy matrices and timings.
+
+    After each task the model is evaluated on every task's test data (``accuracy_matrix``, unless
+    ``cfg.evaluate_test`` is false: then no test loader is built) and, when the tasks hold validation data, on
+    every task's validation data (``val_accuracy_matrix``, with ``val_avg_accuracy``, ``val_bwt``,
+    ``val_forgetting``).
 
     With ``state_dir``, the seed's progress is saved there after every tested task (and removed when the seed
     finishes); with ``resume`` a seed found there part-way continues after its last tested task
@@ -150,7 +197,10 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
     module = ClassifierModule(default_model(stream, cfg.model), num_tasks=len(stream), lr=cfg.lr,
                               **recipe.module)
     callbacks = recipe.build_callbacks()
-    test_loaders = [t.test_dataloader() for t in stream]
+    test_loaders = [t.test_dataloader() for t in stream] if cfg.evaluate_test else None
+    has_val = all(t.val is not None for t in stream)
+    val_loaders = [t.val_dataloader() for t in stream] if has_val else None
+    val_matrix = AccuracyMatrix(len(stream)) if has_val else None
     fit_seconds = 0.0
     steps = 0
     uncertainty: list[dict[str, Any]] = []
@@ -163,6 +213,9 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
             saved["uncertainty"]
         module.acc_matrix.correct = torch.tensor(saved["correct"], dtype=torch.long)
         module.acc_matrix.total = torch.tensor(saved["total"], dtype=torch.long)
+        if val_matrix is not None:
+            val_matrix.correct = torch.tensor(saved["val_correct"], dtype=torch.long)
+            val_matrix.total = torch.tensor(saved["val_total"], dtype=torch.long)
         resume_ckpt = str(state_dir / "tested.ckpt")
         log(f"  seed {seed}: resuming after task {done}/{len(stream)} ({resume_ckpt})")
     for i, task in enumerate(stream):
@@ -185,24 +238,32 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
         fit_seconds += time.perf_counter() - t_fit
         steps += trainer.global_step
         module.stage = i
-        trainer.test(module, dataloaders=test_loaders, verbose=False)
+        line = f"  seed {seed} task {i + 1}/{len(stream)}:"
+        if test_loaders is not None:
+            trainer.test(module, dataloaders=test_loaders, verbose=False)
+            line += f" mean acc on seen tasks {_seen(_matrix(module.acc_matrix), i)}"
+        if val_matrix is not None:
+            _evaluate(trainer, module, val_loaders, val_matrix)
+            line += f" {'(validation' if test_loaders is not None else 'mean validation acc on seen tasks'} " \
+                    f"{_seen(_matrix(val_matrix), i)}{')' if test_loaders is not None else ''}"
         if cfg.uncertainty:
             uncertainty.append(evaluate_uncertainty(module, posterior_for(callbacks, module), test_loaders,
                                                     stage=i, seed=seed))
         if state_dir is not None:
-            _save_progress(state_dir, trainer, module, i + 1, fit_seconds, steps, uncertainty)
-        row = module.acc_matrix.compute()[i]
-        seen = row[: i + 1]
-        log(f"  seed {seed} task {i + 1}/{len(stream)}: mean acc on seen tasks {100 * float(seen.mean()):.2f} "
-            f"[{' '.join(f'{100 * float(a):.1f}' for a in seen)}]")
+            _save_progress(state_dir, trainer, module, i + 1, fit_seconds, steps, uncertainty, val_matrix)
+        log(line)
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)  # the seed's result goes into the JSON
-    R = module.acc_matrix.compute()
     end_task = sum(float(getattr(cb, "end_task_seconds", 0.0)) for cb in callbacks)
+    result: dict[str, Any] = {"seed": seed}
+    if test_loaders is not None:
+        R = _matrix(module.acc_matrix)
+        result.update(accuracy_matrix=R.tolist(), **summarize(R))
+    if val_matrix is not None:
+        V = _matrix(val_matrix)
+        result.update(val_accuracy_matrix=V.tolist(), **{f"val_{k}": v for k, v in summarize(V).items()})
     return {
-        "seed": seed,
-        "accuracy_matrix": R.tolist(),
-        **summarize(R),
+        **result,
         "wall_seconds": time.perf_counter() - t0,
         "fit_seconds": fit_seconds,
         "optimizer_steps": steps,
@@ -223,34 +284,51 @@ def _aggregate(result: dict[str, Any]) -> None:
     runs = result["per_seed"]
     if not runs:
         return
-    result["accuracy_matrix"] = [r["accuracy_matrix"] for r in runs]
-    for key in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds", "end_task_seconds", "step_ms"):
-        result[key] = _mean_std([r[key] for r in runs])
+    for key in ("accuracy_matrix", "val_accuracy_matrix"):
+        if key in runs[0]:
+            result[key] = [r[key] for r in runs]
+    for key in ("avg_accuracy", "bwt", "forgetting", "val_avg_accuracy", "val_bwt", "val_forgetting",
+                "wall_seconds", "fit_seconds", "end_task_seconds", "step_ms"):
+        if key in runs[0]:
+            result[key] = _mean_std([r[key] for r in runs])
 
 
 def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/results", log=print,
-                  command: str | None = None) -> dict[str, Any]:
-    """Run ``cfg.seeds`` seeds, write the JSON (updated after every finished seed) and return the results."""
+                  command: str | None = None, *, name: str | None = None,
+                  header: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``cfg.seeds`` seeds, write the JSON (updated after every finished seed) and return the results.
+
+    Args:
+        cfg: the run's configuration (validated first).
+        out_dir: results folder; the JSON is ``<out_dir>/<scenario>/<name>.json`` (``None``: nothing written).
+        log: receives one progress line per task and per seed.
+        command: the command line recorded in the JSON (default: this process's).
+        name: the result's ``strategy`` and file name (default: the recipe's name).
+        header: more top-level entries of the JSON (e.g. ``tune``: how the recipe was chosen).
+    """
     cfg.validate()
     recipe = load_recipe(cfg.strategy)
     check_harness_recipe(recipe)  # before any training or output
+    name = name or recipe.name
     _quiet_lightning()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path = None
     if out_dir is not None:
-        path = Path(out_dir) / cfg.scenario.replace(":", "-") / f"{recipe.name}.json"
+        path = Path(out_dir) / cfg.scenario.replace(":", "-") / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "scenario": cfg.scenario,
-        "strategy": recipe.name,
+        "strategy": name,
         "description": recipe.description,
         "command": command or "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "resume")},
+        **(header or {}),
         "seeds": [],
         "per_seed": [],
     }
-    log(f"{recipe.name} on {cfg.scenario}: {cfg.seeds} seed(s), {cfg.epochs} epoch(s) per task, "
-        f"batch {cfg.batch_size}")
+    log(f"{name} on {cfg.scenario}: {cfg.seeds} seed(s), {cfg.epochs} epoch(s) per task, "
+        f"batch {cfg.batch_size}, {100 * cfg.val_fraction:g} % of each task's training data for validation"
+        f"{'' if cfg.evaluate_test else ' (validation only: no test data read)'}")
     if cfg.resume and path is not None and path.is_file():  # the seeds that finished stay as they are
         previous = json.loads(path.read_text())
         if previous.get("config") != json.loads(json.dumps(result["config"])):
@@ -262,7 +340,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
         if s in result["seeds"]:
             log(f"  seed {s}: finished in {path}, kept (--resume)")
             continue
-        state_dir = None if path is None else path.parent / "_resume" / recipe.name / f"seed-{s}"
+        state_dir = None if path is None else path.parent / "_resume" / name / f"seed-{s}"
         run = run_seed(cfg, recipe, s, log=log, state_dir=state_dir, resume=cfg.resume)
         result["seeds"].append(s)
         result["per_seed"].append(run)
@@ -270,7 +348,9 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if path is not None:
             path.write_text(json.dumps(result, indent=1))
-        log(f"  seed {s}: avg accuracy {100 * run['avg_accuracy']:.2f}, BWT {100 * run['bwt']:.2f}, "
-            f"{run['wall_seconds']:.1f} s")
+        scores = [f"{label} {100 * run[key]:.2f}" for key, label in
+                  (("avg_accuracy", "avg accuracy"), ("bwt", "BWT"), ("val_avg_accuracy", "validation avg accuracy"))
+                  if key in run]
+        log(f"  seed {s}: {', '.join(scores)}, {run['wall_seconds']:.1f} s")
     result["json_path"] = str(path) if path else None
     return result

@@ -158,3 +158,37 @@ def test_resume_continues_a_stopped_seed_to_the_same_result(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         run_benchmark(BenchConfig(scenario="synthetic", strategy="laplace-diag", seeds=1, epochs=2, batch_size=64,
                                   uncertainty=False, resume=True), out_dir=tmp_path / "stopped", log=logs.append)
+
+
+def test_bench_records_a_validation_accuracy_matrix(tmp_path):
+    """With val_fraction > 0 every stage is evaluated on every task's validation data too, stored beside the test
+    matrix; val_fraction is in the config; val_fraction=0 records none."""
+    cfg = BenchConfig(scenario="synthetic", strategy="naive", epochs=1, num_tasks=2, uncertainty=False,
+                      val_fraction=0.25)
+    run_benchmark(cfg, out_dir=tmp_path, log=lambda *_: None, command="test")
+    doc = json.loads((tmp_path / "synthetic" / "naive.json").read_text())
+    assert doc["config"]["val_fraction"] == 0.25
+    (V,), (R,) = doc["val_accuracy_matrix"], doc["accuracy_matrix"]
+    assert len(V) == 2 and all(len(row) == 2 for row in V)
+    assert V[0][0] > 0.9 and V[1][1] > 0.9  # the synthetic tasks are learnt; validation sees that as test does
+    # 64 validation examples per task: every entry is a multiple of 1/64 (the test set has 128)
+    assert all(abs(64 * v - round(64 * v)) < 1e-9 for row in V for v in row)
+    assert doc["val_avg_accuracy"]["mean"] == pytest.approx((V[1][0] + V[1][1]) / 2)
+    assert R != V
+    steps = doc["per_seed"][0]["optimizer_steps"]
+    assert steps == 2 * 3  # 192 training examples per task: 3 batches of 64, the held-out 64 are not trained on
+    run_benchmark(BenchConfig(scenario="synthetic", strategy="naive", epochs=1, num_tasks=2, uncertainty=False,
+                              val_fraction=0.0), out_dir=tmp_path / "none", log=lambda *_: None)
+    doc = json.loads((tmp_path / "none" / "synthetic" / "naive.json").read_text())
+    assert "val_accuracy_matrix" not in doc and "val_avg_accuracy" not in doc
+    assert doc["per_seed"][0]["optimizer_steps"] == 2 * 4
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"evaluate_test": False, "val_fraction": 0.0}, "evaluate_test=False needs validation data"),
+    ({"evaluate_test": False, "uncertainty": True}, "set uncertainty=False"),
+    ({"val_fraction": 1.0}, "val_fraction=1.0 is out of range"),
+])
+def test_bench_config_refuses_validation_settings_that_cannot_work(kw, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(scenario="synthetic", strategy="naive", **kw).validate()
