@@ -1,14 +1,15 @@
 """The benchmark harness: a recipe over a scenario with a plain Lightning Trainer, one ``fit`` per task.
 
 After each task the model is tested on every task of the stream, which fills one row of the accuracy matrix; when the
-tasks hold validation data (``val_fraction`` > 0, the default 10 % of each task's training data) it is evaluated on
+tasks hold validation data (``val_fraction`` > 0, by default 10 % of each task's training data) it is evaluated on
 every task's validation data too, which fills the validation accuracy matrix (the only one that may choose a
-hyperparameter: :mod:`bayescl.harness.tune`). Results go to ``benchmarks/results/<scenario>/<strategy>.json``; :mod:`bayescl.harness.report` turns the JSON files of a
-scenario into a markdown table and plots.
+hyperparameter: :mod:`bayescl.harness.tune`). Results go to ``benchmarks/results/<scenario>/<strategy>.json``;
+:mod:`bayescl.harness.report` turns the JSON files of a scenario into a markdown table and plots.
 
-Protocol defaults (the ones the README's numbers use): Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1],
-10 % of each task's training data held out for validation (seeded by the run's seed);
-models: multi-head MLP 2x256 (task-IL), MLP 2x256 (domain/class-IL), MLP 2x100 (permuted MNIST).
+Protocol defaults: Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1], 10 % of each task's training data held
+out for validation (seeded by the run's seed; results written before ``val_fraction`` existed trained on all of it,
+as ``--val-fraction 0`` does); models: multi-head MLP 2x256 (task-IL), MLP 2x256 (domain/class-IL), MLP 2x100
+(permuted MNIST).
 """
 
 from __future__ import annotations

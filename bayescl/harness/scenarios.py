@@ -36,3 +36,13 @@ class Scenario(str, enum.Enum):
         if self is Scenario.SYNTHETIC:
             return "task"
         return "domain" if self is Scenario.PERMUTED_MNIST else self.value.rsplit("-", 1)[1]
+
+
+def default_num_tasks(scenario: Scenario) -> int:
+    """Tasks in a scenario's stream when ``num_tasks`` is not given (split: 5 class pairs, permuted MNIST: 10,
+    synthetic: 3)."""
+    if scenario is Scenario.PERMUTED_MNIST:
+        return 10
+    if scenario is Scenario.SYNTHETIC:
+        return 3
+    return len(SPLIT_PAIRS)

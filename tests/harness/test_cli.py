@@ -64,12 +64,39 @@ def test_bench_defaults_match_the_runner():
             assert getattr(args, name) == f.default, f.name
 
 
-def test_help_does_not_import_torch():
-    code = ("import sys\nfrom bayescl.harness.cli import main\ntry:\n    main(['bench', '--help'])\n"
+@pytest.mark.parametrize("cmd", ["bench", "tune"])
+def test_help_does_not_import_torch(cmd):
+    code = (f"import sys\nfrom bayescl.harness.cli import main\ntry:\n    main(['{cmd}', '--help'])\n"
             "except SystemExit:\n    pass\nheavy = [m for m in ('torch', 'pytorch_lightning', 'numpy') "
             "if m in sys.modules]\nassert not heavy, heavy\nprint('light')")
     proc = _run("-c", code)
     assert proc.returncode == 0 and "light" in proc.stdout, proc.stderr
+
+
+def test_tune_help_states_the_protocol_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("Chaudhry et al. 2019", "no test data is read", "--grid KEY=V1,V2,...", "--grid-file GRID.yaml",
+                 "the first tasks that tuning trains and validates on (default: 3)",
+                 "seeds per candidate while tuning, from --first-seed (default: 1)",
+                 "for validation, seeded by the run's seed; 0: none (default: 0.1)",
+                 "results folder (default: benchmarks/results/tuned)", "laplace-kron"):
+        assert text in out, text
+
+
+def test_tune_defaults_match_the_runner():
+    """The defaults ``bayescl tune --help`` shows are TuneConfig's and BenchConfig's."""
+    from bayescl.harness.bench import BenchConfig
+    from bayescl.harness.tune import TuneConfig
+
+    args = parser().parse_args(["tune", "--scenario", "synthetic", "--strategy", "naive", "--grid", "lam=1"])
+    for f in [*dataclasses.fields(TuneConfig), *dataclasses.fields(BenchConfig)]:
+        name = {"root": "data_root"}.get(f.name, f.name)
+        if f.default is not dataclasses.MISSING and hasattr(args, name) and f.name not in ("progress", "grid"):
+            assert getattr(args, name) == f.default, f.name
+    assert args.tune_epochs is None and args.grid == ["lam=1"]
 
 
 @pytest.mark.slow

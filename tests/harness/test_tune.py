@@ -1,0 +1,221 @@
+"""``bayescl tune``: the choice is the argmax of validation scores, tuning never reads test data, the JSON says how
+the recipe was chosen, a stopped tuning resumes, bad input is refused before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bayescl.harness import bench, tune
+from bayescl.harness.bench import BenchConfig
+from bayescl.harness.cli import main
+from bayescl.harness.report import load_results, markdown_table
+from bayescl.harness.tune import TuneConfig, choose, parse_grid, run_tune, tune_candidates
+
+
+def _cfg(**kw) -> TuneConfig:
+    run = {"scenario": "synthetic", "strategy": "laplace-diag", "epochs": 1, "uncertainty": False,
+           **kw.pop("run", {})}
+    return TuneConfig(run=BenchConfig(**run), **{"grid": {"lam": [1, 1000]}, "tune_tasks": 2, **kw})
+
+
+def _quiet(*_):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- the choice
+def test_choose_is_the_argmax_first_on_ties_and_never_nan():
+    assert choose({"a": 0.5, "b": 0.9, "c": 0.7}) == "b"
+    assert choose({"a": 0.8, "b": 0.9, "c": 0.9}) == "b"
+    assert choose({"a": float("nan"), "b": 0.1}) == "b"
+    with pytest.raises(ValueError, match="scores is empty"):
+        choose({})
+
+
+def test_the_final_run_uses_the_candidate_with_the_best_validation_score(monkeypatch, tmp_path):
+    """With the training replaced by given validation scores, the choice and the final run follow them."""
+    scores = {"laplace-diag-lam1": 0.70, "laplace-diag-lam10": 0.93, "laplace-diag-lam100": 0.93,
+              "laplace-diag-lam1000": 0.80}
+    finals: list[BenchConfig] = []
+
+    def fake_run_benchmark(cfg, out_dir=None, log=print, command=None, *, name=None, header=None):
+        variant = cfg.strategy.rpartition("#")[2]
+        if not cfg.evaluate_test:
+            s = scores[variant]
+            assert cfg.num_tasks == 2 and cfg.epochs == 1 and not cfg.uncertainty
+            return {"per_seed": [{"val_avg_accuracy": s}], "val_avg_accuracy": {"mean": s, "std": 0.0},
+                    "val_accuracy_matrix": [[[s, 0.5], [s, s]]], "seeds": [0], "wall_seconds": {"mean": 0.0}}
+        finals.append(cfg)
+        return {"strategy": name, **(header or {})}
+
+    monkeypatch.setattr(tune, "run_benchmark", fake_run_benchmark)
+    res = run_tune(_cfg(grid={"lam": [1, 10, 100, 1000]}), out_dir=tmp_path, log=_quiet)
+    got = {c["name"]: c["val_score"] for c in res["tune"]["candidates"]}
+    assert got == scores
+    assert res["tune"]["choice"]["name"] == "laplace-diag-lam10"  # 0.93, first of the tie
+    assert res["tune"]["choice"]["overrides"] == {"init_args": {"lam": 10}}
+    (final,) = finals
+    assert final.strategy.endswith("grid.yaml#laplace-diag-lam10") and final.evaluate_test
+    assert final.num_tasks is None and final.seeds == 1  # the whole stream, the final run's seeds
+    assert res["strategy"] == "laplace-diag" and "lam=10, chosen on validation accuracy" in res["description"]
+
+
+# --------------------------------------------------------------------------------------------------- no test data
+class Poisoned(Exception):
+    pass
+
+
+class _Poison:
+    """A test set that refuses to be read."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        raise Poisoned("the test set was read")
+
+    def __getitem__(self, i):
+        raise Poisoned("the test set was read")
+
+
+class _Counted:
+    def __init__(self, ds, reads):
+        self.ds, self.reads = ds, reads
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return self.ds[i]
+
+
+def test_tuning_never_reads_the_test_data(monkeypatch, tmp_path):
+    """Every stream's test sets raise when read: tuning succeeds (and reads the validation sets); the final run,
+    which tests, hits the poison."""
+    real_stream, val_reads = bench._stream, []
+
+    def poisoned_stream(cfg, seed):
+        stream = real_stream(cfg, seed)
+        for task in stream:
+            task.test = _Poison(task.test)
+            task.val = _Counted(task.val, val_reads)
+        return stream
+
+    monkeypatch.setattr(bench, "_stream", poisoned_stream)
+    res = tune_candidates(_cfg(), tmp_path, log=_quiet)
+    assert len(res["candidates"]) == 2 and val_reads  # validation data was evaluated, test data never
+    assert res["protocol"]["test_data_read_while_tuning"] is False
+    with pytest.raises(Poisoned):
+        run_tune(_cfg(), out_dir=tmp_path / "final", log=_quiet)
+
+
+# --------------------------------------------------------------------------------------------------- the JSON
+def test_tune_json_records_protocol_grid_scores_choice_and_report_reads_it(tmp_path):
+    lines: list[str] = []
+    res = run_tune(_cfg(run={"num_tasks": 3}), out_dir=tmp_path, log=lines.append, command="bayescl tune test")
+    doc = json.loads((tmp_path / "synthetic" / "laplace-diag.json").read_text())
+    t = doc["tune"]
+    p = t["protocol"]
+    assert (p["val_fraction"], p["tune_tasks"], p["tune_seeds"], p["tune_epochs"], p["metric"]) == \
+        (0.1, 2, [0], 1, "val_avg_accuracy")
+    assert "Chaudhry" in p["name"] and "no test data read" in p["text"]
+    assert t["grid"]["params"] == {"lam": [1, 1000]} and t["grid"]["source"] == "--grid lam=1,1000"
+    assert [c["name"] for c in t["candidates"]] == ["laplace-diag-lam1", "laplace-diag-lam1000"]
+    for c in t["candidates"]:
+        V = c["val_accuracy_matrix"][0]
+        assert len(V) == 2 and c["val_score"] == pytest.approx((V[1][0] + V[1][1]) / 2)  # tasks 1-2, after task 2
+        assert Path(c["json"]).is_file()
+    best = max(t["candidates"], key=lambda c: c["val_score"])  # first of equal maxima, as choose()
+    assert t["choice"]["name"] == best["name"] and t["choice"]["val_score"] == best["val_score"]
+    assert doc["config"]["strategy"].endswith(f"#{best['name']}") and doc["config"]["val_fraction"] == 0.1
+    assert len(doc["accuracy_matrix"][0]) == 3 and len(doc["val_accuracy_matrix"][0]) == 3  # the whole stream
+    assert res["avg_accuracy"] == doc["avg_accuracy"]
+    assert sum(line.startswith("[") for line in lines) == 2  # one progress line per candidate
+    (loaded,) = load_results(tmp_path / "synthetic")  # bayescl report reads it; the candidates are not results
+    assert loaded["strategy"] == "laplace-diag" and "| laplace-diag |" in markdown_table([loaded])
+    assert load_results(Path(t["candidates"][0]["json"]).parent) == []
+
+
+# --------------------------------------------------------------------------------------------------- resume
+def test_resume_skips_the_candidates_already_on_disk(monkeypatch, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def killed_after_first(line):
+        if line.startswith("[1/2]"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        tune_candidates(_cfg(), tmp_path, log=killed_after_first)
+    first = json.loads((tmp_path / "_tune" / "laplace-diag" / "synthetic" / "laplace-diag-lam1.json").read_text())
+    ran: list[str] = []
+    real = tune.run_benchmark
+
+    def counting(cfg, *a, **kw):
+        ran.append(cfg.strategy.rpartition("#")[2])
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(tune, "run_benchmark", counting)
+    lines: list[str] = []
+    res = tune_candidates(_cfg(run={"resume": True}), tmp_path, log=lines.append)
+    assert ran == ["laplace-diag-lam1000"]  # the finished candidate is kept
+    assert any(line.startswith("[1/2] laplace-diag-lam1 ") and "kept" in line for line in lines)
+    assert res["candidates"][0]["val_accuracy_matrix"] == first["val_accuracy_matrix"]
+    ran.clear()
+    tune_candidates(_cfg(), tmp_path, log=_quiet)  # without resume every candidate runs again
+    assert ran == ["laplace-diag-lam1", "laplace-diag-lam1000"]
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--strategy", "nope", "--grid", "lam=1,10"], "strategy='nope' is not a known recipe"),
+        (["--strategy", "laplace-diag"], "the grid is empty"),
+        (["--strategy", "laplace-diag", "--grid", "lam="], "has no values"),
+        (["--strategy", "laplace-diag", "--grid", "lam"], "is not of the form KEY=v1,v2,..."),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,1.0"], "holds a value twice"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1", "--grid", "lam=2"], "is given twice"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--tune-tasks", "4"],
+         "tune_tasks=4 is more than the stream's 3 tasks"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--num-tasks", "2", "--tune-tasks", "3"],
+         "tune_tasks=3 is more than the stream's 2 tasks"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--tune-tasks", "0"], "tune_tasks=0"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--val-fraction", "0"], "val_fraction=0 holds out no"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--val-fraction", "1.5"], "val_fraction=1.5"),
+        (["--strategy", "laplace-diag", "--grid", "lamm=1,10"], "does not take these arguments"),
+        (["--strategy", "laplace-diag", "--grid", "lam=-1,10"], "lam=-1"),
+        (["--strategy", "naive", "--grid", "lam=1,10"], "has no callback"),
+        (["--strategy", "avalanche-ewc", "--grid", "lam=1,10"], "has no callback"),
+        (["--grid-file", "benchmarks/grids/lambda.yaml", "--strategy", "laplace-diag"], "give one or the other"),
+        (["--grid-file", "no/such/grid.yaml"], "no/such/grid.yaml"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1", "--name", "a/b"], "name='a/b' is not valid"),
+    ],
+)
+def test_cli_tune_refuses_bad_input_before_any_work(args, message, capsys, tmp_path):
+    assert main(["tune", "--scenario", "synthetic", *args, "--epochs", "1", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(Path(tmp_path).rglob("*"))  # nothing written
+
+
+def test_parse_grid_reads_yaml_scalars():
+    assert parse_grid(["lam=1,10,1e3", "online=true,false", "structure=kron"]) == \
+        {"lam": [1, 10, 1000.0], "online": [True, False], "structure": ["kron"]}
+
+
+def test_cli_tune_with_a_grid_file(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("base: laplace-diag\nvariants:\n  d1:\n    init_args: {lam: 1}\n  d3:\n    init_args: {lam: 3}\n")
+    out = tmp_path / "out"
+    rc = main(["tune", "--scenario", "synthetic", "--grid-file", str(grid), "--tune-tasks", "1", "--num-tasks", "2",
+               "--epochs", "1", "--out", str(out), "--no-progress", "--no-uncertainty", "--no-report"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "synthetic" / "g.json").read_text())
+    assert [c["name"] for c in doc["tune"]["candidates"]] == ["d1", "d3"]
+    assert doc["tune"]["grid"]["file"] == str(grid) and doc["tune"]["grid"]["params"] is None
+    assert f"| {doc['tune']['choice']['name']} (chosen) |" in printed and "| g |" in printed
