@@ -1,21 +1,30 @@
 """Avalanche's own methods beside bayescl's Laplace plugin, on the same data and protocol.
 
-Split MNIST task-IL (5 experiences 0/1 … 8/9, local labels 0/1, task labels given, pixels in [0, 1]) from the
-shared MNIST files through Avalanche's ``SplitMNIST(..., dataset_root=...)``; one multi-head MLP 2x256 (an
-Avalanche ``MultiTaskModule``: a ReLU trunk 784-256-256 and a ``MultiHeadClassifier`` that grows a 2-way head per
-experience); Adam 1e-3, batch 64, 5 epochs per experience, Avalanche's default optimizer handling (one Adam,
+Split MNIST (5 experiences 0/1 … 8/9, pixels in [0, 1]) from the shared MNIST files through Avalanche's
+``SplitMNIST(..., dataset_root=...)``, in one of three settings (``--setting``): ``task`` (default; local labels 0/1,
+task labels given, one multi-head MLP 2x256: an Avalanche ``MultiTaskModule`` with a ReLU trunk 784-256-256 and a
+``MultiHeadClassifier`` that grows a 2-way head per experience), ``domain`` (local labels 0/1, no task labels, one
+2-way head) or ``class`` (global labels 0..9, no task labels, one 10-way head); Adam 1e-3, batch 64, 5 epochs per experience, Avalanche's default optimizer handling (one Adam,
 re-targeted at the new parameters at each experience, its state kept). After every experience the model is
 evaluated on the test experiences seen so far (Avalanche's ``EvaluationPlugin``, ``Top1_Acc_Exp``), which fills
 the accuracy matrix; the reported accuracy is the mean over the 5 tasks after the last one.
 
 Runs: Avalanche ``Naive``; ``EWC`` (separate) and ``EWC`` online (decay 0.9) over a λ grid; ``SynapticIntelligence``
-over a λ grid; bayescl's ``LaplacePlugin`` inside ``Naive`` with the callback of the ``laplace-diag`` and
+over a λ grid; Avalanche's experience replay at bayescl's ER memory: ``Naive`` with a ``ReplayPlugin`` whose
+``ExperienceBalancedBuffer`` holds ``--memory-per-task`` examples (200) of every experience (fixed, not adaptive:
+``mem_size`` = 200 x 5, of which each experience keeps 200 from the start, as ``ReplayCallback`` does); each step
+concatenates a current and a memory minibatch of 64 and averages the loss over both (``ReplayCallback`` adds the
+two means: twice the gradient, the same direction); bayescl's ``LaplacePlugin`` inside ``Naive`` with the callback of the ``laplace-diag`` and
 ``laplace-kron`` recipes (no λ: the Bayesian scaling). λ is chosen on the *test* accuracy (there is no validation
 split), which flatters the tuned baselines. The ``strategies/avalanche-*.yaml`` recipes (key ``avalanche:``,
-``class_path`` / ``init_args``) can be run with ``--recipes``.
+``class_path`` / ``init_args``; a mapping with a ``class_path`` anywhere in ``init_args``, e.g. a plugin and its
+storage policy, is built too) can be run with ``--recipes``; ``--ours`` adds bayescl harness results to the table
+(e.g. ``ReplayCallback``'s ``er`` recipe on ``--scenario avalanche:SplitMNIST:return_task_id=false,...``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/avalanche_compare.py --root /work/shared/data --seeds 1 \
         --ours /tmp/avl_ours/split-mnist-task/laplace-diag.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/avalanche_compare.py --setting class --recipes avalanche-naive,\
+        avalanche-replay --out /tmp/avl-class
 """
 
 from __future__ import annotations
@@ -48,7 +57,13 @@ from bayescl.avalanche import LaplacePlugin
 from bayescl.harness.metrics import summarize
 from bayescl.harness.recipes import load_recipe
 
-SCENARIO = "split-mnist-task"
+#: ``--setting`` -> the SplitMNIST options and the outputs of the (single) head; ``task`` is multi-head
+SETTINGS: dict[str, tuple[dict[str, Any], int]] = {
+    "task": ({"return_task_id": True, "class_ids_from_zero_in_each_exp": True}, 2),
+    "domain": ({"return_task_id": False, "class_ids_from_zero_in_each_exp": True}, 2),
+    "class": ({"return_task_id": False, "class_ids_from_zero_in_each_exp": False}, 10),
+}
+SCENARIO = "split-mnist-task"  # the default setting's name; a run's is f"split-mnist-{setting}"
 
 
 class MultiHeadMLP(MultiTaskModule):
@@ -67,6 +82,38 @@ class MultiHeadMLP(MultiTaskModule):
         return self.classifier(self.trunk(x), task_label)
 
 
+def make_model(setting: str) -> nn.Module:
+    """The multi-head MLP for ``task``; otherwise the same MLP 784-256-256 with one head of the setting's outputs."""
+    if setting == "task":
+        return MultiHeadMLP()
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, SETTINGS[setting][1]))
+
+
+def build(value: Any) -> Any:
+    """``init_args`` values with every ``{class_path, init_args}`` mapping (also inside lists) instantiated."""
+    if isinstance(value, dict) and "class_path" in value:
+        if set(value) - {"class_path", "init_args"}:
+            raise ValueError(f"{value!r}: a class spec has only 'class_path' and 'init_args'.")
+        return load_class(value["class_path"])(**build(value.get("init_args") or {}))
+    if isinstance(value, dict):
+        return {k: build(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [build(v) for v in value]
+    return value
+
+
+def replay_spec(memory_per_task: int, experiences: int = 5) -> dict[str, Any]:
+    """Avalanche ``Naive`` + ``ReplayPlugin`` keeping ``memory_per_task`` examples of every experience (a fixed
+    ``ExperienceBalancedBuffer``: bayescl ``ReplayCallback``'s memory at every stage, not only after the last)."""
+    mem = memory_per_task * experiences
+    policy = {"class_path": "avalanche.training.storage_policy.ExperienceBalancedBuffer",
+              "init_args": {"max_size": mem, "adaptive_size": False, "num_experiences": experiences}}
+    return {"name": f"replay mem={memory_per_task}/exp", "class_path": "avalanche.training.Naive",
+            "init_args": {"plugins": [{"class_path": "avalanche.training.plugins.ReplayPlugin",
+                                       "init_args": {"mem_size": mem, "storage_policy": policy}}]}}
+
+
 def fix_si_on_cpu() -> None:
     """Avalanche 0.6's SI stores ``param.detach().cpu().flatten()``: on a CPU device that is a *view* of the live
     parameter, so the "old" and "new" weights of every step are the same tensor, the path integral is 0 and SI
@@ -80,7 +127,8 @@ def fix_si_on_cpu() -> None:
     SI.extract_weights = staticmethod(torch.no_grad()(extract_weights))
 
 
-def grid(ewc_lambdas=(1e2, 1e3, 1e4), si_lambdas=(1.0, 10.0, 100.0)) -> list[dict[str, Any]]:
+def grid(ewc_lambdas=(1e2, 1e3, 1e4), si_lambdas=(1.0, 10.0, 100.0),
+         memory_per_task: int = 200) -> list[dict[str, Any]]:
     """The runs of the default sweep: name, Avalanche strategy ``class_path`` / ``init_args``, bayescl recipe."""
     runs: list[dict[str, Any]] = [{"name": "naive", "class_path": "avalanche.training.Naive", "init_args": {}}]
     for lam in ewc_lambdas:
@@ -92,6 +140,7 @@ def grid(ewc_lambdas=(1e2, 1e3, 1e4), si_lambdas=(1.0, 10.0, 100.0)) -> list[dic
     for lam in si_lambdas:
         runs.append({"name": f"si lam={lam:g}", "class_path": "avalanche.training.SynapticIntelligence",
                      "init_args": {"si_lambda": lam}})
+    runs.append(replay_spec(memory_per_task))
     for recipe in ("laplace-diag", "laplace-kron"):
         runs.append({"name": f"bayescl LaplacePlugin ({recipe} recipe)", "class_path": "avalanche.training.Naive",
                      "init_args": {}, "bayescl_recipe": recipe})
@@ -112,6 +161,11 @@ def recipe_runs(names: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+PROTOCOL = {"task": "local labels, task labels given; multi-head MLP 2x256 (Avalanche MultiHeadClassifier)",
+            "domain": "local labels 0/1, no task labels; MLP 2x256 with one 2-way head",
+            "class": "global labels 0..9, no task labels; MLP 2x256 with one 10-way head"}
+
+
 def load_class(path: str):
     module, _, attr = path.rpartition(".")
     return getattr(importlib.import_module(module), attr)
@@ -120,9 +174,10 @@ def load_class(path: str):
 def run_one(spec: dict[str, Any], benchmark, seed: int, args) -> dict[str, Any]:
     RNGManager.set_random_seeds(seed)
     torch.manual_seed(seed)
-    model = MultiHeadMLP()
+    model = make_model(args.setting)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    plugins = []
+    init_args = build(spec["init_args"])  # fresh plugins (and their buffers) for every seed
+    plugins = list(init_args.pop("plugins", None) or [])
     if spec.get("bayescl_recipe"):
         callback = load_recipe(spec["bayescl_recipe"]).build_callbacks()[0]
         plugins.append(LaplacePlugin(callback=callback))
@@ -130,7 +185,7 @@ def run_one(spec: dict[str, Any], benchmark, seed: int, args) -> dict[str, Any]:
     cls = load_class(spec["class_path"])
     strategy = cls(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size,
                    train_epochs=args.epochs, eval_mb_size=1000, device="cpu", plugins=plugins, evaluator=evaluator,
-                   **spec["init_args"])
+                   **init_args)
     T = len(benchmark.train_stream)
     R = torch.full((T, T), float("nan"))
     fit = 0.0
@@ -158,7 +213,7 @@ def _agg(values: list[float]) -> dict[str, float]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"# Avalanche 0.6 strategies vs bayescl on {SCENARIO}",
+        f"# Avalanche 0.6 strategies vs bayescl on {result['scenario']}",
         "",
         "Commands (`OMP_NUM_THREADS=1`, from the repository root; the table merges their outputs):",
         "",
@@ -183,7 +238,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 def ours_entry(path: Path) -> dict[str, Any]:
     doc = json.loads(path.read_text())
-    return {"name": f"bayescl LaplaceCallback ({doc['strategy']} recipe)", "runs_in": "bayescl harness (Lightning)",
+    try:
+        callbacks = [c["class_path"].rpartition(".")[2] for c in load_recipe(doc["strategy"]).callbacks]
+    except ValueError:  # a recipe no longer found: the JSON still says what ran
+        callbacks = []
+    what = " + ".join(callbacks) or "no callback"
+    return {"name": f"bayescl {what} ({doc['strategy']} recipe)",
+            "runs_in": f"bayescl harness (Lightning), {doc['scenario']}",
             "command": doc.get("command"), "avg_accuracy": doc["avg_accuracy"], "bwt": doc["bwt"],
             "wall_seconds": doc["wall_seconds"], "per_seed": doc["per_seed"], "source": str(path)}
 
@@ -191,6 +252,9 @@ def ours_entry(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data"), help="MNIST root (torchvision layout)")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="task",
+                   help="task: multi-head, task labels given; domain: one 2-way head; class: one 10-way head")
+    p.add_argument("--memory-per-task", type=int, default=200, help="examples per experience of the replay run")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
@@ -215,22 +279,25 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.fix_si:
         fix_si_on_cpu()
-    runs = recipe_runs(args.recipes.split(",")) if args.recipes else grid(args.ewc_lambdas, args.si_lambdas)
+    runs = (recipe_runs(args.recipes.split(",")) if args.recipes
+            else grid(args.ewc_lambdas, args.si_lambdas, args.memory_per_task))
     if args.report_only:
         runs = []
     if args.only:
         keys = [k for k in args.only.split(",") if k]
         runs = [r for r in runs if any(k in r["name"] for k in keys)]
-    benchmark = SplitMNIST(5, return_task_id=True, fixed_class_order=list(range(10)),
-                           class_ids_from_zero_in_each_exp=True, train_transform=None, eval_transform=None,
-                           dataset_root=args.root)
+    if args.setting != "task" and any(r.get("bayescl_recipe") for r in runs):
+        runs = [r for r in runs if not r.get("bayescl_recipe")]  # the grid's LaplacePlugin rows are task-IL only
+    scenario = f"split-mnist-{args.setting}"
+    benchmark = SplitMNIST(5, fixed_class_order=list(range(10)), train_transform=None, eval_transform=None,
+                           dataset_root=args.root, **SETTINGS[args.setting][0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "scenario": SCENARIO,
+        "scenario": scenario,
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "protocol": (f"Avalanche SplitMNIST(5, return_task_id=True, classes 0/1..8/9, local labels), pixels in [0, 1]; "
-                     f"multi-head MLP 2x256 (Avalanche MultiHeadClassifier); Adam lr {args.lr}, batch "
+        "protocol": (f"Avalanche SplitMNIST(5, classes 0/1..8/9, {PROTOCOL[args.setting]}), pixels in [0, 1]; "
+                     f"Adam lr {args.lr}, batch "
                      f"{args.batch_size}, {args.epochs} epochs per experience; accuracy = mean over the 5 tasks "
                      "after the last one"),
         "config": vars(args),
@@ -249,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             result["runs"].append(entry)
             print(f"{spec['name']}: FAILED {entry['error']}", flush=True)
-            (out / f"{SCENARIO}.json").write_text(json.dumps(result, indent=1))
+            (out / f"{scenario}.json").write_text(json.dumps(result, indent=1))
             continue
         entry["per_seed"] = per_seed
         for k in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds"):
@@ -258,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{spec['name']}: acc {100 * entry['avg_accuracy']['mean']:.2f}, "
               f"wall {entry['wall_seconds']['mean']:.1f} s", flush=True)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        (out / f"{SCENARIO}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{scenario}.json").write_text(json.dumps(result, indent=1))
     result["commands"] = [result["command"]] if runs else []
     for path in args.merge:
         doc = json.loads(Path(path).read_text())
@@ -269,8 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         result["runs"].append(ours_entry(Path(path)))
         if result["runs"][-1]["command"] not in result["commands"]:
             result["commands"].append(result["runs"][-1]["command"])
-    (out / f"{SCENARIO}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{SCENARIO}.md").write_text(markdown(result))
+    (out / f"{scenario}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{scenario}.md").write_text(markdown(result))
     print(markdown(result))
 
 

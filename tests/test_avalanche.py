@@ -418,7 +418,7 @@ def test_adapter_does_not_expose_the_harness_streams():
 
 
 # --------------------------------------------------------------------------------------------------- harness
-@pytest.mark.parametrize("recipe", ["avalanche-ewc", "avalanche-si", "avalanche-naive"])
+@pytest.mark.parametrize("recipe", ["avalanche-ewc", "avalanche-si", "avalanche-naive", "avalanche-replay"])
 def test_harness_refuses_avalanche_recipes_before_training(recipe, tmp_path):
     cfg = BenchConfig(scenario="synthetic", strategy=recipe, epochs=1, num_tasks=2, uncertainty=False)
     logged: list[str] = []
@@ -455,3 +455,28 @@ def test_vcl_plugin_keeps_parameter_groups_through_make_optimizer():
 def test_vcl_plugin_needs_a_strategy_with_make_optimizer():
     with pytest.raises(TypeError, match="make_optimizer"):
         VCLPlugin().convert_model(SimpleNamespace(model=tiny_mlp()))
+
+
+def test_avalanche_replay_recipe_keeps_a_fixed_memory_per_experience():
+    """benchmarks/avalanche_compare.py builds the avalanche-replay recipe's nested specs (plugin, storage policy);
+    the buffer holds memory_per_task examples of each experience from the start, as ReplayCallback does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import avalanche_compare as ac
+    finally:
+        sys.path.pop(0)
+    (run,) = ac.recipe_runs(["avalanche-replay"])
+    assert run["init_args"] == ac.replay_spec(200)["init_args"]  # the recipe is the script's replay row
+    (plugin,) = ac.build(run["init_args"])["plugins"]
+    assert plugin.mem_size == 1000 and plugin.storage_policy.get_group_lengths(1) == [200]
+    spec = ac.replay_spec(memory_per_task=10, experiences=3)
+    init_args = ac.build(spec["init_args"])
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, device="cpu",
+                     evaluator=EvaluationPlugin(loggers=[]), **init_args)
+    for i, exp in enumerate(tiny_benchmark(task_labels=(0, 0, 0)).train_stream[:2]):
+        strategy.train(exp)
+        groups = init_args["plugins"][0].storage_policy.buffer_groups
+        assert [len(g.buffer) for g in groups.values()] == [10] * (i + 1)
