@@ -32,6 +32,7 @@ from bayescl._params import param_filter, select_params
 from bayescl.gaussian import Gaussian, PosteriorServer, PriorGradient
 from bayescl.lightning.batchnorm import BatchNormPolicy, batchnorm_layers, freeze_running_stats
 from bayescl.lightning.lifecycle import TaskLifecycle
+from bayescl.lightning.spawn import SpawnHandoff, check_launcher
 
 
 def _dataset_size(dataloader: Any) -> int | None:
@@ -50,7 +51,7 @@ def optimizer_param_ids(optimizer: Any) -> set[int] | None:
     return {id(p) for group in opt.param_groups for p in group["params"]}
 
 
-class PosteriorCallback(TaskLifecycle, pl.Callback):
+class PosteriorCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
     """Base class: holds the posterior server and the task bookkeeping; subclasses say how a task ends.
 
     Args:
@@ -152,6 +153,9 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_launcher(trainer, type(self).__name__)
+        self.spawn_setup()  # under ddp_spawn: where rank 0 hands the state back (bayescl.lightning.spawn)
         self.ensure_server(pl_module)
         self.lifecycle_setup(trainer, pl_module, stage)
 
@@ -187,6 +191,7 @@ class PosteriorCallback(TaskLifecycle, pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lifecycle_fit_end(trainer, pl_module)
         self._fit_params = None
+        self.spawn_fit_end(trainer.global_rank)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._fit_params = None

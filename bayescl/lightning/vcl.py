@@ -291,6 +291,12 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.in_spawned_worker() and not variational_layers(pl_module):
+            raise ValueError("VCLCallback with strategy='ddp_spawn' needs a model that is variational already: "
+                             "the workers would swap its layers for variational ones, and ddp_spawn brings back only "
+                             "the weights whose names exist in this process's model, so the trained means would be "
+                             "lost. Call bayescl.variational.convert(model) before trainer.fit, or use "
+                             "strategy='ddp'.")
         convert(pl_module, self.logvar_init, include=self.include_layer)
         enable_predictive(pl_module, self.test_samples)
         wrap_training_step(pl_module, self.train_samples, self.vectorize_samples)

@@ -1,7 +1,9 @@
 """The job of ``test_ddp_callbacks.py``: fit two tasks with LaplaceCallback (diag, kron) and VCLCallback, in DDP.
 
 ``python tests/lightning/ddp_callbacks_job.py DEVICES OUT [METHOD ...]`` (methods: :data:`METHODS`): with ``DEVICES=2`` Lightning's DDP launcher
-re-runs this file for rank 1 (gloo, CPU); with ``DEVICES=1`` it is the one-process reference on the same data with
+re-runs this file for rank 1 (gloo, CPU); with ``DEVICES=spawn`` two processes are spawned (``ddp_spawn``: the
+callback and module are pickled into them, and this process reads the posterior back after each fit, its record
+saved as ``<method>-spawn.pt``); with ``DEVICES=1`` it is the one-process reference on the same data with
 the same *global* batch (``2 * BS``): with an unshuffled ``DistributedSampler`` rank ``r`` takes examples
 ``r, r + 2, …``, so the union of the two ranks' k-th batches is the k-th batch of the one-process run. Every rank
 saves ``OUT/<method>-rank<r>.pt`` (the server's state after each task, the weights, the coresets); the two-process
@@ -63,19 +65,22 @@ def make_callback(method: str):
     return LaplaceCallback(structure=method, fisher="exact", predictive_prior_precision="train")
 
 
-def make_trainer(devices: int, callbacks: list, ckpt_dir: Path | None, precision: str):
+def make_trainer(devices: int | str, callbacks: list, ckpt_dir: Path | None, precision: str):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.strategies import DDPStrategy
 
     if ckpt_dir is not None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)]
-    strategy = (DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timedelta(seconds=60))
-                if devices > 1 else "auto")  # the multi-head model leaves the other task's head unused
-    return pl.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=EPOCHS, logger=False,
-                      precision=precision, enable_checkpointing=ckpt_dir is not None, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-                      use_distributed_sampler=False)
+    spawn = devices == "spawn"
+    strategy = (DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timedelta(seconds=60),
+                            start_method="spawn" if spawn else "popen")
+                if spawn or devices > 1 else "auto")  # the multi-head model leaves the other task's head unused
+    # spawn: the loader is pickled before the ranks exist, so Lightning's own (unshuffled) DistributedSampler shards it
+    return pl.Trainer(strategy=strategy, accelerator="cpu", devices=2 if spawn else devices, max_epochs=EPOCHS,
+                      logger=False, precision=precision, enable_checkpointing=ckpt_dir is not None,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=callbacks, use_distributed_sampler=spawn)
 
 
 def _set_stochastic(module, on: bool) -> None:
@@ -88,29 +93,35 @@ def _no_noise(module, on: bool) -> None:
     _set_stochastic(module, False)
 
 
-def loader(data, devices: int) -> DataLoader:
+def loader(data, devices: int | str) -> DataLoader:
     """Unshuffled: in DDP an explicit ``DistributedSampler(shuffle=False)`` (Lightning's own would shuffle), built
     before the process group exists, from the rank Lightning's launcher puts in ``LOCAL_RANK``."""
+    if devices == "spawn":
+        return DataLoader(data, batch_size=BS, shuffle=False)
     if devices == 1:
         return DataLoader(data, batch_size=2 * BS, shuffle=False)
     sampler = DistributedSampler(data, num_replicas=devices, rank=int(os.environ.get("LOCAL_RANK", "0")), shuffle=False)
     return DataLoader(data, batch_size=BS, sampler=sampler)
 
 
-def run(method: str, devices: int, out: Path) -> None:
+def run(method: str, devices: int | str, out: Path) -> None:
     from bayescl.lightning import vcl
 
     # The weight noise is drawn per rank, so no two-process run draws the one-process run's noise: "vcl" switches
     # it off (the layers use their means; the KL term, N_t and the task's site are what DDP changes).
     vcl.set_stochastic = _no_noise if method == "vcl" else _set_stochastic
     module, cb = make_module(), make_callback(method)
+    if devices == "spawn" and method.startswith("vcl"):
+        from bayescl.methods.variational import convert
+
+        convert(module, cb.logvar_init)  # ddp_spawn brings back only weights this process's model has
     record: dict = {"servers": []}
     rank = 0
     for task in range(2):
         data = task_data(task, method)
         if method.startswith("vcl"):
             data = cb.prepare_task_data(data)
-        ckpt = out / f"ckpt-{method}-{task}" if devices > 1 else None
+        ckpt = out / f"ckpt-{method}-{task}" if devices == 2 else None
         # float64 for Laplace (tight comparisons); VCL in float32 (its server does not follow a float64 module)
         trainer = make_trainer(devices, [cb], ckpt, "32-true" if method.startswith("vcl") else "64-true")
         trainer.fit(module, loader(data, devices))
@@ -119,11 +130,15 @@ def run(method: str, devices: int, out: Path) -> None:
         record[f"num_examples{task}"] = cb.num_examples
     record["weights"] = {n: p.detach().clone() for n, p in module.named_parameters()}
     if method.startswith("vcl"):
+        from bayescl.methods.variational import logical_names
+
         record["coresets"] = {t: list(c) for t, c in cb.coresets.items()}
-    torch.save(record, out / f"{method}-rank{rank}.pt")
+        record["posterior_mean"] = cb.posterior().mean
+        record["logical_names"] = logical_names(module)
+    torch.save(record, out / (f"{method}-spawn.pt" if devices == "spawn" else f"{method}-rank{rank}.pt"))
 
 
-def main(devices: int, out: Path, methods: list[str]) -> None:
+def main(devices: int | str, out: Path, methods: list[str]) -> None:
     warnings.filterwarnings("ignore")
     if os.environ.get("BAYESCL_TEST_NO_REDUCE") == "1":
         from bayescl.lightning import laplace
@@ -134,4 +149,4 @@ def main(devices: int, out: Path, methods: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(METHODS))
+    main(sys.argv[1] if sys.argv[1] == "spawn" else int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:] or list(METHODS))

@@ -23,9 +23,11 @@ sys.path.insert(0, str(JOB.parent))
 import ddp_callbacks_job as job
 
 COMPARED = ("diag", "kron", "vcl")
+#: ddp_spawn: one Laplace and one VCL callback (each spawned fit costs two fresh interpreters)
+SPAWNED = ("diag", "vcl-noisy")
 
 
-def _start(start_job, devices: int, out: Path, methods: tuple[str, ...]):
+def _start(start_job, devices: int | str, out: Path, methods: tuple[str, ...]):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
     env.pop("LOCAL_RANK", None)
@@ -35,14 +37,17 @@ def _start(start_job, devices: int, out: Path, methods: tuple[str, ...]):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, start_job):
-    """The two-process run (every method) and the one-process reference, started together with one deadline."""
-    outs = {2: tmp_path_factory.mktemp("two"), 1: tmp_path_factory.mktemp("one")}
-    started = {2: _start(start_job, 2, outs[2], job.METHODS), 1: _start(start_job, 1, outs[1], COMPARED)}
-    deadline = time.monotonic() + 120.0
-    return {d: (*started[d].finish(deadline), outs[d]) for d in (2, 1)}
+    """The two-process run (every method), the ddp_spawn run and the one-process reference, started together with one
+    deadline."""
+    outs = {2: tmp_path_factory.mktemp("two"), 1: tmp_path_factory.mktemp("one"),
+            "spawn": tmp_path_factory.mktemp("spawn")}
+    started = {2: _start(start_job, 2, outs[2], job.METHODS), 1: _start(start_job, 1, outs[1], COMPARED),
+               "spawn": _start(start_job, "spawn", outs["spawn"], SPAWNED)}
+    deadline = time.monotonic() + 240.0
+    return {d: (*started[d].finish(deadline), outs[d]) for d in started}
 
 
-def _out(runs, devices: int) -> Path:
+def _out(runs, devices: int | str) -> Path:
     rc, log, _alive, out = runs[devices]
     assert rc is not None, f"the {devices}-process run hung past the deadline:\n{log[-3000:]}"
     assert rc == 0, log[-3000:]
@@ -112,3 +117,22 @@ def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, metho
     assert_bitwise_equal(seen["server"], saved["servers"][1])
     if method.startswith("vcl"):
         assert_bitwise_equal(seen["coresets"], saved["coresets"])
+
+
+def test_ddp_spawn_brings_the_posterior_back_to_the_calling_process(runs, assert_states_close):
+    """Under ddp_spawn the fit runs in pickled copies; the callback in this process must end with their posterior
+    (and the module with their weights), equal to the one-process run on the union of the shards."""
+    spawned = job.load_numbers(_out(runs, "spawn") / "diag-spawn.pt")
+    one = job.load_numbers(_out(runs, 1) / "diag-rank0.pt")
+    assert spawned["num_examples0"] == job.N_TRAIN
+    assert len(spawned["servers"][0]["sites"]) == 1 and len(spawned["servers"][1]["sites"]) == 2
+    assert_states_close(spawned, one, 1e-10, "diag-spawn")
+
+
+def test_ddp_spawn_brings_vcl_state_and_means_back(runs):
+    rec = job.load_numbers(_out(runs, "spawn") / "vcl-noisy-spawn.pt")
+    assert len(rec["servers"][1]["sites"]) == 2
+    assert sorted(rec["coresets"]) == [0, 1] and all(len(c) == job.CORESET for c in rec["coresets"].values())
+    # the posterior mean the workers fitted is what the returned module holds (weights and state came back together)
+    for name, (mu_name, _) in rec["logical_names"].items():
+        torch.testing.assert_close(rec["posterior_mean"][name], rec["weights"][mu_name], rtol=0, atol=0)
