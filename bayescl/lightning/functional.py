@@ -49,10 +49,12 @@ from bayescl.methods.functional import (
     FunctionalSite,
     FunctionOutput,
     MemorySelection,
+    SiteStack,
     collect,
     function_kernel,
     functional_prior,
     select_memorable,
+    stack_sites,
 )
 
 __all__ = ["FunctionalPriorCallback"]
@@ -198,21 +200,22 @@ class FunctionalPriorCallback(LaplaceCallback):
         return q
 
     # ------------------------------------------------------------------ the prior term
-    def _sites_on(self, ref: Tensor) -> list[FunctionalSite]:
+    def _stacks_on(self, ref: Tensor) -> list[SiteStack]:
+        """The sites on the parameters' device and dtype, stacked once per set of sites (factors cached)."""
         key = (ref.device, ref.dtype, tuple(self.sites))
         if self._device_sites is None or self._device_sites[0] != key:
-            self._device_sites = (key, [s.to(ref.device, ref.dtype) for s in self.sites.values()])
+            self._device_sites = (key, stack_sites([s.to(ref.device, ref.dtype) for s in self.sites.values()]))
         return self._device_sites[1]
 
     def functional_term(self, pl_module: nn.Module, step: int | None = None) -> Tensor:
         r""":math:`R(\theta)` at the current weights over the points drawn for ``step`` (differentiable; the model
         in eval mode). ``step`` defaults to the current draw counter."""
         params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
-        sites = self._sites_on(next(iter(params.values())))
+        stacks = self._stacks_on(next(iter(params.values())))
         step = self.draws if step is None else step
         g = torch.Generator().manual_seed(mix(self.seed, self.tasks_seen, step, 11))
         with eval_mode(pl_module):
-            return functional_prior(pl_module, sites, self.output, self.points_per_step, g, step)
+            return functional_prior(pl_module, stacks, self.output, self.points_per_step, g)
 
     def add_prior_grad(self, pl_module: nn.Module, only: set[int] | None = None) -> None:
         r"""``p.grad += (τ / N_t) ∇R(θ)`` for the selected parameters (and the Laplace term with

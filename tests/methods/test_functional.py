@@ -15,6 +15,7 @@ from bayescl.methods.functional import (
     functional_prior,
     hessian_score,
     select_memorable,
+    stack_sites,
 )
 
 
@@ -158,11 +159,11 @@ def test_term_and_its_gradient_equal_the_dense_formula(tiny):
     for g, r in zip(torch.autograd.grad(term, params), torch.autograd.grad(ref, params)):
         torch.testing.assert_close(g, r)
     # subsampled: each site's marginal on the drawn points, scaled by M/s; the draws follow the generator
-    term = functional_prior(model, sites, points_per_step=5, generator=torch.Generator().manual_seed(4), step=1)
+    term = functional_prior(model, sites, points_per_step=5, generator=torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
-    counts = allocate(5, [7, 4], step=1)
-    picks = [torch.randperm(7, generator=g)[:counts[0]].sort().values,
-             torch.randperm(4, generator=g)[:counts[1]].sort().values]
+    assert allocate(5, [7, 4]) == [2, 2]
+    picks = [torch.rand((1, 7), generator=g).argsort(-1)[0, :2].sort().values,
+             torch.rand((1, 4), generator=g).argsort(-1)[0, :2].sort().values]
     ref = _dense_term(model, sites, picks)
     torch.testing.assert_close(term, ref)
     for g, r in zip(torch.autograd.grad(term, params), torch.autograd.grad(ref, params)):
@@ -174,14 +175,29 @@ def test_term_is_zero_with_zero_gradient_at_the_stored_function(tiny):
     q = DiagGaussian.from_moments(_flat(model), {n: torch.full_like(p, 0.5) for n, p in _flat(model).items()})
     site = _site(model, torch.randn(5, 4, dtype=torch.float64), q)
     term = functional_prior(model, [site])
-    assert abs(float(term)) < 1e-20
+    assert abs(float(term.detach())) < 1e-20
     assert all(float(g.abs().max()) < 1e-12 for g in torch.autograd.grad(term, list(model.parameters())))
+
+
+def test_stacked_sites_of_equal_size_give_the_same_term_as_separate_ones(tiny):
+    model = tiny(4)
+    q = DiagGaussian.from_moments(_flat(model), {n: torch.full_like(p, 0.5) for n, p in _flat(model).items()})
+    sites = [_site(model, torch.randn(6, 4, dtype=torch.float64), q) for _ in range(3)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    stacks = stack_sites(sites)
+    assert len(stacks) == 1 and stacks[0].kernel.shape == (3, 3, 6, 6)
+    torch.testing.assert_close(functional_prior(model, stacks), _dense_term(model, sites, [None] * 3))
+    g = torch.Generator().manual_seed(1)
+    idx = torch.rand((3, 6), generator=g).argsort(-1)[:, :2].sort(-1).values
+    term = functional_prior(model, stacks, points_per_step=6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(term, _dense_term(model, sites, list(idx)))
 
 
 def test_allocate_shares_the_cap_and_covers_every_task():
     assert allocate(None, [40, 40]) == [40, 40]
-    assert allocate(64, [200] * 10, step=0) == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6]
-    assert sum(allocate(64, [200] * 10, step=3)) == 64
+    assert allocate(64, [200] * 10) == [6] * 10
     assert allocate(64, [10, 200]) == [10, 32]
     assert allocate(3, [5] * 5) == [1] * 5  # at least one point per past task
     with pytest.raises(ValueError, match="points_per_step"):
