@@ -11,7 +11,10 @@ fills the accuracy matrix.
 * ``posterior_server``: :class:`bayescl.lightning.strategy.PosteriorServerStrategy`, ``sync_every=K``, damping 1/W, the
   next task starts from the previous task's (task, worker) sites (``prior=previous.server``): it all-reduces
   ``2P`` floats every ``K`` steps and all-gathers ``W x 2P`` floats once per task.
-* ``laplace_1proc``: the single-process ``LaplaceCallback`` (diag, mc Fisher) for reference.
+* ``laplace_<structure>_<W>``: Lightning's DDP (or one process) with ``LaplaceCallback(structure=...)`` added to
+  the same Trainer: DDP's gradient all-reduce at every step (``P`` floats) plus, once per task, the all-reduce of
+  the curvature sums (counted by wrapping ``torch.distributed.all_reduce``: diag ``P`` floats, kron the Kronecker
+  factors).
 
 Usage::
 
@@ -64,12 +67,23 @@ def worker(cfg: dict, result_path: Path) -> None:
     timeout = timedelta(seconds=cfg["timeout"])
     R = torch.full((len(stream), len(stream)), float("nan"))
     fit_seconds, steps, prev, callbacks, syncs, bytes_sync, bytes_gather = 0.0, 0, None, [], 0, 0, 0
-    if kind == "laplace_1proc":
-        callbacks = [LaplaceCallback(structure="diag", fisher="mc")]
+    collective_bytes = [0]
+    if kind == "laplace":
+        callbacks = [LaplaceCallback(structure=cfg["structure"])]
+        import torch.distributed as dist
+
+        all_reduce = dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):  # the callbacks' collectives (DDP's own run in C++, counted below)
+            collective_bytes[0] += tensor.numel() * tensor.element_size()
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counted
     rank = 0
     for i, task in enumerate(stream):
-        if kind == "ddp":
-            strategy = DDPStrategy(process_group_backend="gloo", timeout=timeout)
+        if kind in ("ddp", "laplace") and W > 1:
+            # the multi-head model leaves the other tasks' heads unused at every step
+            strategy = DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timeout)
         elif kind == "posterior_server":
             strategy = PosteriorServerStrategy(sync_every=cfg["sync_every"], prior=prev,
                                                gather_sites=cfg.get("gather_sites", True),
@@ -101,13 +115,13 @@ def worker(cfg: dict, result_path: Path) -> None:
             print(f"[{cfg['name']}] task {i + 1}: acc on seen {100 * float(R[i, :i + 1].mean()):.2f}", flush=True)
     if rank != 0:
         return
-    if kind == "ddp" and W > 1:
+    if kind in ("ddp", "laplace") and W > 1:
         bytes_sync = steps * n_params * 4  # one all-reduce of every gradient per optimizer step
+        bytes_gather = collective_bytes[0]  # the curvature all-reduce at the end of each task
     epochs_total = len(stream) * cfg["epochs"]
     res = {**cfg, **summarize(R), "accuracy_matrix": R.tolist(), "fit_seconds": fit_seconds,
            "process_seconds": time.perf_counter() - t_start, "optimizer_steps_per_worker": steps,
-           "num_params": n_params, "syncs": syncs if kind == "posterior_server" else (steps if kind == "ddp" and W > 1
-                                                                                       else 0),
+           "num_params": n_params, "syncs": syncs if kind == "posterior_server" else (steps if W > 1 else 0),
            "bytes_allreduce": bytes_sync, "bytes_gather": bytes_gather,
            "bytes_per_epoch": (bytes_sync + bytes_gather) / epochs_total}
     result_path.write_text(json.dumps(res, indent=1))
@@ -152,7 +166,7 @@ def to_markdown(results: list[dict], meta: dict) -> str:
         f"Protocol: {meta['protocol']}", "",
         f"Machine: {meta['machine']}", "",
         ("| run | workers | sync every K | avg acc (%) | BWT (%) | fit time (s) | launch+total (s) | load avg "
-         "| steps/worker | syncs (all-reduces) | MB all-reduced | MB gathered | MB per epoch | vs DDP-2 per epoch |"),
+         "| steps/worker | syncs (all-reduces) | MB all-reduced | MB gathered / curvature | MB per epoch | vs DDP-2 per epoch |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ddp2 = next((r for r in results if r["kind"] == "ddp" and r["workers"] == 2 and "error" not in r), None)
@@ -161,7 +175,8 @@ def to_markdown(results: list[dict], meta: dict) -> str:
             lines.append(f"| {r['name']} | {r['workers']} | {r.get('sync_every', '-')} | failed: {r['error']} "
                          "| | | | | | | | | | |")
             continue
-        rel = f"{r['bytes_per_epoch'] / ddp2['bytes_per_epoch']:.3f}" if ddp2 and ddp2["bytes_per_epoch"] else "-"
+        rel = (f"{r['bytes_per_epoch'] / ddp2['bytes_per_epoch']:.3f}"
+               if ddp2 and ddp2["bytes_per_epoch"] and r["workers"] > 1 else "-")
         lines.append(
             f"| {r['name']} | {r['workers']} | {r.get('sync_every', '-') if r['kind'] == 'posterior_server' else '-'} "
             f"| {100 * r['avg_accuracy']:.2f} | {100 * r['bwt']:.2f} | {r['fit_seconds']:.1f} "
@@ -189,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     base = {"limit": args.limit, "epochs": args.epochs, "batch_size": args.batch_size, "root": args.root,
             "timeout": 120}
     configs = [
-        {**base, "name": "laplace_1proc", "kind": "laplace_1proc", "workers": 1},
+        *({**base, "name": f"laplace_{s}_{w}", "kind": "laplace", "structure": s, "workers": w}
+          for s in ("diag", "kron") for w in (1, 2)),
         {**base, "name": "ddp_1", "kind": "ddp", "workers": 1},
         {**base, "name": "ddp_2", "kind": "ddp", "workers": 2},
         {**base, "name": "ps_1_K10", "kind": "posterior_server", "workers": 1, "sync_every": 10},
@@ -198,9 +214,13 @@ def main(argv: list[str] | None = None) -> None:
         {**base, "name": f"ps_2_K{max(args.sync_every)}_nogather", "kind": "posterior_server", "workers": 2,
          "sync_every": max(args.sync_every), "gather_sites": False},
     ]
-    if args.only:
-        configs = [c for c in configs if c["name"] in args.only]
+    order = [c["name"] for c in configs]  # the table's row order, whatever was rerun
     results = []
+    if args.only:  # rerun some rows: the others are kept from the results already on disk
+        configs = [c for c in configs if c["name"] in args.only]
+        if (out / "results.json").exists():
+            results = [r for r in json.loads((out / "results.json").read_text())["results"]
+                       if r["name"] not in args.only]
     command = " ".join([".venv/bin/python benchmarks/distributed.py",
                         *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
     meta = {
@@ -213,12 +233,15 @@ def main(argv: list[str] | None = None) -> None:
         "notes": [
             ("- Bytes are payloads put into collectives (a ring all-reduce moves about twice that over the wire): "
              "DDP = 4 B x P x optimizer steps (P = 269,322 parameters here); posterior server = 4 B x 2P x syncs "
-             "(+ one all-gather of W x 2P floats per task, column 'MB gathered'); nothing with one worker. "
+             "(+ one all-gather of W x 2P floats per task, column 'MB gathered / curvature'); DDP + LaplaceCallback = "
+             "DDP's gradients + the curvature all-reduce once per task (same column, counted at the collective); "
+             "nothing with one worker. "
              "Per epoch = total / (tasks x epochs)."),
             ("- A worker runs 16 optimizer steps per epoch (1000 examples per worker, batch 64), 32 per task: with "
              "K = 50 the only sync of a task is the one that closes its fit (one round per task)."),
             ("- `ddp_*` is plain fine-tuning (no continual-learning term), so its accuracy shows forgetting; "
-             "`laplace_1proc` is the single-process online-Laplace callback (diag, MC Fisher) for reference."),
+             "`laplace_*` add `LaplaceCallback(structure=...)` (defaults otherwise) to the same Trainer, with 1 or 2 "
+             "processes."),
             ("- `ps_*` keep one site per (task, worker) (`gather_sites=True`, the default); `*_nogather` keeps one "
              "site per task (`gather_sites=False`): no end-of-task all-gather."),
             ("- Wall times are indicative only: 2 CPU cores shared with other sessions' jobs (column 'load avg', "
@@ -230,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     for cfg in configs:
         print(f"== {cfg['name']}", flush=True)
-        results.append(run_config(cfg, out, args.timeout))
-        r = results[-1]
+        r = run_config(cfg, out, args.timeout)
+        results = sorted([x for x in results if x["name"] != cfg["name"]] + [r],
+                         key=lambda x: order.index(x["name"]) if x["name"] in order else len(order))
         msg = r.get("error") or f"avg acc {100 * r['avg_accuracy']:.2f}, fit {r['fit_seconds']:.1f} s"
         print(f"   -> {msg}", flush=True)
         (out / "results.json").write_text(json.dumps({**meta, "results": results}, indent=1))

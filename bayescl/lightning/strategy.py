@@ -48,9 +48,8 @@ into ``SiteKey(t)``). The next task runs with ``PosteriorServerStrategy(prior=pr
 (task, worker) site: one can be removed to unlearn it) or ``prior=previous.posterior()``. Do not attach a
 :class:`~bayescl.lightning.base.PosteriorCallback` as well: it would add a second prior term (``setup`` raises).
 
-Bytes: :attr:`bytes_communicated` counts the sync payloads (``2P`` floats per sync per worker; a ring all-reduce
-moves about twice that), :attr:`bytes_gathered` the end-of-task collective (``W × 2P`` floats, ``2P`` with
-``gather_sites=False``); both stay 0 with one worker. Data-parallel SGD all-reduces ``P`` floats every step.
+Bytes: :attr:`bytes_communicated` (``2P`` floats per sync per worker), :attr:`bytes_gathered` (end of task: ``W × 2P``
+floats, ``2P`` with ``gather_sites=False``). Diagonal only: docs/design.md says why; Kronecker: DDP + LaplaceCallback.
 
 Limits: synchronous only; every rank must run the same number of optimizer steps (Lightning's
 ``DistributedSampler`` pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails.
@@ -175,7 +174,8 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         if prior is not None and not isinstance(prior, (DiagGaussian, PosteriorServer)):
             raise TypeError(f"prior must be None, a DiagGaussian or a PosteriorServer, got {type(prior).__name__}.")
         if isinstance(prior, PosteriorServer) and not isinstance(prior.prior, DiagGaussian):
-            raise TypeError("prior must hold DiagGaussian sites; this strategy is diagonal only.")
+            raise TypeError("prior must hold DiagGaussian sites: this strategy is diagonal only (docs/design.md says "
+                            "why); for Kronecker, use strategy='ddp' with LaplaceCallback(structure='kron').")
         self._initial_prior = prior
         #: the posterior, as a prior times (task, worker) sites; identical on every rank after :meth:`end_task`
         self.server: PosteriorServer | None = None
