@@ -145,9 +145,9 @@ class FunctionalPriorCallback(LaplaceCallback):
             data = trainer.train_dataloader
         if data is None:
             raise ValueError("end_task needs a dataloader (none given and the trainer has no train_dataloader).")
-        ds = getattr(data, "dataset", None)
-        if ds is not None:  # one unshuffled pass: the choice does not depend on the epoch's order
-            return DataLoader(ds, batch_size=self.selection_batch_size, shuffle=False)
+        if isinstance(data, DataLoader):  # one unshuffled pass: the choice does not depend on the epoch's order
+            return DataLoader(data.dataset, batch_size=self.selection_batch_size, shuffle=False,
+                              collate_fn=data.collate_fn)
         return data
 
     def function_site(self, pl_module: nn.Module, data: Iterable[Any], posterior: Gaussian | None = None,

@@ -179,6 +179,20 @@ def _contract(q: Gaussian, how: Any, names: tuple[str, ...], jac: dict[str, Tens
     return (how.rot(jb.to(how.lam)) / how.lam.sqrt()).reshape(m, -1).to(jb)
 
 
+def _per_example_grads(f: Any, params: dict[str, Tensor], c: int, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """``∂f(params, c, *row)/∂params`` for every row of ``inputs``, stacked: ``vmap`` of ``grad``, or a loop over the
+    rows when the model cannot be vmapped (a data-dependent operation, e.g. Avalanche's ``torch.unique`` over task
+    labels)."""
+    g = grad(f)
+    try:
+        return vmap(g, in_dims=(None, None, *([0] * len(inputs))))(params, c, *inputs)
+    except RuntimeError as err:
+        if "vmap" not in str(err):
+            raise
+    rows = [g(params, c, *(t[i] for t in inputs)) for i in range(inputs[0].shape[0])]
+    return {n: torch.stack([r[n] for r in rows]) for n in params}
+
+
 def function_kernel(model: nn.Module, posterior: Gaussian, inputs: tuple[Tensor, ...],
                     output: FunctionOutput | str = FunctionOutput.SOFTMAX,
                     num_outputs: int | None = None) -> tuple[Tensor, Tensor]:
@@ -216,7 +230,7 @@ def function_kernel(model: nn.Module, posterior: Gaussian, inputs: tuple[Tensor,
     kernels = []
     with torch.enable_grad(), eval_mode(model):
         for c in range(c_out):
-            jac = vmap(grad(f_c), in_dims=(None, None, *([0] * len(inputs))))(params, c, *inputs)
+            jac = _per_example_grads(f_c, params, c, inputs)
             kc = torch.zeros(mean.shape[0], mean.shape[0], dtype=mean.dtype, device=mean.device)
             for how, names in groups:
                 z = _contract(q, how, names, jac, params)

@@ -163,3 +163,47 @@ def test_memory_larger_than_the_task_is_refused_before_any_work(make_trainer):
     with pytest.raises(ValueError, match="memory_size=8 is too large for a task of 8"):
         make_trainer(cb).fit(ZeroLoss(), DataLoader(data, batch_size=4))
     assert cb.server is None or len(cb.server) == 0
+
+
+def test_avalanche_plugin_single_and_multi_head():
+    pytest.importorskip("avalanche", reason="avalanche-lib is not installed (pip install 'bayescl[avalanche]')")
+    from avalanche.benchmarks import tensors_benchmark
+    from avalanche.models import MultiHeadClassifier, MultiTaskModule
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from bayescl.avalanche_functional import FunctionalPriorPlugin
+
+    g = torch.Generator().manual_seed(0)
+
+    def blobs(n, t):
+        x = torch.randn(n, 16, generator=g)
+        return [x, (x[:, t] > 0).long()]
+
+    class TinyMT(MultiTaskModule):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+            self.classifier = MultiHeadClassifier(8, initial_out_features=2)
+
+        def forward_single_task(self, x, task_label):
+            return self.classifier(self.trunk(x), task_label)
+
+    for model, labels in [(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2)), [0, 0]), (TinyMT(), [0, 1])]:
+        bm = tensors_benchmark(train_tensors=[blobs(40, t) for t in range(2)],
+                               test_tensors=[blobs(10, t) for t in range(2)], task_labels=labels)
+        plugin = FunctionalPriorPlugin(memory_size=6, points_per_step=None)
+        strategy = Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                         criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, device="cpu",
+                         plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+        for exp in bm.train_stream:
+            strategy.train(exp)
+        assert list(plugin.sites) == ["task-0", "task-1"] and plugin.server.names == ("task-0", "task-1")
+        assert plugin.callback.draws > 0 and all(s.size == 6 for s in plugin.sites.values())
+        assert len(plugin.sites["task-1"].inputs) == (2 if labels == [0, 1] else 1)
+        plugin.forget(0)
+        assert list(plugin.sites) == ["task-1"]
+    with pytest.raises(ValueError, match="auto_end_task"):
+        FunctionalPriorPlugin(auto_end_task=True)
+    with pytest.raises(TypeError, match="FunctionalPriorCallback"):
+        FunctionalPriorPlugin(callback=object())
