@@ -41,7 +41,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from bayescl._batches import move_inputs, split_batch
 from bayescl._checks import check_positive_int
@@ -175,7 +175,7 @@ class ReplayCallback(TaskLifecycle, pl.Callback):
         g = torch.Generator().manual_seed(_mix(self.seed, t))
         try:
             n = len(data)  # type: ignore[arg-type]
-            indexable = callable(getattr(data, "__getitem__", None))
+            indexable = callable(getattr(data, "__getitem__", None)) and not isinstance(data, IterableDataset)
         except TypeError:
             n, indexable = None, False
         if n is not None and indexable:
@@ -218,11 +218,8 @@ class ReplayCallback(TaskLifecycle, pl.Callback):
             raise ValueError("end_task stores the memory from the fit's one training DataLoader; this fit has "
                              f"{type(loader).__name__}. Call add_task_data(dataset) yourself instead.")
         data = getattr(loader, "dataset", None)
-        try:
-            sized = data is not None and len(data) >= 0 and not isinstance(data, torch.utils.data.IterableDataset)
-        except TypeError:
-            sized = False
-        self.add_task_data(data if sized else loader, self.tasks_seen)
+        map_style = data is not None and hasattr(data, "__len__") and not isinstance(data, IterableDataset)
+        self.add_task_data(data if map_style else loader, self.tasks_seen)  # else: one pass, reservoir
         self.tasks_seen += 1
         self.task_open, self.task_steps = False, 0
         self.end_task_seconds += time.perf_counter() - t0

@@ -194,6 +194,33 @@ def test_checkpoint_round_trip_resumes_the_next_task_as_if_never_stopped(make_tr
         torch.testing.assert_close(p, q, msg=n)
 
 
+def test_resume_inside_a_task_replays_the_same_batches(make_trainer, small_model, tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from bayescl.lightning.resumable import ResumableDataLoader
+
+    stream = synthetic_stream(num_tasks=2, n_train=32, n_test=8)
+
+    def fit(module, cb, task, extra=(), ckpt_path=None):
+        make_trainer(cb, extra=extra, enable_checkpointing=bool(extra)).fit(
+            module, ResumableDataLoader(stream[task].train, batch_size=8, shuffle=True), ckpt_path=ckpt_path)
+
+    full_mod = ClassifierModule(small_model(hidden=(8,), num_tasks=2), num_tasks=2)
+    full = ReplayCallback(memory_per_task=6, replay_batch_size=4)
+    fit(full_mod, full, 0)
+    ck = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    fit(full_mod, full, 1, extra=(ck,))  # 4 steps; a checkpoint after step 2, inside task 1
+    mid = tmp_path / "epoch=0-step=2.ckpt"
+    assert resume_point(mid).finishes_task and resume_point(mid).task == 1
+
+    mod = ClassifierModule(small_model(hidden=(8,), num_tasks=2, seed=3), num_tasks=2)
+    cb = ReplayCallback(memory_per_task=6, replay_batch_size=4)
+    fit(mod, cb, 1, ckpt_path=mid)  # a fresh process finishes task 1 from its step 2
+    assert cb.tasks_seen == 2 and sorted(cb.memory) == [0, 1]
+    for (n, p), q in zip(mod.named_parameters(), full_mod.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
 # --------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"memory_per_task": 0}, ValueError, "memory_per_task=0 is not allowed"),
