@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BS, K, KILL_EPOCH = 4, 16, 3, 2  # the run is killed at the start of epoch KILL_EPOCH (0-based)
 CKPT = f"epoch={KILL_EPOCH - 1}.ckpt"
-STALL_TIMEOUT = 8  # seconds, the collective timeout of the stalling run
+STALL_TIMEOUT = 15  # seconds, the collective timeout of the stalling run (and of its start-up rendezvous)
 
 
 # ================================================================================ subprocess entry point
@@ -49,7 +49,8 @@ def _main(mode: str, out: Path, ckpt: str | None) -> None:
     module = ClassifierModule(MultiHeadMLP(hidden=(16,), num_tasks=2), num_tasks=2, lr=1e-2)
     data = synthetic_stream(num_tasks=2, n_train=64, n_test=16, seed=0)[0].train
     strategy = PosteriorServerStrategy(sync_every=K, fisher="exact", fisher_batches=3, process_group_backend="gloo",
-                                       timeout=timedelta(seconds=STALL_TIMEOUT if mode == "stall" else 30))
+                                       timeout=timedelta(seconds=STALL_TIMEOUT if mode in ("stall", "killone")
+                                                         else 30))
 
     class Kill(pl.Callback):
         """SIGKILL this rank at the start of epoch KILL_EPOCH: nothing of Lightning's teardown runs."""
@@ -79,8 +80,17 @@ def _main(mode: str, out: Path, ckpt: str | None) -> None:
 
     if mode == "stop":
         callbacks.append(Kill())
+    class KillOne(pl.Callback):
+        """Rank 1 is SIGKILLed at the start of step 4 (no teardown); rank 0 meets the loss at the sync of step 6."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1 and trainer.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
     if mode == "stall":
         callbacks.append(Stall())
+    if mode == "killone":
+        callbacks.append(KillOne())
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=EPOCHS, logger=False,
                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
@@ -156,9 +166,12 @@ def _live_processes(pgid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts the run's processes through /proc")
-def test_a_stalled_rank_fails_the_run_within_the_timeout_and_leaves_no_process(tmp_path, start_job):
+@pytest.mark.parametrize("mode", ["stall", "killone"])
+def test_a_stalled_or_killed_rank_fails_the_run_within_the_timeout_and_leaves_no_process(tmp_path, start_job, mode):
+    """Rank 1 stalls (sleeps outside any collective) or is SIGKILLed at step 4: the run fails within the timeout,
+    rank 0 names itself, the step and the sync, and no process is left."""
     start = time.monotonic()
-    job = _start(start_job, "stall", tmp_path)
+    job = _start(start_job, mode, tmp_path)
     proc = job.proc
     try:
         rc = proc.wait(timeout=STALL_TIMEOUT + 50.0)  # startup (~10 s on 2 busy cores) + 4 steps + the timeout
@@ -176,7 +189,7 @@ def test_a_stalled_rank_fails_the_run_within_the_timeout_and_leaves_no_process(t
     assert "PosteriorServerStrategy: rank 0 of 2, after optimizer step 5 (sync 2)" in log, log[-3000:]
     assert f"timeout={timedelta(seconds=STALL_TIMEOUT)}" in log
     assert not (tmp_path / "rank0.pt").exists()
-    print(f"stalled run failed after {elapsed:.1f} s")
+    print(f"{mode}: the run failed after {elapsed:.1f} s")
 
 
 def test_resume_on_another_number_of_workers_raises():
