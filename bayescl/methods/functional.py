@@ -17,8 +17,11 @@ regularises the logits instead). While a later task trains, the functional prior
 
 is the negative log density of the past tasks' GPs at the current outputs; its gradient
 :math:`\sum_{t,c} J_c^\top (K_{t,c}+\epsilon I)^{-1}(f_c - m_{t,c})` is one backward pass through the stored points.
-The jitter is relative: :math:`\epsilon_{t,c} = \text{jitter}\cdot\overline{\operatorname{diag} K_{t,c}}`. Each
-:class:`FunctionalSite` caches the Cholesky factor of its jittered kernel (float64).
+The jitter :math:`\epsilon` is an absolute observation-noise variance on the function (``1e-4``: a standard deviation
+of 0.01 on a probability): it bounds every point's precision by :math:`1/\epsilon`. A relative jitter would not:
+the softmax output of a class the task never saw is ~0 at its points, so its kernel is ~0 and the term would pin it
+there, forbidding later tasks to raise that class anywhere near the old points (class-incremental learning stops).
+Each :class:`FunctionalSite` caches the Cholesky factor of its jittered kernel (float64).
 
 **Cost.** ``points_per_step`` bounds the points evaluated per step: each past task gets an equal share
 (at least one point), drawn at random; a task with ``M_t`` points of which ``s_t`` are drawn contributes
@@ -240,20 +243,18 @@ def function_kernel(model: nn.Module, posterior: Gaussian, inputs: tuple[Tensor,
 
 
 def _jittered_cholesky(k: Tensor, jitter: float | Tensor) -> Tensor:
-    """Lower Cholesky factors (float64) of ``K[..., c] + jitter · mean(diag K[..., c]) · I`` for ``K``
-    ``(..., C, s, s)`` (``jitter`` a number or one per leading index, ``(T,)``)."""
+    """Lower Cholesky factors (float64) of ``K[..., c] + jitter · I`` for ``K`` ``(..., C, s, s)`` (``jitter`` a
+    number or one per leading index, ``(T,)``)."""
     k = k.double()
-    diag = torch.diagonal(k, dim1=-2, dim2=-1)
     if isinstance(jitter, Tensor):
-        jitter = jitter.to(k).reshape(jitter.shape + (1,) * (diag.dim() - 1 - jitter.dim()))
-    eps = (jitter * diag.mean(-1)).clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.linalg.cholesky(k + eps[..., None, None] * torch.eye(k.shape[-1], dtype=k.dtype, device=k.device))
+        jitter = jitter.to(k).reshape(jitter.shape + (1,) * (k.dim() - jitter.dim()))
+    return torch.linalg.cholesky(k + jitter * torch.eye(k.shape[-1], dtype=k.dtype, device=k.device))
 
 
 @dataclass
 class FunctionalSite:
     """One past task's term: its memorable ``inputs``, the function ``mean`` there at the end of the task
-    ``(M, C)`` and the kernel ``(C, M, M)`` (module docstring); ``jitter`` is relative to the mean diagonal."""
+    ``(M, C)`` and the kernel ``(C, M, M)`` (module docstring); ``jitter`` is the variance added to its diagonal."""
 
     inputs: tuple[Tensor, ...]
     mean: Tensor

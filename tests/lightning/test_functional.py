@@ -42,7 +42,7 @@ def test_functional_prior_reduces_forgetting_vs_naive(make_trainer):
     naive_old, naive_new = run([])
     cb = FunctionalPriorCallback(memory_size=20, tau=1.0)
     fromp_old, fromp_new = run([cb])
-    assert naive_old < 0.5 < 0.85 < fromp_old, (naive_old, fromp_old)
+    assert naive_old < 0.5 and fromp_old > 0.85, (naive_old, fromp_old)
     assert fromp_new > 0.9 and naive_new > 0.9
     assert list(cb.sites) == ["task-0", "task-1"] and cb.sites["task-0"].size == 20
 

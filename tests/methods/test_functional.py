@@ -128,7 +128,7 @@ def _site(model, x, q, jitter=1e-3):
 
 
 def _dense_term(model, sites, picks, scale_by_size=True):
-    """½ Σ_sites (M/s) Σ_c r_cᵀ (K_SS + ε I)⁻¹ r_c with ε = jitter · mean diag K_SS, by explicit inverses."""
+    """½ Σ_sites (M/s) Σ_c r_cᵀ (K_SS + jitter · I)⁻¹ r_c, by explicit inverses."""
     total = 0.0
     for s, idx in zip(sites, picks):
         idx = torch.arange(s.size) if idx is None else idx
@@ -136,7 +136,7 @@ def _dense_term(model, sites, picks, scale_by_size=True):
         r = f - s.mean[idx]
         for c in range(s.num_outputs):
             k = s.kernel[c][idx][:, idx]
-            k = k + s.jitter * torch.diagonal(k).mean() * torch.eye(len(idx), dtype=k.dtype)
+            k = k + s.jitter * torch.eye(len(idx), dtype=k.dtype)
             w = s.size / len(idx) if scale_by_size else 1.0
             total = total + w * 0.5 * r[:, c] @ torch.linalg.inv(k) @ r[:, c]
     return total
