@@ -60,7 +60,6 @@ Other trainable parameters (BatchNorm, embeddings) stay point estimates without 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,6 +86,7 @@ from bayescl.methods.variational import (
     set_stochastic,
     variational_layers,
 )
+from bayescl.methods.variational_init import resolve_logvar_init
 
 
 class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallback):
@@ -94,7 +94,10 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
 
     Args:
         prior_precision: precision of the base prior ``N(0, I/prior_precision)`` (1: the paper's ``N(0, 1)``).
-        logvar_init: initial log-variance of the swapped-in layers (finite).
+        logvar_init: initial log-variance of the swapped-in layers: a finite constant for every weight, or
+            ``"fan_in"`` / ``"fan_in:<r>"``: ``log(r / (3 fan_in))`` per layer, ``r`` times the variance of PyTorch's
+            default init, so the noise-to-signal ratio is the same in every layer
+            (:mod:`bayescl.methods.variational_init`).
         train_samples: Monte Carlo samples of the network per training step, their losses averaged (1: one
             sample per step; local reparameterisation keeps its variance low).
         vectorize_samples: run the ``train_samples`` samples as one forward pass over the batch repeated along
@@ -129,7 +132,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
     def __init__(
         self,
         prior_precision: float = 1.0,
-        logvar_init: float = -6.0,
+        logvar_init: float | str = -6.0,
         train_samples: int = 1,
         test_samples: int = 100,
         vectorize_samples: bool = True,
@@ -151,11 +154,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
     ) -> None:
         super().__init__(prior_precision=prior_precision, params=params, state_key_suffix=state_key_suffix,
                          num_examples=num_examples, batchnorm=batchnorm)
-        if isinstance(logvar_init, bool) or not isinstance(logvar_init, (int, float)):
-            raise TypeError(f"logvar_init must be a real number, got {type(logvar_init).__name__} {logvar_init!r}.")
-        if not math.isfinite(float(logvar_init)):
-            raise ValueError(f"logvar_init={logvar_init!r} is not allowed; it must be a finite real number.")
-        self.logvar_init = float(logvar_init)
+        self.logvar_init: float | str = resolve_logvar_init(logvar_init).spec()
         self.train_samples = check_positive_int(train_samples, "train_samples")
         self.test_samples = check_positive_int(test_samples, "test_samples")
         self.vectorize_samples = bool(vectorize_samples)

@@ -1,8 +1,9 @@
 r"""Mean-field Gaussian variational layers, the module swap that installs them, and their posterior.
 
 A variational layer holds ``q(W) = Π_j N(W_j; μ_j, exp(ℓ_j))`` with parameters ``weight_mu``,
-``weight_logvar``, ``bias_mu``, ``bias_logvar`` (``ℓ`` is the log-variance, initialised to ``logvar_init = −6`` as
-in VCL). Its forward pass uses the *local reparameterisation trick* (Kingma, Salimans & Welling 2015): instead of
+``weight_logvar``, ``bias_mu``, ``bias_logvar`` (``ℓ`` is the log-variance, initialised to ``logvar_init``: a
+constant, ``−6`` as in VCL, or ``"fan_in"``, ``ℓ = log(r / (3 fan_in))``, ``r`` times the variance of PyTorch's
+default weight init, see :mod:`bayescl.methods.variational_init`). Its forward pass uses the *local reparameterisation trick* (Kingma, Salimans & Welling 2015): instead of
 sampling ``W`` it samples the pre-activations, which are Gaussian given the input,
 
 .. math::  b = x W^\top + c,\quad \mathbb E[b] = x \mu_W^\top + \mu_c,\quad
@@ -30,7 +31,6 @@ In ``train()`` mode a call is one sample. ``set_stochastic(module, False)`` make
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,18 +41,12 @@ from torch import Tensor, nn
 
 from bayescl._checks import check_positive_int
 from bayescl.gaussian.diag import DiagGaussian, diag_gaussian_kl
+from bayescl.methods.variational_init import DEFAULT_LOGVAR_INIT, LogvarInit, resolve_logvar_init
 
-DEFAULT_LOGVAR_INIT = -6.0
 #: Variances below this are clamped before the square root (keeps gradients finite at exactly zero input).
 _MIN_VAR = 1e-30
-
-
-def _check_logvar(logvar_init: object) -> float:
-    if isinstance(logvar_init, bool) or not isinstance(logvar_init, (int, float)):
-        raise TypeError(f"logvar_init must be a real number, got {type(logvar_init).__name__} {logvar_init!r}.")
-    if not math.isfinite(float(logvar_init)):
-        raise ValueError(f"logvar_init={logvar_init!r} is not allowed; it must be a finite real number.")
-    return float(logvar_init)
+#: A constant log-variance (float) or a rule (``"fan_in"``, ``"fan_in:<r>"``; :mod:`.variational_init`).
+LogvarSpec = float | str | LogvarInit
 
 
 class _BayesLayer(nn.Module):
@@ -63,9 +57,10 @@ class _BayesLayer(nn.Module):
     bias_mu: nn.Parameter | None
     bias_logvar: nn.Parameter | None
 
-    def _init_params(self, weight: Tensor, bias: Tensor | None, logvar_init: float) -> None:
-        lv = _check_logvar(logvar_init)
-        self.logvar_init = lv
+    def _init_params(self, weight: Tensor, bias: Tensor | None, logvar_init: LogvarSpec) -> None:
+        rule = resolve_logvar_init(logvar_init)
+        self.logvar_init = rule.spec()
+        lv = rule.logvar(weight)  # one value for the weights and the bias (same init variance in PyTorch)
         self.weight_mu = nn.Parameter(weight.detach().clone())
         self.weight_logvar = nn.Parameter(torch.full_like(weight.detach(), lv))
         if bias is not None:
@@ -124,17 +119,18 @@ class BayesLinear(_BayesLayer):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        logvar_init: initial log-variance of every weight (finite; −6 by default, as in VCL).
+        logvar_init: initial log-variance of every weight and bias: a finite constant (−6 by default, as in
+            VCL), or ``"fan_in"`` / ``"fan_in:<r>"`` for ``log(r / (3 in_features))`` (see :mod:`.variational_init`).
         weight, bias_init: initial means (default: ``nn.Linear``'s initialisation).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 logvar_init: float = DEFAULT_LOGVAR_INIT, weight: Tensor | None = None,
+                 logvar_init: LogvarSpec = DEFAULT_LOGVAR_INIT, weight: Tensor | None = None,
                  bias_init: Tensor | None = None, device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int(in_features, "in_features")
         check_positive_int(out_features, "out_features")
-        _check_logvar(logvar_init)
+        resolve_logvar_init(logvar_init)
         self.in_features, self.out_features = in_features, out_features
         if weight is None:
             ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -142,7 +138,7 @@ class BayesLinear(_BayesLayer):
         self._init_params(weight, bias_init if bias else None, logvar_init)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, logvar_init: float = DEFAULT_LOGVAR_INIT) -> BayesLinear:
+    def from_linear(cls, layer: nn.Linear, logvar_init: LogvarSpec = DEFAULT_LOGVAR_INIT) -> BayesLinear:
         return cls(layer.in_features, layer.out_features, layer.bias is not None, logvar_init,
                    weight=layer.weight, bias_init=layer.bias)
 
@@ -166,7 +162,7 @@ class BayesConv2d(_BayesLayer):
     kept. Each output entry is sampled from its exact marginal; noise is independent across output positions.
     """
 
-    def __init__(self, conv: nn.Conv2d, logvar_init: float = DEFAULT_LOGVAR_INIT) -> None:
+    def __init__(self, conv: nn.Conv2d, logvar_init: LogvarSpec = DEFAULT_LOGVAR_INIT) -> None:
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}.")
@@ -178,7 +174,7 @@ class BayesConv2d(_BayesLayer):
         self._init_params(conv.weight, conv.bias, logvar_init)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, logvar_init: float = DEFAULT_LOGVAR_INIT) -> BayesConv2d:
+    def from_conv(cls, conv: nn.Conv2d, logvar_init: LogvarSpec = DEFAULT_LOGVAR_INIT) -> BayesConv2d:
         return cls(conv, logvar_init)
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -207,7 +203,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def convert(module: nn.Module, logvar_init: float = DEFAULT_LOGVAR_INIT,
+def convert(module: nn.Module, logvar_init: LogvarSpec = DEFAULT_LOGVAR_INIT,
             include: Callable[[str], bool] | str | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` inside ``module`` for its variational layer, in place.
 
@@ -216,7 +212,8 @@ def convert(module: nn.Module, logvar_init: float = DEFAULT_LOGVAR_INIT,
 
     Args:
         module: the model (its own type may be ``nn.Linear``; then a new layer is returned, not swapped).
-        logvar_init: initial log-variance (finite).
+        logvar_init: initial log-variance: a finite constant, or ``"fan_in"`` / ``"fan_in:<r>"`` for
+            ``log(r / (3 fan_in))`` per layer (``r`` times PyTorch's default init variance; :mod:`.variational_init`).
         include: which layers to convert, by module path: a callable ``path -> bool`` or a regular expression
             (``re.search`` on the *logical weight name* ``"<path>.weight"``); ``None`` converts all.
 
@@ -227,7 +224,7 @@ def convert(module: nn.Module, logvar_init: float = DEFAULT_LOGVAR_INIT,
         ValueError: the module holds no supported layer and no variational one; the message names the layer
             types found.
     """
-    lv = _check_logvar(logvar_init)
+    lv = resolve_logvar_init(logvar_init)
     if isinstance(include, str):
         pattern = re.compile(include)
         keep: Callable[[str], bool] = lambda path: bool(pattern.search(_join(path, "weight")))

@@ -392,3 +392,22 @@ def test_coreset_prepared_before_resuming_a_committed_checkpoint_is_kept(make_tr
     make_trainer(fresh, 1).fit(make_module(), _loader(data), ckpt_path=str(tmp_path / "last.ckpt"))
     assert sorted(fresh.coresets) == [0, 1] and fresh.tasks_seen == 2
     assert torch.equal(fresh.coresets[0][0], cb.coresets[0][0])
+
+
+def test_fan_in_logvar_init_reaches_the_layers(make_trainer, make_module):
+    """``logvar_init="fan_in:r"``: the swapped-in layers start at log(r / (3 fan_in)), each its own value."""
+    import math
+
+    module = make_module()
+    cb = VCLCallback(logvar_init="fan_in:0.5", ml_init=True, ml_epochs=1, test_samples=2)
+    assert cb.logvar_init == "fan_in:0.5"
+    make_trainer(cb, 1).fit(module, _loader(_stream()[0].train))  # ML epoch only: log-variances untouched
+    trunk = module.model.trunk
+    fans = {1: trunk[1].in_features, 3: trunk[3].in_features}
+    assert fans[1] != fans[3]  # two layers, two different log-variances
+    for i, fan in fans.items():
+        expected = torch.full_like(trunk[i].weight_logvar, math.log(0.5 / (3 * fan)))
+        assert torch.allclose(trunk[i].weight_logvar, expected), i
+    for bad in ("fan_out", "fan_in:0", None):
+        with pytest.raises((ValueError, TypeError), match="logvar_init"):
+            VCLCallback(logvar_init=bad)

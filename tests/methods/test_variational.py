@@ -21,6 +21,7 @@ from bayescl.methods.variational import (
     tiled,
     variational_layers,
 )
+from bayescl.methods.variational_init import DEFAULT_FAN_IN_RATIO, LogvarInit, resolve_logvar_init
 
 
 def _random_linear(seed=0, n_in=4, n_out=3, dtype=torch.float64):
@@ -229,3 +230,48 @@ def test_tiled_falls_back_when_the_copies_differ():
         assert layer(noisy).shape == (8, 4)
         set_stochastic(layer, False)  # the means only: nothing to share
         assert torch.allclose(layer(xt), F.linear(xt, layer.weight_mu, layer.bias_mu))
+
+
+def test_fan_in_init_variance_per_layer_is_the_formula():
+    """``"fan_in:r"``: every weight and bias of a layer starts at ``log(r / (3 fan_in))`` (conv: in/groups·kh·kw)."""
+    m = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 5, (1, 2)), nn.Flatten(), nn.Linear(70, 3))
+    convert(m, logvar_init="fan_in:0.25")
+    for layer, fan in [(m[0], 2 * 3 * 3), (m[1], 6 * 1 * 2), (m[3], 70)]:
+        expected = math.log(0.25 / (3 * fan))
+        assert torch.allclose(layer.weight_logvar, torch.full_like(layer.weight_logvar, expected))
+        assert torch.allclose(layer.bias_logvar, torch.full_like(layer.bias_logvar, expected))
+    assert m[3].logvar_init == "fan_in:0.25" and "fan_in:0.25" in repr(m[3])
+    # "fan_in" alone uses the documented default ratio; the SmallCNN's layers get three different values
+    c = convert(SmallCNN(), logvar_init="fan_in")
+    got = {p: float(layer.weight_logvar.detach()[0].flatten()[0]) for p, layer in variational_layers(c).items()}
+    assert got == pytest.approx({p: math.log(DEFAULT_FAN_IN_RATIO / (3 * f))
+                                 for p, f in [("features.0", 25), ("features.3", 400), ("head", 512)]})
+    # a constant keeps the old behaviour
+    lin = BayesLinear(5, 2, logvar_init=-3)
+    assert bool((lin.weight_logvar == -3.0).all()) and bool((lin.bias_logvar == -3.0).all())
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(1500, 400), lambda: nn.Conv2d(12, 300, 5)])
+def test_fan_in_init_is_ratio_times_pytorchs_init_variance(make):
+    """Dense reference: ratio 1 gives exactly the empirical variance of PyTorch's default weight and bias init."""
+    torch.manual_seed(0)
+    layer = make()
+    bayes = convert(layer, logvar_init="fan_in:1")
+    var_w, var_b = bayes.weight_logvar.detach().exp(), bayes.bias_logvar.detach().exp()
+    assert torch.allclose(var_w, var_w.flatten()[0].expand_as(var_w))
+    assert float(var_w.flatten()[0]) == pytest.approx(float(layer.weight.var()), rel=0.02)
+    biases = torch.cat([make().bias.detach() for _ in range(20)])
+    assert float(var_b[0]) == pytest.approx(float(biases.var()), rel=0.06)
+
+
+@pytest.mark.parametrize("bad, error", [
+    ("fan_out", ValueError), ("fan_in:0", ValueError), ("fan_in:-0.1", ValueError), ("fan_in:abc", ValueError),
+    ("fan_in:nan", ValueError), ("fan_in:inf", ValueError), ("", ValueError), (True, TypeError), (None, TypeError),
+    ([-6.0], TypeError), (float("-inf"), ValueError),
+])
+def test_bad_logvar_init_is_rejected_with_a_clear_error(bad, error):
+    with pytest.raises(error, match="logvar_init.*allowed: a finite real number.*'fan_in:<ratio>'"):
+        convert(nn.Sequential(nn.Linear(2, 2)), logvar_init=bad)
+    with pytest.raises(error, match="logvar_init"):
+        BayesConv2d(nn.Conv2d(1, 1, 3), logvar_init=bad)
+    assert resolve_logvar_init(" FAN_IN:0.5 ") == LogvarInit("fan_in", 0.5)
