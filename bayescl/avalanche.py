@@ -252,7 +252,8 @@ class VCLPlugin(PosteriorPlugin):
         callback: an existing ``VCLCallback`` to drive instead of building one (then give no other argument).
         **kwargs: the ``VCLCallback`` arguments (``prior_precision``, ``logvar_init``, ``train_samples``,
             ``test_samples``, ``ml_init``, ``ml_epochs``, ``params``, ``seed``); parameter names are the model's
-            logical names (``trunk.1.weight`` for the layer ``trunk.1``).
+            logical names (``trunk.1.weight`` for the layer ``trunk.1``). ``logvar_init`` is a constant or
+            ``"fan_in"`` / ``"fan_in:<r>"`` (per-layer ``log(r / (3 fan_in))``), checked here by ``VCLCallback``.
 
     Raises:
         ValueError: ``coreset_size > 0`` or ``vectorize_samples=False`` (not supported by VCLPlugin yet), or
