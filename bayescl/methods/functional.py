@@ -39,7 +39,6 @@ approximation, as :func:`~bayescl.methods.predictive.glm_logit_moments` does). T
 **Selection** of the memorable points (:func:`select_memorable`): ``"hessian"`` is FROMP's score
 :math:`\operatorname{tr}\Lambda(x) = \sum_c p_c(1-p_c)` (the trace of the softmax output Hessian, largest first,
 the same number of points per label); ``"random"`` and ``"kcenter"`` reuse :mod:`bayescl.methods.coresets`.
-
 Models are called as in :mod:`bayescl._batches`: ``model(x)`` or ``model(x, task_id)``.
 """
 
@@ -96,16 +95,15 @@ def hessian_score(logits: Tensor) -> Tensor:
 def collect(model: nn.Module, batches: Iterable[Any]) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
     """Run ``model`` (eval mode) over ``batches``: ``(inputs, y, score)`` with the inputs and labels concatenated
     and :func:`hessian_score` of every example (tensors on the model's device)."""
-    ref = next(model.parameters())
-    parts: list[tuple[tuple[Tensor, ...], Tensor, Tensor]] = []
+    ref, parts = next(model.parameters()), []
     with eval_mode(model):
         for batch in batches:
             inputs, y = move_inputs(*split_batch(batch), ref.device, ref.dtype)
             parts.append((inputs, y, hessian_score(model(*inputs))))
     if not parts:
         raise ValueError("batches is empty: a task needs data to choose its memorable points from.")
-    inputs = tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
-    return inputs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    return (tuple(torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0]))),
+            torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
 
 
 def select_memorable(x: Tensor, y: Tensor, score: Tensor, size: int, method: MemorySelection | str = "hessian",
@@ -183,9 +181,8 @@ def _contract(q: Gaussian, how: Any, names: tuple[str, ...], jac: dict[str, Tens
 
 
 def _per_example_grads(f: Any, params: dict[str, Tensor], c: int, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    """``∂f(params, c, *row)/∂params`` for every row of ``inputs``, stacked: ``vmap`` of ``grad``, or a loop over the
-    rows when the model cannot be vmapped (a data-dependent operation, e.g. Avalanche's ``torch.unique`` over task
-    labels)."""
+    """``∂f(params, c, *row)/∂params`` for every row, stacked: ``vmap`` of ``grad``, or a loop over the rows when the
+    model cannot be vmapped (e.g. Avalanche's ``torch.unique`` over task labels)."""
     g = grad(f)
     try:
         return vmap(g, in_dims=(None, None, *([0] * len(inputs))))(params, c, *inputs)
@@ -278,21 +275,16 @@ class FunctionalSite:
     def num_outputs(self) -> int:
         return self.mean.shape[1]
 
-    def cholesky(self, idx: Tensor | None = None) -> Tensor:
-        """Cholesky factors of the jittered kernel (cached) or, for ``idx``, of its marginal on those points."""
-        if idx is None:
-            if self._chol is None:
-                self._chol = _jittered_cholesky(self.kernel, self.jitter)
-            return self._chol
-        return _jittered_cholesky(self.kernel[:, idx][:, :, idx], self.jitter)
+    def cholesky(self) -> Tensor:
+        """Cholesky factors ``(C, M, M)`` of the jittered kernel (float64, cached)."""
+        if self._chol is None:
+            self._chol = _jittered_cholesky(self.kernel, self.jitter)
+        return self._chol
 
-    def quadratic(self, f: Tensor, idx: Tensor | None = None) -> Tensor:
-        """``½ Σ_c r_cᵀ (K_c + εI)⁻¹ r_c`` with ``r = f − mean`` at all points, or at ``idx`` (``f`` then holds
-        those rows, and the kernel is the marginal on them). Differentiable in ``f``."""
-        m = self.mean if idx is None else self.mean[idx]
-        r = (f - m).double().T.unsqueeze(-1)  # (C, s, 1)
-        w = torch.cholesky_solve(r, self.cholesky(idx))
-        return (0.5 * (r * w).sum()).to(f.dtype)
+    def quadratic(self, f: Tensor) -> Tensor:
+        """``½ Σ_c r_cᵀ (K_c + εI)⁻¹ r_c`` with ``r = f − mean`` at all ``M`` points (differentiable in ``f``)."""
+        r = (f - self.mean).double().T.unsqueeze(-1)  # (C, M, 1)
+        return (0.5 * (r * torch.cholesky_solve(r, self.cholesky())).sum()).to(f.dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FunctionalSite:
         """Moved (floating tensors cast to ``dtype``; the cached factor stays float64)."""
@@ -331,9 +323,7 @@ class SiteStack:
     jitter: Tensor
     _chol: Tensor | None = field(default=None, repr=False)
 
-    @property
-    def size(self) -> int:
-        return self.mean.shape[1]
+    size = property(lambda self: self.mean.shape[1], doc="``M``, the points per site.")
 
     def cholesky(self, idx: Tensor | None = None) -> Tensor:
         """``(T, C, s, s)`` float64 factors of the jittered kernels (cached), or of their marginals on ``idx``
@@ -350,7 +340,7 @@ class SiteStack:
 
 
 def stack_sites(sites: Sequence[FunctionalSite]) -> list[SiteStack]:
-    """Group ``sites`` by ``(M, C, input arity)`` (in order of first appearance) and stack each group."""
+    """Group ``sites`` by ``(M, C, input arity)`` (first appearance first) and stack each group."""
     groups: dict[tuple[int, int, int], list[FunctionalSite]] = {}
     for s in sites:
         groups.setdefault((s.size, s.num_outputs, len(s.inputs)), []).append(s)
