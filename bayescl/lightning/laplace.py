@@ -136,6 +136,9 @@ class LaplaceCallback(PosteriorCallback):
             check_real(predictive_prior_precision, "predictive_prior_precision", low=0.0, low_open=True)
         self.predictive_prior_precision = predictive_prior_precision
         self._predictive: tuple[Gaussian, Gaussian, float] | None = None
+        #: site names after an end_task -> its θ*, the posterior's mean by construction (see :meth:`posterior`)
+        self._centres: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        self._centred_cache: tuple[Gaussian, Gaussian] | None = None
         #: the structure resolved once to how it builds the prior, a task's site and the online merge
         self.builders = builders_for(structure)
         self.structure = self.builders.structure
@@ -264,7 +267,37 @@ class LaplaceCallback(PosteriorCallback):
         self.tasks_seen += 1
         self.task_open, self.task_steps = False, 0
         self._grad_cache = None
-        return server.posterior()
+        sites = tuple(str(k) for k in server.names)
+        # earlier centres stay valid for forget() of the latest task (not after gamma tempered their sites)
+        self._centres = {k: v for k, v in self._centres.items()
+                         if self.gamma == 1.0 and k == sites[: len(k)] and k != sites}
+        self._centres[sites] = theta
+        return self.posterior()
+
+    def posterior(self) -> Gaussian:
+        r"""The current posterior (the prior of the next task), centred on the optimum :math:`\theta^*_t` of the
+        :meth:`end_task` that left the present sites (its mean by construction, :func:`~bayescl.gaussian.laplace_site`;
+        :meth:`forget` of the latest task goes back to the previous one), rather than on :math:`\Lambda^{-1}\eta`
+        solved from the natural parameters. With a weak base prior and a strong curvature
+        (``prior_precision=1e-4``, ``lam=100``: a Kronecker block's condition number is about 1e9) the float32
+        ``η`` cannot hold the mean's components in the flat directions: the solved mean came out several times
+        larger than the weights, which put every predictive at chance and made the evidence fit a far too small
+        prior precision. After :meth:`forget` of an earlier task the solved mean is used (it then moves).
+        """
+        q = super().posterior()
+        if self._centred_cache is None or self._centred_cache[0] is not q:
+            self._centred_cache = (q, self._centred(q))
+        return self._centred_cache[1]
+
+    def _centred(self, q: Gaussian) -> Gaussian:
+        """``q`` re-centred on the θ* of the end_task that left the present sites (else ``q``)."""
+        theta = self._centres.get(tuple(str(k) for k in self.server.names)) if self.server is not None else None
+        if theta is None:
+            return q
+        eta = q.eta
+        missing = [n for n in q.names if n not in theta]  # parameters that appeared since (new heads)
+        solved = q.mean if missing else {}
+        return q.with_mean({n: (theta[n] if n in theta else solved[n]).to(eta[n]) for n in q.names})
 
     def predictive_posterior(self) -> Gaussian:
         """The posterior with its base prior precision replaced for prediction (``predictive_prior_precision``;
@@ -303,6 +336,17 @@ class LaplaceCallback(PosteriorCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.auto_commit(trainer, pl_module)
 
+    def reset(self) -> None:
+        super().reset()
+        self._centres, self._centred_cache, self._predictive = {}, None, None
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "structure": self.structure.value, "online": self.online}
+        # the centres (θ* per end_task, see posterior) survive a resume; plain lists of (sites, tensors)
+        return {**super().state_dict(), "structure": self.structure.value, "online": self.online,
+                "centres": [(list(k), dict(v)) for k, v in self._centres.items()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._centres = {tuple(k): dict(v) for k, v in state_dict.get("centres", [])}
+        self._centred_cache, self._predictive = None, None
 
