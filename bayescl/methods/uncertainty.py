@@ -27,12 +27,31 @@ Result schema of :func:`evaluate_uncertainty` (one *stage record*; the harness k
 
     {"stage": i,                       # index of the last task trained on
      "source": "posterior" | "model" | "point",
+     "method": "glm" | "mc" | None,    # how a posterior was sampled (predictive_samples.mc_probs); None: no posterior
      "n_samples": S, "max_examples": M, "n_bins": K,
-     "tasks": [{"task": j, "count": n, "accuracy": a,
+     "auroc_epistemic": a | None,      # trained (tasks <= i) vs future (tasks > i) inputs; None at the last stage
+     "auroc_total": a | None,          # the same with the total entropy as the score
+     "tasks": [{"task": j, "count": n,
+                "accuracy": a,         # the predictive's (argmax of the mean of the samples)
+                "net_accuracy": a,     # the network's own softmax on the same examples
                 "total": H, "aleatoric": A, "epistemic": E,   # mean nats per example
                 "nll": L, "ece": e,
                 "bin_count": [K ints], "bin_confidence": [K sums of confidence], "bin_correct": [K ints]},
                ...]}                   # one entry per task of the stream, in order
+
+Separation of trained and future tasks (Hendrycks & Gimpel 2017's AUROC, with the continual-learning split):
+after stage :math:`i`, the examples of tasks :math:`j \le i` are *trained*, those of tasks :math:`j > i`
+*future*, and with an uncertainty score :math:`s` (epistemic or total, per example)
+
+.. math::
+
+    \mathrm{AUROC} = P(s_{\text{future}} > s_{\text{trained}}) + \tfrac12 P(s_{\text{future}} = s_{\text{trained}})
+    = \frac{U}{n_{\text{future}}\, n_{\text{trained}}},
+
+the Mann-Whitney statistic from average ranks (:func:`binary_auroc`, equal to torchmetrics' ``binary_auroc``
+with the future inputs as positives; read with the trained inputs as positives it is the AUROC of :math:`-s`).
+1: every future input is more uncertain than every trained one; 0.5: no separation (a point estimate's
+epistemic part is 0 everywhere, so 0.5).
 """
 
 from __future__ import annotations
@@ -43,15 +62,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 from torchmetrics import Metric
 
 from bayescl._batches import move_inputs, split_batch
 from bayescl._checks import check_positive_int
 from bayescl._params import eval_mode
-from bayescl.methods.predictive import check_posterior_names, glm_logit_moments, glm_samples, glm_supported
-from bayescl.methods.variational import is_stochastic, predictive_samples
+from bayescl.methods.predictive_samples import mc_probs, posterior_for, resolve_method, sampler
+from bayescl.methods.variational import is_stochastic
+
+__all__ = ["N_BINS", "PredictiveUncertainty", "TaskUncertainty", "binary_auroc", "decompose", "ece_from_bins",
+           "entropy", "evaluate_uncertainty", "mc_probs", "posterior_for", "stage_auroc", "stage_records_to_arrays"]
 
 #: Default number of equal-width confidence bins (torchmetrics' default).
 N_BINS = 15
@@ -215,80 +236,6 @@ class TaskUncertainty(_SummedUncertainty):
             getattr(self, k)[stage, task] += v.to(getattr(self, k))
 
 
-# --------------------------------------------------------------------------------------------------- sampling
-def _draw_weights(model: nn.Module, posterior: Any, n_samples: int,
-                  generator: torch.Generator | None) -> list[dict[str, Tensor]]:
-    """``n_samples`` draws of ``posterior.sample`` cast to the model's parameters (one call per draw, as in
-    :func:`bayescl.methods.predictive.predictive`, so the same generator gives the same weights)."""
-    named = check_posterior_names(model, posterior)
-    return [{n: t.to(named[n]) for n, t in posterior.sample(generator=generator).items()} for _ in range(n_samples)]
-
-
-def _probs(model: nn.Module, weights: list[dict[str, Tensor]] | None, inputs: tuple[Tensor, ...],
-           n_samples: int) -> Tensor:
-    if weights is not None:
-        return torch.stack([torch.softmax(functional_call(model, w, inputs, strict=False), dim=-1) for w in weights])
-    if not is_stochastic(model):
-        return torch.softmax(model(*inputs), dim=-1).unsqueeze(0)
-    with predictive_samples(model, 1):
-        return torch.stack([torch.softmax(model(*inputs), dim=-1) for _ in range(n_samples)])
-
-
-@torch.no_grad()
-def mc_probs(model: nn.Module, posterior: Any | None, inputs: tuple[Tensor, ...], n_samples: int = 16,
-             generator: torch.Generator | None = None, method: str | None = None) -> Tensor:
-    """Monte Carlo samples ``(S, B, C)`` of the softmax of ``model(*inputs)`` under the weight posterior.
-
-    * ``method="glm"`` (the default for a :class:`~bayescl.gaussian.diag.DiagGaussian`, and for a
-      :class:`~bayescl.gaussian.kron.KronGaussian` whose layers are all ``nn.Linear``): samples of the linearised
-      predictive, logits drawn from ``N(f(x; μ), diag v)`` (:func:`bayescl.methods.predictive.glm_logit_moments`) — a
-      Laplace posterior sampled through the whole network underfits (Immer et al. 2021).
-    * ``method="mc"`` (the default for other Kronecker posteriors, e.g. with Conv2d), ``posterior`` over (some of)
-      ``model``'s parameters (e.g. ``LaplaceCallback.posterior()`` with the LightningModule as ``model``): ``S =
-      n_samples`` draws ``θ_s = posterior.sample(generator)``, each run with ``torch.func.functional_call`` (the
-      same sampling as :func:`bayescl.methods.predictive.predictive`: with the same generator state, the mean of these
-      samples is its ``"mc"`` predictive).
-    * ``posterior=None`` and a model whose variational layers sample themselves (after ``VCLCallback``): ``S``
-      eval-mode calls, one weight sample each (``generator`` is not used; the layers draw from their own or torch's
-      RNG).
-    * ``posterior=None`` and a deterministic model: its softmax, ``S = 1`` (a point estimate).
-
-    The model is put in ``eval()`` mode for the calls and restored afterwards.
-    """
-    check_positive_int(n_samples, "n_samples")
-    if not isinstance(inputs, tuple):
-        raise TypeError(f"inputs must be a tuple of the model's positional inputs, got {type(inputs).__name__}.")
-    if method is None:
-        method = "glm" if glm_supported(model, posterior) else "mc"
-    if method not in ("glm", "mc"):
-        raise ValueError(f"method={method!r} is not valid; allowed: 'glm', 'mc' (or None for the default).")
-    with eval_mode(model):
-        if method == "glm" and posterior is not None:
-            logits, v = glm_logit_moments(model, posterior, inputs)
-            return glm_samples(logits, v, n_samples, generator)
-        weights = None if posterior is None else _draw_weights(model, posterior, n_samples, generator)
-        return _probs(model, weights, inputs, n_samples)
-
-
-def posterior_for(callbacks: Iterable[Any], module: nn.Module) -> Any | None:
-    """The weight posterior :func:`mc_probs` should sample for ``module``: that of the first callback with a
-    ``predictive_posterior()`` (Laplace: the base prior precision fitted for prediction) or ``posterior()`` over
-    parameters of ``module``; ``None`` otherwise (no posterior yet, a point estimate, or VCL, whose layers
-    sample themselves)."""
-    named = {n for n, _ in module.named_parameters()}
-    for cb in callbacks:
-        get = getattr(cb, "predictive_posterior", None) or getattr(cb, "posterior", None)
-        if not callable(get):
-            continue
-        try:
-            q = get()
-        except (RuntimeError, ValueError):
-            continue
-        if q is not None and all(n in named for n in q.names):
-            return q
-    return None
-
-
 def _capped(loader: Any, max_examples: int, seed: int = 0) -> Iterable[Any]:
     """The same fixed random subset of at most ``max_examples`` examples at every call (seeded, not shuffled per
     call), so every stage and every method is scored on the same examples."""
@@ -315,9 +262,45 @@ def _capped(loader: Any, max_examples: int, seed: int = 0) -> Iterable[Any]:
                       collate_fn=getattr(loader, "collate_fn", None))
 
 
+# --------------------------------------------------------------------------------------------------- separation
+def binary_auroc(scores: Tensor, positive: Tensor) -> float:
+    """AUROC of ``scores`` for telling ``positive`` examples (bool, same shape) from the others: the
+    Mann-Whitney :math:`U/(n_+ n_-)` with average ranks for ties (module docstring); NaN when a class is empty.
+
+    >>> binary_auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, True, False, True]))
+    1.0
+    """
+    s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    pos = torch.as_tensor(positive).reshape(-1).bool()
+    if s.shape != pos.shape:
+        raise ValueError(f"scores {tuple(s.shape)} and positive {tuple(pos.shape)} must have the same shape.")
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = (last - (counts.double() - 1) / 2)[inverse]  # 1-based average rank of every example
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def stage_auroc(scores: Sequence[Tensor], stage: int) -> float | None:
+    """AUROC of per-example ``scores[j]`` (one tensor per task, in stream order) for future tasks (``j > stage``)
+    against trained ones (``j <= stage``); ``None`` when either side has no example (e.g. the last stage)."""
+    stage = check_positive_int(stage, "stage", allow_zero=True)
+    trained = [t.reshape(-1) for t in scores[: stage + 1]]
+    future = [t.reshape(-1) for t in scores[stage + 1:]]
+    if not trained or not future or sum(t.numel() for t in trained) == 0 or sum(t.numel() for t in future) == 0:
+        return None
+    s = torch.cat([*trained, *future]).double()
+    positive = torch.zeros(s.numel(), dtype=torch.bool)
+    positive[sum(t.numel() for t in trained):] = True
+    return binary_auroc(s, positive)
+
+
+# --------------------------------------------------------------------------------------------------- stage record
 def evaluate_uncertainty(module: nn.Module, posterior: Any | None, test_loaders: Sequence[Any], stage: int,
                          n_samples: int = 16, max_examples: int = 500, generator: torch.Generator | None = None,
-                         n_bins: int = N_BINS, seed: int = 0) -> dict[str, Any]:
+                         n_bins: int = N_BINS, seed: int = 0, method: str | None = None) -> dict[str, Any]:
     """Uncertainty of ``module`` on every task's test data after training stage ``stage``: one *stage record*
     (schema in the module docstring), JSON-ready.
 
@@ -331,12 +314,15 @@ def evaluate_uncertainty(module: nn.Module, posterior: Any | None, test_loaders:
         generator: random generator for the posterior samples (default: torch's, seeded from ``seed`` and ``stage``).
         n_bins: confidence bins.
         seed: seed of the example subset and of the default sampling.
+        method: ``"glm"``, ``"mc"`` or ``None`` (the default of :func:`mc_probs`): the same predictive as
+            :func:`mc_probs` (:func:`bayescl.methods.predictive_samples.sampler`, fixed for the whole stage).
 
     Torch's global random state is left as it was, so adding this evaluation does not change the training runs.
     """
     stage = check_positive_int(stage, "stage", allow_zero=True)
     check_positive_int(max_examples, "max_examples")
     check_positive_int(n_samples, "n_samples")
+    method = resolve_method(module, posterior, method)
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     if posterior is not None:
@@ -346,46 +332,63 @@ def evaluate_uncertainty(module: nn.Module, posterior: Any | None, test_loaders:
     else:
         source = "point"
     devices = [device.index or 0] if device.type == "cuda" else []
+    scores: dict[str, list[Tensor]] = {"epistemic": [], "total": []}
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(10_007 * seed + stage)
         tasks = []
         with torch.no_grad(), eval_mode(module):
-            # one set of weight samples per stage, shared by every task and batch (a fixed MC predictive)
-            weights = None if posterior is None else _draw_weights(module, posterior, n_samples, generator)
-            metrics = []
+            draw = sampler(module, posterior, n_samples, generator, method)  # one predictive for every task
+            metrics, net_correct = [], []
             for j, loader in enumerate(test_loaders):
                 metric = PredictiveUncertainty(n_bins=n_bins)
+                correct, per_task = 0, {k: [] for k in scores}
                 for batch in _capped(loader, max_examples, seed=seed + j):
                     inputs, y = split_batch(batch)
                     inputs, y = move_inputs(inputs, y, device)
-                    metric.update(_probs(module, weights, inputs, n_samples), y)
+                    probs = draw(inputs)
+                    metric.update(probs, y)
+                    for k, v in decompose(probs).items():
+                        if k in per_task:
+                            per_task[k].append(v.double().cpu())
+                    correct += int((module(*inputs).argmax(-1) == y).sum())
                 metrics.append(metric)
+                net_correct.append(correct)
+                for k, kept in scores.items():
+                    kept.append(torch.cat(per_task[k]) if per_task[k] else torch.zeros(0, dtype=torch.float64))
         for j, metric in enumerate(metrics):
             out, rel = metric.compute(), metric.reliability()
             rec: dict[str, Any] = {"task": j, "count": int(out["count"])}
             rec.update({k: float(out[k]) for k in ("accuracy", *_STATS, "ece")})
+            rec["net_accuracy"] = net_correct[j] / rec["count"] if rec["count"] else math.nan
             rec.update({k: v.tolist() for k, v in rel.items()})
             tasks.append(rec)
-    return {"stage": stage, "source": source, "n_samples": n_samples if source != "point" else 1,
-            "max_examples": max_examples, "n_bins": n_bins, "tasks": tasks}
+    return {"stage": stage, "source": source, "method": method,
+            "n_samples": n_samples if source != "point" else 1, "max_examples": max_examples, "n_bins": n_bins,
+            **{f"auroc_{k}": stage_auroc(v, stage) for k, v in scores.items()}, "tasks": tasks}
 
 
 def stage_records_to_arrays(records: Sequence[dict[str, Any]], num_tasks: int) -> dict[str, Tensor]:
-    """Stack stage records (one seed) into ``(T, T)`` tensors per statistic (NaN where missing) and
-    ``(T, T, K)`` per-bin sums (zeros where missing)."""
+    """Stack stage records (one seed) into ``(T, T)`` tensors per statistic (NaN where missing), ``(T, T, K)``
+    per-bin sums (zeros where missing) and ``(T,)`` per-stage ``auroc_epistemic`` / ``auroc_total`` (NaN where
+    missing: the last stage, older records)."""
     T = check_positive_int(num_tasks, "num_tasks")
     K = int(records[0]["n_bins"]) if records else N_BINS
     out = {k: torch.full((T, T), float("nan"), dtype=torch.float64)
-           for k in ("accuracy", *_STATS, "ece", "count")}
+           for k in ("accuracy", "net_accuracy", *_STATS, "ece", "count")}
+    for k in ("auroc_epistemic", "auroc_total"):
+        out[k] = torch.full((T,), float("nan"), dtype=torch.float64)
     for k in _BINS:
         out[k] = torch.zeros(T, T, K, dtype=torch.float64)
     for rec in records:
         i = int(rec["stage"])
+        for k in ("auroc_epistemic", "auroc_total"):
+            if 0 <= i < T and rec.get(k) is not None:
+                out[k][i] = float(rec[k])
         for t in rec["tasks"]:
             j = int(t["task"])
             if not (0 <= i < T and 0 <= j < T):
                 raise ValueError(f"uncertainty record (stage {i}, task {j}) is outside a {T}-task stream.")
-            for k in ("accuracy", *_STATS, "ece", "count"):
+            for k in ("accuracy", "net_accuracy", *_STATS, "ece", "count"):
                 out[k][i, j] = float(t[k]) if t.get(k) is not None else math.nan
             for k in _BINS:
                 v = torch.tensor(t[k], dtype=torch.float64)
