@@ -18,6 +18,7 @@ uncertainty section (the accuracy report is still written).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,17 @@ import numpy as np
 
 from bayescl.harness.report_published import PUBLISHED
 from bayescl.harness.report_uncertainty import (
+    accuracy_warnings,
     epistemic_split,
     plot_uncertainty,
+    stage_table,
     uncertainty_arrays,
     uncertainty_table,
 )
 
-__all__ = ["ORDER", "PUBLISHED", "epistemic_split", "load_results", "markdown_table", "overview_markdown",
-           "plot_scenario", "plot_uncertainty", "uncertainty_arrays", "uncertainty_table", "write_report"]
+__all__ = ["ORDER", "PUBLISHED", "accuracy_warnings", "epistemic_split", "load_results", "markdown_table",
+           "overview_markdown", "plot_scenario", "plot_uncertainty", "stage_table", "uncertainty_arrays",
+           "uncertainty_table", "write_report"]
 
 #: strategies listed first in every table, in this order
 ORDER = ("naive", "joint")
@@ -68,7 +72,12 @@ def load_results(scenario_dir: Path) -> list[dict[str, Any]]:
     return sorted(runs, key=key)
 
 
-def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 2) -> str:
+def _pm(r: dict[str, Any], key: str, scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std`` of ``r[key]`` over the seeds; the mean alone for one seed (a std of one value is no
+    information, "± 0.00" read as a precise result)."""
+    stat = r[key]
+    if len(r.get("seeds", [])) == 1:
+        return f"{scale * stat['mean']:.{digits}f}"
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
@@ -80,7 +89,8 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
     for r in runs:
         cfg = r.get("config", {})
         lines.append(
-            f"| {r['strategy']} | {_pm(r['avg_accuracy'])} | {_pm(r['bwt'])} | {_pm(r.get('forgetting', r['bwt']))}"
+            f"| {r['strategy']} | {_pm(r, 'avg_accuracy')} | {_pm(r, 'bwt')} "
+            f"| {_pm(r, 'forgetting' if 'forgetting' in r else 'bwt')}"
             f" | {len(r['seeds'])} | {cfg.get('epochs', '?')} | {r['wall_seconds']['mean']:.1f} "
             f"| {r.get('peak_rss_mb', float('nan')):.0f} |"
         )
@@ -167,7 +177,7 @@ def overview_markdown(scenarios: list[tuple[str, list[dict[str, Any]], list[str]
         text += [" · ".join(links), ""]
         text += ["| method | avg accuracy (%) | wall s/seed | source | protocol |", "|---|---|---|---|---|"]
         for r in runs:
-            text.append(f"| **{r['strategy']}** | {_pm(r['avg_accuracy'])} | {r['wall_seconds']['mean']:.1f} "
+            text.append(f"| **{r['strategy']}** | {_pm(r, 'avg_accuracy')} | {r['wall_seconds']['mean']:.1f} "
                         f"| this repo (bayescl) | {_protocol(r)} |")
         for e in PUBLISHED.get(scenario, []):
             acc = "—" if e["accuracy"] is None else f"{e['accuracy']:.2f}"
@@ -203,11 +213,20 @@ def write_report(results_dir: str | Path, plots: bool = True) -> list[Path]:
         text = [f"# {d.name}", "", markdown_table(runs), ""]
         unc = uncertainty_table(runs)
         if unc:
-            note = ("Predictive uncertainty after the last task (Monte Carlo posterior predictive: 'posterior' = "
-                    "samples of the linearised predictive of the callback's predictive_posterior(), 'model' = the "
-                    "variational layers' own weight samples, 'point' = the network's softmax; entropies in nats, "
-                    "total = aleatoric + epistemic; 'old tasks': all but the last one):")
+            note = ("Predictive uncertainty after the last task on the tasks seen (Monte Carlo posterior predictive: "
+                    "'posterior (glm)' = samples of the linearised predictive of the callback's "
+                    "predictive_posterior(), '(mc)' = weight samples through the network, 'model' = the variational "
+                    "layers' own weight samples, 'point' = the network's softmax; network and predictive accuracy on "
+                    "the same examples; ECE over the pooled confidence bins of all seeds and seen tasks, as in the "
+                    "reliability diagrams; entropies in nats, total = aleatoric + epistemic; 'old tasks': all but "
+                    "the last one; mean ± std over seeds, the value alone for one seed):")
             text += [note, "", unc, ""]
+            for w in accuracy_warnings(runs):
+                warnings.warn(f"bayescl report: {w}", stacklevel=2)
+                text += [f"**Warning**: {w}", ""]
+            text += [("Per stage, on the tasks seen: AUROC of the epistemic (and total) uncertainty for telling "
+                      "inputs of future tasks from inputs of trained ones (1 = every future input is more uncertain, "
+                      "0.5 = no separation; none after the last task):"), "", stage_table(runs), ""]
         text += ["Commands:", ""]
         text += [f"- `{r['strategy']}`: `{r['command']}`" for r in runs]
         text += [""] + [f"![{p.stem}]({p.name})" for p in [*pngs, *upngs]]

@@ -1,6 +1,13 @@
 """The uncertainty part of the report: per-stage records of
-:func:`bayescl.methods.uncertainty.evaluate_uncertainty` stacked over seeds, a table after the last task, reliability
-diagrams and the epistemic uncertainty on old / current / unseen tasks over the stream.
+:func:`bayescl.methods.uncertainty.evaluate_uncertainty` stacked over seeds, a table after the last task, a table
+per stage (the network's and the predictive's accuracy, ECE, the AUROC of epistemic uncertainty for trained vs future
+tasks), reliability diagrams and the epistemic uncertainty on old / current / unseen tasks over the stream.
+
+One computation per number: the ECE of a stage is that of the confidence bins pooled over the seeds and the tasks
+seen so far (:func:`seen_ece`), in the tables and in the reliability diagrams' titles alike (before, the tables
+averaged per-task ECEs while the plots pooled the bins: 1.83 vs 1.06). Numbers over seeds are ``mean ± std``; with
+one seed the value alone (:func:`fmt`). A predictive more than :data:`WARN_POINTS` points less accurate than the
+network on the same examples is flagged (:func:`accuracy_warnings`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,19 @@ import numpy as np
 
 _UNC_STATS = ("accuracy", "total", "aleatoric", "epistemic", "nll", "ece", "count")
 _BINS = ("bin_count", "bin_confidence", "bin_correct")
+#: the predictive's accuracy this many points below the network's is flagged
+WARN_POINTS = 5.0
+
+
+def fmt(values: np.ndarray | list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` of per-seed ``values`` (NaNs left out) times ``scale``; one value: the value alone; none: —."""
+    v = np.asarray(values, dtype=float).reshape(-1) * scale
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "—"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
 def uncertainty_arrays(run: dict[str, Any]) -> dict[str, np.ndarray] | None:
@@ -38,6 +58,7 @@ def uncertainty_arrays(run: dict[str, Any]) -> dict[str, np.ndarray] | None:
     out = {k: np.stack([a[k].numpy() for a in stacked]) for k in stacked[0]}
     sources = {rec.get("source", "?") for u in per_seed for rec in u}
     out["source"] = np.array(sorted(sources))
+    out["method"] = np.array(sorted({str(rec.get("method")) for u in per_seed for rec in u}))
     return out
 
 
@@ -74,6 +95,35 @@ def _ece(count: np.ndarray, conf: np.ndarray, correct: np.ndarray) -> float:
     return float(np.abs(correct - conf).sum() / n) if n > 0 else math.nan
 
 
+def seen_ece(u: dict[str, np.ndarray], stage: int) -> float:
+    """The ECE after ``stage`` over every example of the seen tasks and all seeds (bins pooled): the one ECE of
+    the tables and of the reliability diagrams."""
+    return _ece(*_pooled_bins(u, stage))
+
+
+def seen_accuracy(u: dict[str, np.ndarray], stage: int, key: str = "accuracy") -> np.ndarray:
+    """Per seed, the accuracy over the examples of the tasks seen after ``stage`` (``key``: ``"accuracy"`` for
+    the predictive, ``"net_accuracy"`` for the network; NaN where the records lack it)."""
+    count = np.nan_to_num(u["count"][:, stage, : stage + 1])
+    acc = u.get(key, np.full_like(u["count"], np.nan))[:, stage, : stage + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (acc * count).sum(axis=1) / count.sum(axis=1)
+
+
+def accuracy_warnings(runs: list[dict[str, Any]], points: float = WARN_POINTS) -> list[str]:
+    """One sentence per (strategy, stage) where the predictive's accuracy on the seen tasks is more than
+    ``points`` below the network's on the same examples (means over seeds)."""
+    out = []
+    for r, u in _with_uncertainty(runs):
+        for i in range(_last_stage(u) + 1):
+            net, pred = (float(np.nanmean(a)) if np.isfinite(a).any() else math.nan
+                         for a in (seen_accuracy(u, i, "net_accuracy"), seen_accuracy(u, i)))
+            if net - pred > points / 100:
+                out.append(f"{r['strategy']}: after task {i + 1} the predictive is {100 * pred:.2f} % accurate, "
+                           f"the network {100 * net:.2f} % ({100 * (net - pred):.1f} points lower).")
+    return out
+
+
 def epistemic_split(u: dict[str, np.ndarray], stat: str = "epistemic") -> dict[str, np.ndarray]:
     """Mean of ``stat`` over seeds after each stage ``i`` on old tasks (``j < i``), the current one (``j = i``) and
     unseen ones (``j > i``): three arrays of length ``T`` (NaN where there is none)."""
@@ -90,26 +140,55 @@ def epistemic_split(u: dict[str, np.ndarray], stat: str = "epistemic") -> dict[s
 
 
 def uncertainty_table(runs: list[dict[str, Any]]) -> str:
-    """After the last task: NLL, ECE and the entropy decomposition on the tasks seen (means over seeds and tasks),
-    and the epistemic part on old tasks vs the last one; empty string when no run has uncertainty."""
+    """After the last task: the network's and the predictive's accuracy on the seen tasks, NLL, ECE, the entropy
+    decomposition (means over seeds and tasks) and the epistemic part on old tasks vs the last one; empty string
+    when no run has uncertainty."""
     rows = _with_uncertainty(runs)
     if not rows:
         return ""
     lines = [
-        ("| strategy | predictive | NLL (nats) | ECE (%) | total H | aleatoric | epistemic | epistemic old tasks "
-         "| epistemic last task | seeds |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| strategy | predictive | network acc (%) | predictive acc (%) | NLL (nats) | ECE (%) | total H "
+         "| aleatoric | epistemic | epistemic old tasks | epistemic last task | seeds |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, u in rows:
         s = _last_stage(u)
-        seen = {k: _nanmean(u[k][:, s, : s + 1]) for k in ("nll", "ece", "total", "aleatoric", "epistemic")}
+        seen = {k: u[k][:, s, : s + 1] for k in ("nll", "total", "aleatoric", "epistemic")}
+        per_seed = {k: np.array([_nanmean(x) for x in v]) for k, v in seen.items()}
         split = epistemic_split(u)
-        src = "/".join(str(x) for x in u["source"])
         lines.append(
-            f"| {r['strategy']} | {src} | {seen['nll']:.3f} | {100 * seen['ece']:.2f} | {seen['total']:.3f} "
-            f"| {seen['aleatoric']:.3f} | {seen['epistemic']:.4f} | {split['old'][s]:.4f} "
-            f"| {split['current'][s]:.4f} | {u['count'].shape[0]} |"
+            f"| {r['strategy']} | {_source(u)} | {fmt(seen_accuracy(u, s, 'net_accuracy'), 100)} "
+            f"| {fmt(seen_accuracy(u, s), 100)} | {fmt(per_seed['nll'], digits=3)} | {100 * seen_ece(u, s):.2f} "
+            f"| {fmt(per_seed['total'], digits=3)} | {fmt(per_seed['aleatoric'], digits=3)} "
+            f"| {fmt(per_seed['epistemic'], digits=4)} | {split['old'][s]:.4f} | {split['current'][s]:.4f} "
+            f"| {u['count'].shape[0]} |"
         )
+    return "\n".join(lines)
+
+
+def _source(u: dict[str, np.ndarray]) -> str:
+    src = "/".join(str(x) for x in u["source"])
+    methods = [str(x) for x in u.get("method", np.array([])) if str(x) not in ("", "None")]
+    return f"{src} ({'/'.join(methods)})" if methods else src
+
+
+def stage_table(runs: list[dict[str, Any]]) -> str:
+    """Per strategy and stage: the network's and the predictive's accuracy on the seen tasks, the ECE (pooled,
+    :func:`seen_ece`) and the AUROC of the epistemic and total uncertainty for trained (``j <= i``) vs future
+    (``j > i``) tasks (none after the last task); empty string when no run has uncertainty."""
+    rows = _with_uncertainty(runs)
+    if not rows:
+        return ""
+    lines = [("| strategy | after task | network acc (%) | predictive acc (%) | ECE (%) | AUROC epistemic "
+              "| AUROC total |"), "|---|---|---|---|---|---|---|"]
+    for r, u in rows:
+        nan = np.full(u["count"].shape[:2], np.nan)
+        for i in range(_last_stage(u) + 1):
+            lines.append(
+                f"| {r['strategy']} | {i + 1} | {fmt(seen_accuracy(u, i, 'net_accuracy'), 100)} "
+                f"| {fmt(seen_accuracy(u, i), 100)} | {100 * seen_ece(u, i):.2f} "
+                f"| {fmt(u.get('auroc_epistemic', nan)[:, i], digits=3)} "
+                f"| {fmt(u.get('auroc_total', nan)[:, i], digits=3)} |")
     return "\n".join(lines)
 
 
@@ -145,7 +224,7 @@ def plot_uncertainty(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         frac = count / max(count.sum(), 1)
         ax.step(edges, np.r_[frac, frac[-1]], where="post", color="gray", lw=0.8, label="fraction of examples")
-        ax.set_title(f"{r['strategy']}\nECE {100 * _ece(count, conf, correct):.2f}% (after task {s + 1})",
+        ax.set_title(f"{r['strategy']}\nECE {100 * seen_ece(u, s):.2f}% (after task {s + 1})",
                      fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
