@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 BS, EPOCHS, HIDDEN, N_TRAIN, CORESET = 8, 2, (8,), 32, 4
 #: "vcl" trains without weight noise (comparable with one process); "vcl-noisy" as users do (DDP only)
@@ -76,11 +76,10 @@ def make_trainer(devices: int | str, callbacks: list, ckpt_dir: Path | None, pre
     strategy = (DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timedelta(seconds=60),
                             start_method="spawn" if spawn else "popen")
                 if spawn or devices > 1 else "auto")  # the multi-head model leaves the other task's head unused
-    # spawn: the loader is pickled before the ranks exist, so Lightning's own (unshuffled) DistributedSampler shards it
     return pl.Trainer(strategy=strategy, accelerator="cpu", devices=2 if spawn else devices, max_epochs=EPOCHS,
                       logger=False, precision=precision, enable_checkpointing=ckpt_dir is not None,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      callbacks=callbacks, use_distributed_sampler=spawn)
+                      callbacks=callbacks, use_distributed_sampler=False)
 
 
 def _set_stochastic(module, on: bool) -> None:
@@ -93,11 +92,27 @@ def _no_noise(module, on: bool) -> None:
     _set_stochastic(module, False)
 
 
+class RankShard(Sampler):
+    """Indices ``rank, rank + world, …`` of the process group the iterating worker belongs to (what an unshuffled
+    ``DistributedSampler`` gives, for a loader pickled into ``ddp_spawn`` workers before they have a rank)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        import torch.distributed as dist
+
+        return iter(range(dist.get_rank(), self.n, dist.get_world_size()))
+
+    def __len__(self) -> int:
+        return self.n // 2
+
+
 def loader(data, devices: int | str) -> DataLoader:
     """Unshuffled: in DDP an explicit ``DistributedSampler(shuffle=False)`` (Lightning's own would shuffle), built
     before the process group exists, from the rank Lightning's launcher puts in ``LOCAL_RANK``."""
-    if devices == "spawn":
-        return DataLoader(data, batch_size=BS, shuffle=False)
+    if devices == "spawn":  # built before the workers exist: the shard is chosen when the worker iterates
+        return DataLoader(data, batch_size=BS, sampler=RankShard(len(data)))
     if devices == 1:
         return DataLoader(data, batch_size=2 * BS, shuffle=False)
     sampler = DistributedSampler(data, num_replicas=devices, rank=int(os.environ.get("LOCAL_RANK", "0")), shuffle=False)
@@ -115,6 +130,10 @@ def run(method: str, devices: int | str, out: Path) -> None:
         from bayescl.methods.variational import convert
 
         convert(module, cb.logvar_init)  # ddp_spawn brings back only weights this process's model has
+    if devices == "spawn" and not method.startswith("vcl"):
+        # ddp_spawn loads the workers' weights into this module, in its dtype: float64 keeps them exact between tasks
+        # (in float32, Adam turns the rounding of the old head's weights into steps of size lr)
+        module = module.double()
     record: dict = {"servers": []}
     rank = 0
     for task in range(2):

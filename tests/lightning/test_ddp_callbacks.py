@@ -126,13 +126,16 @@ def test_ddp_spawn_brings_the_posterior_back_to_the_calling_process(runs, assert
     one = job.load_numbers(_out(runs, 1) / "diag-rank0.pt")
     assert spawned["num_examples0"] == job.N_TRAIN
     assert len(spawned["servers"][0]["sites"]) == 1 and len(spawned["servers"][1]["sites"]) == 2
-    assert_states_close(spawned, one, 1e-10, "diag-spawn")
+    # 1e-7, not 1e-10: the spawned workers build the base prior from a float64 module, the one-process run from the
+    # float32 module before Lightning casts it (1e-4 rounded to float32: 2.5e-12 apart)
+    assert_states_close(spawned, one, 1e-7, "diag-spawn")
 
 
 def test_ddp_spawn_brings_vcl_state_and_means_back(runs):
     rec = job.load_numbers(_out(runs, "spawn") / "vcl-noisy-spawn.pt")
     assert len(rec["servers"][1]["sites"]) == 2
-    assert sorted(rec["coresets"]) == [0, 1] and all(len(c) == job.CORESET for c in rec["coresets"].values())
+    assert sorted(rec["coresets"]) == [0, 1]
+    assert all(len(tensors[0]) == job.CORESET for tensors in rec["coresets"].values())  # (x, y, task id) rows
     # the posterior mean the workers fitted is what the returned module holds (weights and state came back together)
     for name, (mu_name, _) in rec["logical_names"].items():
         torch.testing.assert_close(rec["posterior_mean"][name], rec["weights"][mu_name], rtol=0, atol=0)
