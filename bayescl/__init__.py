@@ -22,6 +22,8 @@ _NAMES: dict[str, str] = {
     # callbacks
     "LaplaceCallback": "bayescl.lightning.laplace", "Structure": "bayescl.lightning.laplace",
     "VCLCallback": "bayescl.lightning.vcl", "split_coreset": "bayescl.methods.coresets",
+    "FunctionalPriorCallback": "bayescl.lightning.functional",  # a prior on functions (FROMP)
+    "ReplayCallback": "bayescl.lightning.replay",  # experience replay, the baseline at equal memory
     # distributed training (a Lightning Strategy)
     "PosteriorServerStrategy": "bayescl.lightning.strategy",
     # resuming a stream
@@ -89,7 +91,9 @@ if TYPE_CHECKING:  # the static view of the lazy names above
     from bayescl.harness.metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
     from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
     from bayescl.harness.module import ClassifierModule
+    from bayescl.lightning.functional import FunctionalPriorCallback
     from bayescl.lightning.laplace import LaplaceCallback, Structure
+    from bayescl.lightning.replay import ReplayCallback
     from bayescl.lightning.resumable import ResumableDataLoader
     from bayescl.lightning.resume import resume_point
     from bayescl.lightning.strategy import PosteriorServerStrategy

@@ -14,7 +14,7 @@ LAYERS = {
     "_checks": 0, "_batches": 0, "_params": 0,
     "gaussian": 1, "curvature": 2,
     "methods": 3,
-    "lightning": 4, "avalanche": 5,
+    "lightning": 4, "avalanche": 5, "avalanche_functional": 5,
     "harness": 6,
     "__init__": 7,
 }

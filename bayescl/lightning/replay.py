@@ -46,6 +46,7 @@ from torch.utils.data import Dataset, IterableDataset
 from bayescl._batches import move_inputs, split_batch
 from bayescl._checks import check_positive_int
 from bayescl.lightning.lifecycle import TaskLifecycle
+from bayescl.lightning.spawn import SpawnHandoff, check_launcher
 from bayescl.methods.coresets import stack_dataset
 
 __all__ = ["ReplayCallback"]
@@ -94,7 +95,7 @@ def _muted_logging(module: nn.Module) -> Iterator[None]:
         module.__dict__.pop("log_dict", None)
 
 
-class ReplayCallback(TaskLifecycle, pl.Callback):
+class ReplayCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
     """Experience replay at a fixed memory per task (see the module docstring for the maths and the mechanism).
 
     Args:
@@ -293,6 +294,9 @@ class ReplayCallback(TaskLifecycle, pl.Callback):
         if stage == "fit" and self.loss == "training_step" and not pl_module.automatic_optimization:
             raise ValueError("loss='training_step' would step the optimizers inside the replay step of a module "
                              "with manual optimization; pass loss='cross_entropy' or a callable (logits, y) -> loss.")
+        if stage == "fit":
+            check_launcher(trainer, type(self).__name__)
+        self.spawn_setup()  # under ddp_spawn the memory comes back to this process (bayescl.lightning.spawn)
         self.lifecycle_setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -316,6 +320,7 @@ class ReplayCallback(TaskLifecycle, pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lifecycle_fit_end(trainer, pl_module)
+        self.spawn_fit_end(trainer.global_rank)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.lifecycle_exception(trainer, exception)

@@ -71,7 +71,7 @@ def resume_point(ckpt_path: str | os.PathLike[str]) -> ResumePoint:
     states = _callback_states(checkpoint)
     if not states:
         raise ValueError(f"ckpt_path={path!r} holds no bayescl callback state (was it written by a Trainer with "
-                         "LaplaceCallback or VCLCallback?).")
+                         "LaplaceCallback, VCLCallback, FunctionalPriorCallback or ReplayCallback?).")
     points = {(int(s["tasks_seen"]), bool(s["task_open"])) for s in states.values()}
     if len(points) > 1:
         raise ValueError(f"the callbacks in {path!r} disagree on the task: {sorted(states)} -> {sorted(points)}.")

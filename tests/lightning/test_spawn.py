@@ -77,3 +77,21 @@ def test_fork_based_strategies_are_refused_before_any_work(small_model):
     with pytest.raises(ValueError, match="ddp_fork.*strategy='ddp'"):
         cb.setup(trainer, module, "fit")
     assert cb.server is None and cb.tasks_seen == 0
+
+
+def test_replay_memory_comes_back_from_a_spawned_worker(make_trainer, small_model, monkeypatch):
+    from bayescl import ReplayCallback
+
+    stream = synthetic_stream(num_tasks=2, n_train=64, n_test=8, seed=0)
+    module = ClassifierModule(small_model(num_tasks=2), num_tasks=2, lr=1e-2)
+    parent = ReplayCallback(memory_per_task=8)
+    _fit(parent, module, stream[0], make_trainer)
+    worker = pickle.loads(pickle.dumps(parent))
+    real_pid = os.getpid()
+    monkeypatch.setattr(spawn.os, "getpid", lambda: real_pid + 1)
+    _fit(worker, module, stream[1], make_trainer)
+    monkeypatch.setattr(spawn.os, "getpid", lambda: real_pid)
+    assert sorted(parent.memory) == sorted(worker.memory) == [0, 1]
+    for t in (0, 1):
+        for a, b in zip(parent.memory[t], worker.memory[t]):
+            assert torch.equal(a, b)
