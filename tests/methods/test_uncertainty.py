@@ -318,8 +318,8 @@ def test_kron_laplace_predictive_is_centred_on_the_network_and_as_accurate(make_
     solved = cb.server.posterior().mean  # the cause: the solve loses the mean
     assert max(float((solved[n] - w[n]).norm() / w[n].norm()) for n in ("model.heads.0.weight",)) > 0.5
     for q in (cb.posterior(), cb.predictive_posterior()):
-        for n in w:
-            torch.testing.assert_close(q.mean[n], w[n], rtol=0, atol=0)
+        for n, weight in w.items():
+            torch.testing.assert_close(q.mean[n], weight, rtol=0, atol=0)
     # the centre survives a checkpoint round trip of the callback's state
     again = LaplaceCallback(structure="kron", lam=100.0, online=True)
     again.server = cb.server
