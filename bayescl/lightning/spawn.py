@@ -47,9 +47,11 @@ def check_launcher(trainer: Any, owner: str) -> None:
     """``ValueError`` for a fork-based multiprocessing launcher (``ddp_fork``, ``ddp_notebook``).
 
     Args:
-        trainer: the Trainer being set up.
+        trainer: the Trainer being set up (``None``: nothing to check).
         owner: the callback's class name, for the message.
     """
+    if trainer is None:  # set up by hand, outside a Trainer
+        return
     launcher = getattr(trainer.strategy, "launcher", None)
     if trainer.world_size > 1 and launcher is not None and launcher.is_interactive_compatible:
         raise ValueError(f"{owner} does not support a fork-based strategy (ddp_fork / ddp_notebook): the forked "
