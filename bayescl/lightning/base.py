@@ -222,11 +222,9 @@ class PosteriorCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
         """
         if self.server is None or len(self.server) == 0 and not self.penalise_prior_alone:
             return
-        params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
-        if only is not None:
-            params = {n: p for n, p in params.items() if id(p) in only}
-            if not params:
-                return
+        params = self.step_params(pl_module, only)
+        if params is None:
+            return
         q = self.posterior()
         cache = self._grad_cache if isinstance(self._grad_cache, dict) else {}
         fused = cache.get(tuple(params))
@@ -234,6 +232,14 @@ class PosteriorCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
             fused = cache[tuple(params)] = PriorGradient(q, params)
         self._grad_cache = cache
         fused.add_(params, self.prior_term_scale())
+
+    def step_params(self, pl_module: nn.Module, only: set[int] | None) -> dict[str, nn.Parameter] | None:
+        """The selected parameters that the optimizer about to step holds (``only``: their ``id``; ``None``: all);
+        ``None`` when it holds none of them."""
+        params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
+        if only is not None:
+            params = {n: p for n, p in params.items() if id(p) in only}
+        return params or None
 
     #: apply the base prior's term on the very first task too (a weak weight decay by default: off).
     penalise_prior_alone = False

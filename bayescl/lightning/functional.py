@@ -225,11 +225,9 @@ class FunctionalPriorCallback(LaplaceCallback):
             super().add_prior_grad(pl_module, only)
         if not self.sites:
             return
-        params = self._fit_params if self._fit_params is not None else self.selected_params(pl_module)
-        if only is not None:
-            params = {n: p for n, p in params.items() if id(p) in only}
-            if not params:
-                return
+        params = self.step_params(pl_module, only)
+        if params is None:
+            return
         with torch.enable_grad(), torch.inference_mode(False):
             term = self.functional_term(pl_module)
             grads = torch.autograd.grad(term, list(params.values()), allow_unused=True)
