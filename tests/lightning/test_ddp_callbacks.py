@@ -25,6 +25,7 @@ import ddp_callbacks_job as job
 COMPARED = ("diag", "kron", "vcl")
 #: ddp_spawn: one Laplace and one VCL callback (each spawned fit costs two fresh interpreters)
 SPAWNED = ("diag", "vcl-noisy")
+SPAWN_TEARDOWN_RACE = "terminated with signal SIGABRT"
 
 
 def _start(start_job, devices: int | str, out: Path, methods: tuple[str, ...]):
@@ -44,7 +45,16 @@ def runs(tmp_path_factory, start_job):
     started = {2: _start(start_job, 2, outs[2], job.METHODS), 1: _start(start_job, 1, outs[1], COMPARED),
                "spawn": _start(start_job, "spawn", outs["spawn"], SPAWNED)}
     deadline = time.monotonic() + 240.0
-    return {d: (*started[d].finish(deadline), outs[d]) for d in started}
+    done = {d: (*started[d].finish(deadline), outs[d]) for d in started}
+    rc, log = done["spawn"][:2]
+    if rc not in (0, None) and SPAWN_TEARDOWN_RACE in log:
+        # A spawned gloo worker once aborted in C++ ("terminate called without an active exception", SIGABRT) on a
+        # loaded 2-core machine, and torch's spawn failed the fit. That is not the handoff under test, so the job
+        # runs once more; any other failure, or the same one twice, fails the test.
+        out = tmp_path_factory.mktemp("spawn-again")
+        again = _start(start_job, "spawn", out, SPAWNED)
+        done["spawn"] = (*again.finish(time.monotonic() + 240.0), out)
+    return done
 
 
 def _out(runs, devices: int | str) -> Path:
