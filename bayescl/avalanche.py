@@ -112,6 +112,28 @@ def _split_by_task(x: Tensor, y: Tensor, t: Tensor) -> Iterator[tuple[Tensor, Te
         yield x[m], y[m], t[m]
 
 
+def plugin_callback(cls: type, callback: Any, kwargs: dict[str, Any], lightning_only: tuple[str, ...]) -> Any:
+    """A plugin's callback: ``callback`` itself (an instance of ``cls``, with no other argument given), or
+    ``cls(auto_end_task=False, **kwargs)`` (the plugin closes each experience itself).
+
+    Raises:
+        ValueError: both ``callback`` and ``kwargs``, or a Lightning-only argument (``lightning_only``).
+        TypeError: ``callback`` is not a ``cls``.
+    """
+    if callback is None:
+        for bad in lightning_only:
+            if bad in kwargs:
+                raise ValueError(f"{bad} is a Lightning-only argument of {cls.__name__}; the plugin takes each "
+                                 "experience's data and closes the task itself.")
+        return cls(auto_end_task=False, **kwargs)
+    if kwargs:
+        raise ValueError(f"give either callback= or {cls.__name__} arguments, not both; got callback and "
+                         f"{sorted(kwargs)}.")
+    if not isinstance(callback, cls):
+        raise TypeError(f"callback must be a {cls.__name__}, got {type(callback).__name__}.")
+    return callback
+
+
 class ExperienceBatches:
     """An iterable over an Avalanche dataset in bayescl's batch convention (for the curvature pass).
 
@@ -215,20 +237,14 @@ class LaplacePlugin(PosteriorPlugin):
             (``strategy.model.named_parameters()``).
     """
 
+    #: the callback the plugin drives (a subclass plugin names its own)
+    callback_class: type[LaplaceCallback] = LaplaceCallback
+
     def __init__(self, structure: str = "diag", *, callback: LaplaceCallback | None = None,
                  curvature_batch_size: int | None = None, **kwargs: Any) -> None:
-        if callback is None:
-            for bad in ("dataloader", "auto_end_task"):
-                if bad in kwargs:
-                    raise ValueError(f"{bad} is a Lightning-only argument of LaplaceCallback; the plugin builds the "
-                                     "curvature data from each experience.")
-            callback = LaplaceCallback(structure=structure, auto_end_task=False, **kwargs)
-        elif kwargs or structure != "diag":
-            raise ValueError("give either callback= or LaplaceCallback arguments, not both; got callback and "
-                             f"{sorted(kwargs) or ['structure']}.")
-        elif not isinstance(callback, LaplaceCallback):
-            raise TypeError(f"callback must be a LaplaceCallback, got {type(callback).__name__}.")
-        super().__init__(callback)
+        if callback is None or structure != "diag":
+            kwargs = {"structure": structure, **kwargs}
+        super().__init__(plugin_callback(self.callback_class, callback, kwargs, ("dataloader", "auto_end_task")))
         self.curvature_batch_size = (None if curvature_batch_size is None
                                      else check_positive_int(curvature_batch_size, "curvature_batch_size"))
 
@@ -261,16 +277,7 @@ class VCLPlugin(PosteriorPlugin):
     """
 
     def __init__(self, *, callback: VCLCallback | None = None, **kwargs: Any) -> None:
-        if callback is None:
-            if "auto_end_task" in kwargs:
-                raise ValueError("auto_end_task is a Lightning-only argument of VCLCallback; the plugin closes "
-                                 "the task in after_training_exp.")
-            callback = VCLCallback(auto_end_task=False, **kwargs)
-        elif kwargs:
-            raise ValueError(f"give either callback= or VCLCallback arguments, not both; got callback and "
-                             f"{sorted(kwargs)}.")
-        elif not isinstance(callback, VCLCallback):
-            raise TypeError(f"callback must be a VCLCallback, got {type(callback).__name__}.")
+        callback = plugin_callback(VCLCallback, callback, kwargs, ("auto_end_task",))
         if callback.coreset_size > 0:
             raise ValueError(f"coreset_size={callback.coreset_size}: coresets are not supported by VCLPlugin yet; "
                              "use coreset_size=0 (or the Lightning VCLCallback).")

@@ -48,20 +48,7 @@ class FunctionalPriorPlugin(LaplacePlugin):
         TypeError: ``callback`` is not a ``FunctionalPriorCallback``.
     """
 
-    def __init__(self, *, callback: FunctionalPriorCallback | None = None, curvature_batch_size: int | None = None,
-                 **kwargs: Any) -> None:
-        if callback is None:
-            for bad in ("dataloader", "auto_end_task"):
-                if bad in kwargs:
-                    raise ValueError(f"{bad} is a Lightning-only argument of FunctionalPriorCallback; the plugin "
-                                     "takes each experience's data itself.")
-            callback = FunctionalPriorCallback(auto_end_task=False, **kwargs)
-        elif kwargs:
-            raise ValueError(f"give either callback= or FunctionalPriorCallback arguments, not both; got callback "
-                             f"and {sorted(kwargs)}.")
-        elif not isinstance(callback, FunctionalPriorCallback):
-            raise TypeError(f"callback must be a FunctionalPriorCallback, got {type(callback).__name__}.")
-        super().__init__(callback=callback, curvature_batch_size=curvature_batch_size)
+    callback_class = FunctionalPriorCallback
 
     @property
     def sites(self) -> dict[str, Any]:
