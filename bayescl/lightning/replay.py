@@ -47,19 +47,12 @@ from bayescl._batches import move_inputs, split_batch
 from bayescl._checks import check_positive_int
 from bayescl.lightning.lifecycle import TaskLifecycle
 from bayescl.lightning.spawn import SpawnHandoff, check_launcher
+from bayescl.lightning.vcl_noise import mix
 from bayescl.methods.coresets import stack_dataset
 
 __all__ = ["ReplayCallback"]
 
 LOSSES = ("training_step", "cross_entropy")
-
-
-def _mix(*key: int) -> int:
-    """A 63-bit seed from integers (distinct keys, distinct seeds)."""
-    h = 1469598103934665603
-    for k in key:
-        h = ((h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
 
 
 def _reservoir(loader: Any, size: int, generator: torch.Generator) -> tuple[Tensor, ...]:
@@ -173,7 +166,7 @@ class ReplayCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
             The stored tensors ``(x, y[, task_id])``.
         """
         t = self.tasks_seen if task is None else check_positive_int(task, "task", allow_zero=True)
-        g = torch.Generator().manual_seed(_mix(self.seed, t))
+        g = torch.Generator().manual_seed(mix(self.seed, t))
         try:
             n = len(data)  # type: ignore[arg-type]
             indexable = callable(getattr(data, "__getitem__", None)) and not isinstance(data, IterableDataset)
@@ -242,7 +235,7 @@ class ReplayCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
             self._flat = tuple(torch.cat([p[k] for p in parts]).to(device) for k in range(len(parts[0])))
         n = len(self._flat[0])
         size = min(n, self.replay_batch_size or self._batch_size or n)
-        g = torch.Generator().manual_seed(_mix(self.seed, task, step, 1))
+        g = torch.Generator().manual_seed(mix(self.seed, task, step, 1))
         idx = torch.randperm(n, generator=g)[:size].to(device)
         return tuple(f[idx] for f in self._flat)
 
