@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bayescl._batches import move_inputs, split_batch
-from bayescl._checks import check_positive_int
+from bayescl._checks import check_positive_int, check_real
 
 
 class FisherType(str, enum.Enum):
@@ -28,6 +28,21 @@ class LossType(str, enum.Enum):
 
     CE = "ce"
     MSE = "mse"
+
+
+def check_temperature(temperature: float, loss: object) -> float:
+    r"""``temperature`` as a float: positive and finite, and other than 1 only for ``loss="ce"``.
+
+    The tempered curvature is that of the likelihood :math:`\operatorname{softmax}(f/T)`,
+    :math:`J^\top(\operatorname{diag}p_T - p_Tp_T^\top)J/T^2` with :math:`p_T = \operatorname{softmax}(f/T)`. At a
+    confident optimum, where an example's margin :math:`m` (its top logit minus the next) is large, the untempered
+    :math:`p(1-p)\approx e^{-m}` all but vanishes, while the tempered one is :math:`\approx e^{-m/T}/T^2`: a
+    confident task keeps a curvature it can be held by, and an uncertain one (small :math:`m`) changes little.
+    """
+    t = check_real(temperature, "temperature", low=0.0, low_open=True)
+    if t != 1.0 and loss is not LossType.CE:
+        raise ValueError(f"temperature={t} applies to loss='ce' only (a softmax likelihood); use 1 with loss={loss!r}.")
+    return t
 
 
 def iter_batches(dataloader: Iterable[Any], max_batches: int | None, progress: bool, desc: str) -> Iterator[Any]:

@@ -51,6 +51,7 @@ from bayescl.curvature.common import (
     LossType,
     check_finite_outputs,
     check_finite_params,
+    check_temperature,
     iter_batches,
     prepare_batch,
 )
@@ -61,10 +62,15 @@ _VMAP_FLOATS = 1 << 23  # per-chunk budget for materialised per-example gradient
 
 
 def _loss_vectors(
-    logits: Tensor, y: Tensor, fisher: FisherType, loss: Any, mc_samples: int, generator: torch.Generator | None
+    logits: Tensor, y: Tensor, fisher: FisherType, loss: Any, mc_samples: int, generator: torch.Generator | None,
+    temperature: float = 1.0,
 ) -> list[tuple[Tensor, float]]:
     r"""Vectors :math:`v` on the logits (with weights) such that the per-example Fisher is
-    :math:`\sum_k w_k (J_n^\top v_{k,n})^{\odot 2}`."""
+    :math:`\sum_k w_k (J_n^\top v_{k,n})^{\odot 2}`; with a temperature those of the likelihood
+    :math:`\operatorname{softmax}(f/T)`, i.e. the untempered vectors at :math:`f/T`, divided by :math:`T`."""
+    if temperature != 1.0:
+        return [(v / temperature, w)
+                for v, w in _loss_vectors(logits.detach() / temperature, y, fisher, loss, mc_samples, generator)]
     lg = logits.detach()
     if callable(loss) and not isinstance(loss, LossType):
         if fisher in (FisherType.EXACT, FisherType.MC):
@@ -190,6 +196,7 @@ def _batch_curvature(
     generator: torch.Generator | None,
     out: dict[str, Tensor],
     index: int = 0,
+    temperature: float = 1.0,
 ) -> None:
     owners = _owners(model)
     target_ids = {id(p): n for n, p in targets.items()}
@@ -216,14 +223,14 @@ def _batch_curvature(
     slow = {n: p for n, p in targets.items() if id(p) not in fast_ids and id(p) not in uncalled}
 
     if fisher is FisherType.BATCH_SQUARED:
-        vecs = _loss_vectors(logits, y, FisherType.EMPIRICAL, loss, 1, None)
+        vecs = _loss_vectors(logits, y, FisherType.EMPIRICAL, loss, 1, None, temperature)
         names = list(targets)
         grads = torch.autograd.grad(logits, [targets[n] for n in names], vecs[0][0] / B, allow_unused=True)
         for n, g in zip(names, grads):
             if g is not None:
                 out[n].add_(g.square(), alpha=B)
         return
-    vectors = _loss_vectors(logits, y, fisher, loss, mc_samples, generator)
+    vectors = _loss_vectors(logits, y, fisher, loss, mc_samples, generator, temperature)
     mods = list(fast)
     zs = [fast[m][1] for m in mods]
     if zs:
@@ -263,6 +270,7 @@ def diag_fisher(
     max_batches: int | None = None,
     progress: bool = False,
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, Tensor]:
     r"""Diagonal Fisher summed over the examples of ``dataloader``: :math:`\sum_n \operatorname{diag} F_n`.
 
@@ -281,6 +289,8 @@ def diag_fisher(
         reduce: Applied to the list of summed tensors before they are checked and returned, e.g.
             :func:`bayescl.lightning.distributed.sum_across_ranks` when each process has summed over its own
             examples (every process must then call it).
+        temperature: :math:`T > 0`, the curvature of the tempered likelihood :math:`\operatorname{softmax}(f/T)`
+            (``loss="ce"`` only; :func:`bayescl.curvature.common.check_temperature` says why). 1: untempered.
 
     Returns:
         ``{name: tensor}`` with the parameter's shape, dtype and device; layers not used by the data are zero.
@@ -293,6 +303,7 @@ def diag_fisher(
     if not callable(loss) or isinstance(loss, (str, LossType)):
         loss = as_enum(LossType, loss, "loss")
     check_positive_int(mc_samples, "mc_samples")
+    temperature = check_temperature(temperature, loss)
     targets = select_params(model, params)
     check_finite_params(targets)
     out = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in targets.items()}
@@ -301,7 +312,8 @@ def diag_fisher(
         batches = iter_batches(dataloader, max_batches, progress, f"diag Fisher ({fisher.value})")
         for index, batch in enumerate(batches):
             inputs, y = prepare_batch(batch, ref, index)
-            _batch_curvature(model, targets, inputs, y, fisher, loss, mc_samples, generator, out, index)
+            _batch_curvature(model, targets, inputs, y, fisher, loss, mc_samples, generator, out, index,
+                             temperature)
     if reduce is not None:
         out = dict(zip(out, reduce(list(out.values()))))
     for n, t in out.items():

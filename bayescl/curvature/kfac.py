@@ -38,6 +38,7 @@ from bayescl.curvature.common import (
     LossType,
     check_finite_outputs,
     check_finite_params,
+    check_temperature,
     iter_batches,
     prepare_batch,
 )
@@ -74,15 +75,18 @@ class _Wrapped(nn.Module):
     the graph: curvlinops differentiates all given parameters and would fail on unused ones. Non-finite outputs are
     refused here, before curvlinops samples labels from them (``torch.multinomial`` would fail obscurely)."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], data: _Data) -> None:
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], data: _Data, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self._params = params
         self._data = data
+        self._temperature = temperature
 
     def forward(self, X: Any) -> Tensor:
         out = self.model(*X["inputs"]) if isinstance(X, dict) else self.model(X)
         check_finite_outputs(out, self._data.index)
+        if self._temperature != 1.0:  # the tempered likelihood softmax(f/T): curvlinops sees f/T
+            out = out / self._temperature
         return out + 0.0 * sum(p.sum() for p in self._params)
 
 
@@ -100,6 +104,7 @@ def kfac(
     max_batches: int | None = None,
     progress: bool = False,
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     r"""KFAC factors ``{layer_name: (A, G)}`` with ``kron(G, A)`` ≈ the summed Fisher block of ``[W, b]``.
 
@@ -121,6 +126,8 @@ def kfac(
             as an int64 tensor) before ``A`` is divided by the count, e.g.
             :func:`bayescl.lightning.distributed.sum_across_ranks` when each process has passed over its own
             examples: ``A`` is then the average over all processes' examples and ``G`` their sum.
+        temperature: :math:`T > 0`, the curvature of the tempered likelihood :math:`\operatorname{softmax}(f/T)`
+            (``loss="ce"`` only, see :func:`bayescl.curvature.common.check_temperature`); 1: untempered.
 
     Returns:
         ``A`` of shape ``(in_flat + 1, in_flat + 1)`` (``in_flat`` without a trainable bias) and ``G`` of shape
@@ -136,7 +143,7 @@ def kfac(
     require_layers(model, mapping, "KFAC")
     return kfac_for_layers(model, dataloader, mapping, fisher=fisher, loss=loss, kfac_approx=kfac_approx,
                            mc_samples=mc_samples, generator=generator, max_batches=max_batches, progress=progress,
-                           reduce=reduce)
+                           reduce=reduce, temperature=temperature)
 
 
 def kfac_for_layers(
@@ -152,6 +159,7 @@ def kfac_for_layers(
     max_batches: int | None = None,
     progress: bool = False,
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """:func:`kfac` for layers already discovered: ``mapping`` is ``{layer: (weight name, bias name or None)}``
     from :func:`bayescl._params.linear_layers` (not empty); the other arguments as for :func:`kfac`."""
@@ -165,6 +173,7 @@ def kfac_for_layers(
     loss = as_enum(LossType, loss, "loss")
     kfac_approx = as_enum(KFACApprox, kfac_approx, "kfac_approx")
     check_positive_int(mc_samples, "mc_samples")
+    temperature = check_temperature(temperature, loss)
     if fisher is not FisherType.MC and mc_samples != 1:
         raise ValueError(f"mc_samples={mc_samples} is only allowed with fisher='mc'; use 1 for {fisher.value!r}.")
     named = dict(model.named_parameters())
@@ -172,7 +181,7 @@ def kfac_for_layers(
     check_finite_params({n: named[n] for pair in mapping.values() for n in pair if n is not None})
     seed = 2147483647 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator))
     data = _Data(dataloader, max_batches, progress, params[0])
-    wrapped = _Wrapped(model, params, data)
+    wrapped = _Wrapped(model, params, data, temperature)
     loss_func = nn.CrossEntropyLoss(reduction="sum") if loss is LossType.CE else nn.MSELoss(reduction="sum")
     curvlinops_fisher = {FisherType.EXACT: "type-2", FisherType.MC: "mc", FisherType.EMPIRICAL: "empirical"}
     with eval_mode(model):

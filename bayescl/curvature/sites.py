@@ -48,6 +48,7 @@ def kron_site(
     max_batches: int | None = None,
     progress: bool = False,
     reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    temperature: float = 1.0,
 ) -> KronGaussian:
     r"""Laplace site with Kronecker-factored precision :math:`G\otimes A` per supported layer at the current
     weights, and the diagonal Fisher (same ``fisher`` type, a second pass) for every other selected parameter.
@@ -56,7 +57,8 @@ def kron_site(
     parameter) selects the parameters of the site, ``layers`` restricts the Kronecker blocks among them. Layer
     discovery runs once, and curvature is computed for the selected parameters only. ``reduce`` (e.g.
     :func:`bayescl.lightning.distributed.sum_across_ranks`) combines the sums of several processes, each over its
-    own examples, in both passes.
+    own examples, in both passes. ``temperature`` tempers the likelihood of both passes
+    (:func:`bayescl.curvature.common.check_temperature`).
 
     Returns:
         A :class:`bayescl.gaussian.kron.KronGaussian` over the selected parameters, in the model's order.
@@ -66,7 +68,7 @@ def kron_site(
     require_layers(model, mapping, "KFAC")
     factors = kfac_for_layers(
         model, dataloader, mapping, fisher=fisher, loss=loss, kfac_approx=kfac_approx, mc_samples=mc_samples,
-        generator=generator, max_batches=max_batches, progress=progress, reduce=reduce,
+        generator=generator, max_batches=max_batches, progress=progress, reduce=reduce, temperature=temperature,
     )
     # a layer the data never reached (another task's head) has zero factors: it gets no term at all
     factors = {k: (A, G) for k, (A, G) in factors.items() if bool(A.abs().max() > 0) and bool(G.abs().max() > 0)}
@@ -76,7 +78,7 @@ def kron_site(
     if rest:
         diag = diag_fisher(
             model, dataloader, fisher=fisher, loss=loss, mc_samples=mc_samples, params=rest, generator=generator,
-            max_batches=max_batches, progress=progress, reduce=reduce,
+            max_batches=max_batches, progress=progress, reduce=reduce, temperature=temperature,
         )
     mean = {n: p.detach().clone() for n, p in selected.items()}
     return KronGaussian.from_factors(mean, factors, mapping, diag)

@@ -77,6 +77,9 @@ class LaplaceCallback(PosteriorCallback):
             ``"batch_squared"`` (Avalanche's EWC estimate, for comparison).
         prior_precision: base prior ``N(0, I/prior_precision)``.
         lam: multiplier :math:`\lambda > 0` of each task's curvature (Ritter et al.); 1 is the Bayesian value.
+        temperature: :math:`T > 0`: the curvature is that of the tempered likelihood :math:`\operatorname{softmax}(f/T)`,
+            which a confident optimum does not flatten to zero
+            (:func:`~bayescl.curvature.common.check_temperature`); 1: the model's own likelihood.
         gamma: online decay :math:`\gamma \in (0, 1]` of the earlier precision (online EWC); 1 = pure sum.
         online: keep a single site (constant memory; for kron an approximation, see the module docstring).
         rank: kron only: keep the top ``rank`` eigen-directions of every Kronecker factor
@@ -110,6 +113,7 @@ class LaplaceCallback(PosteriorCallback):
         fisher: str | FisherType = FisherType.MC,
         prior_precision: float = 1e-4,
         lam: float = 1.0,
+        temperature: float = 1.0,
         gamma: float = 1.0,
         online: bool = False,
         rank: int | None = None,
@@ -148,6 +152,7 @@ class LaplaceCallback(PosteriorCallback):
             raise ValueError(f"fisher={self.fisher.value!r} is not available with structure="
                              f"{self.structure.value!r}; allowed: {allowed}.")
         self.lam = check_real(lam, "lam", low=0.0, low_open=True)
+        self.temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
         self.gamma = check_real(gamma, "gamma", low=0.0, high=1.0, low_open=True)
         self.online = bool(online)
         if rank is not None and self.builders.low_rank is None:
@@ -188,7 +193,7 @@ class LaplaceCallback(PosteriorCallback):
         return self.builders.site(pl_module, dataloader, params=list(params), fisher=self.fisher,
                                   mc_samples=self.mc_samples if self.fisher is FisherType.MC else 1,
                                   generator=g, max_batches=self.max_batches, progress=progress,
-                                  reduce=sum_across_ranks if world > 1 else None)
+                                  reduce=sum_across_ranks if world > 1 else None, temperature=self.temperature)
 
     def _low_rank(self, g: Gaussian) -> Gaussian:
         """The one place where ``rank`` / ``rank_diagonal`` are applied (``g`` unchanged without a rank)."""

@@ -318,3 +318,43 @@ def test_kron_site_over_selected_parameters_equals_the_full_site_restricted():
     torch.testing.assert_close(G, G_b)
     with pytest.raises(ValueError, match="nope"):
         kron_site(model, loader, params=["nope"])
+
+
+@pytest.mark.parametrize("T", [0.5, 3.0])
+def test_tempered_curvature_is_the_fisher_of_softmax_f_over_T(T):
+    """Dense reference: the tempered Fisher is the exact (diag) Fisher of the model whose logits are f/T, i.e.
+    J^T (diag p_T - p_T p_T^T) J / T^2; KFAC of one example equals that block densely; mse refuses a temperature."""
+    model, ds = _mlp(), _data()
+    loader = DataLoader(ds, batch_size=4)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(x) / T
+
+    ref = _reference(Scaled(), ds, "exact")
+    got = diag_fisher(model, loader, fisher="exact", temperature=T)
+    _close(got, {n.removeprefix("m."): v for n, v in ref.items()})
+    plain = diag_fisher(model, loader, fisher="exact")
+    assert not torch.allclose(got["head.weight"], plain["head.weight"])
+    emp = diag_fisher(model, loader, fisher="empirical", temperature=T)
+    _close(emp, {n.removeprefix("m."): v for n, v in _reference(Scaled(), ds, "empirical").items()})
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(DT)
+    x, y = torch.randn(1, 4, dtype=DT), torch.tensor([2])
+    (A, G), = kfac(layer, DataLoader(TensorDataset(x, y)), fisher="exact", temperature=T).values()
+
+    def hess(f):
+        p = (f / T).softmax(-1)
+        return (torch.diag(p) - torch.outer(p, p)) / T**2
+
+    torch.testing.assert_close(torch.kron(G, A), _dense_fisher_linear(layer, x, hess))
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            diag_fisher(model, loader, temperature=bad)
+    with pytest.raises(ValueError, match="temperature=2.0 applies to loss='ce' only"):
+        kfac(layer, DataLoader(TensorDataset(x, torch.randn(1, 3, dtype=DT))), loss="mse", temperature=2.0)
