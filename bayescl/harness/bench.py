@@ -8,8 +8,9 @@ hyperparameter: :mod:`bayescl.harness.tune`). Results go to ``benchmarks/results
 
 Protocol defaults: Adam 1e-3, batch 64, 5 epochs per task, pixels in [0, 1], 10 % of each task's training data held
 out for validation (seeded by the run's seed; results written before ``val_fraction`` existed trained on all of it,
-as ``--val-fraction 0`` does); models: multi-head MLP 2x256 (task-IL), MLP 2x256 (domain/class-IL), MLP 2x100
-(permuted MNIST).
+as ``--val-fraction 0`` does); models (``--model mlp``, the default): multi-head MLP 2x256 (task-IL), MLP 2x256
+(domain/class-IL), MLP 2x100 (permuted MNIST); ``--model cnn`` / ``cnn-bn``: the SmallCNN without / with BatchNorm,
+with one head per task in task-IL.
 """
 
 from __future__ import annotations
@@ -40,17 +41,27 @@ from bayescl.harness.recipes import Recipe, load_recipe
 from bayescl.lightning.resumable import ResumableDataLoader
 from bayescl.methods.uncertainty import evaluate_uncertainty, posterior_for
 
-MODELS = ("mlp", "cnn")
+#: the networks ``BenchConfig.model`` / ``--model`` choose from (see :func:`default_model`)
+MODELS = ("mlp", "cnn", "cnn-bn")
 
 
 def default_model(stream: TaskStream, kind: str = "mlp") -> nn.Module:
-    """The reference network of a stream's protocol (see the module docstring)."""
+    """The reference network of a stream's protocol (see the module docstring).
+
+    Args:
+        stream: the task stream; task-incremental streams (``stream.with_task_id``) get one head per task of
+            ``stream.num_classes`` outputs, the others one head.
+        kind: ``"mlp"`` (the protocol's MLP), ``"cnn"`` (:class:`~bayescl.harness.models.SmallCNN`) or ``"cnn-bn"``
+            (the SmallCNN with a BatchNorm after each conv layer).
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`MODELS`.
+    """
     if kind not in MODELS:
         raise ValueError(f"model={kind!r} is not valid; allowed: {', '.join(MODELS)}.")
-    if kind == "cnn":
-        if stream.with_task_id:
-            raise ValueError("model='cnn' is single-head; task-incremental scenarios need model='mlp'.")
-        return SmallCNN(num_classes=stream.num_classes)
+    if kind in ("cnn", "cnn-bn"):
+        return SmallCNN(num_classes=stream.num_classes, num_tasks=len(stream) if stream.with_task_id else None,
+                        batchnorm=kind == "cnn-bn")
     if stream.with_task_id:
         return MultiHeadMLP(hidden=(256, 256), num_tasks=len(stream), classes_per_task=stream.num_classes)
     hidden = (100, 100) if "permuted" in stream.name.lower() else (256, 256)

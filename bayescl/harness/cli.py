@@ -21,6 +21,10 @@ _NOISY = r"(pytorch_lightning|lightning|lightning_fabric|torch|torchvision|torch
          r"linear_operator)(\.|$)"
 
 
+#: ``bayescl.harness.bench.MODELS``, spelt out so that ``--help`` does not import torch (a test keeps them equal)
+_MODELS = ("mlp", "cnn", "cnn-bn")
+
+
 def _quiet_libraries() -> None:
     """Keep library deprecations and Lightning's advice out of ``bayescl bench``'s output (bayescl's own stay)."""
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
@@ -37,8 +41,9 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--epochs", type=int, default=5, help="epochs per task (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"),
-                   help="mlp: the protocol's MLP; cnn: a small CNN, single-head only (default: %(default)s)")
+    p.add_argument("--model", default="mlp", choices=_MODELS,
+                   help="mlp: the protocol's MLP; cnn: a small CNN; cnn-bn: the small CNN with BatchNorm after each "
+                        "conv layer; all with one head per task in task-IL scenarios (default: %(default)s)")
     p.add_argument("--num-tasks", type=int, default=None, help="tasks in the stream (default: the scenario's)")
     p.add_argument("--limit", type=int, default=None,
                    help="examples per task and split, for quick runs (default: all)")
