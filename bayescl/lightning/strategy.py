@@ -51,12 +51,12 @@ into ``SiteKey(t)``). The next task runs with ``PosteriorServerStrategy(prior=pr
 Bytes: :attr:`bytes_communicated` (``2P`` floats per sync per worker), :attr:`bytes_gathered` (end of task: ``W × 2P``
 floats, ``2P`` with ``gather_sites=False``). Diagonal only: docs/design.md says why; Kronecker: DDP + LaplaceCallback.
 
-Limits: synchronous only; every rank must run the same number of optimizer steps (Lightning's
-``DistributedSampler`` pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails.
-A rank that dies, fails or stalls fails the run: the others' next collective raises within ``timeout`` a
-``RuntimeError`` naming the rank, the step and the sync, and with the ``popen`` launcher rank 0 then kills the
-workers it started (:meth:`PosteriorServerStrategy.on_exception`), so none is left behind;
-``precision='16-mixed'`` with a ``GradScaler`` is refused (the term would be added to scaled gradients).
+Limits: synchronous only; every rank must run the same number of optimizer steps (Lightning's ``DistributedSampler``
+pads the shards), otherwise a rank waits at a sync until ``timeout`` and the run fails. A rank that dies, fails or
+stalls fails the run: the others' next collective raises within ``timeout`` a ``RuntimeError`` naming the rank, the
+step and the sync, and with the ``popen`` launcher rank 0 then kills the workers it started
+(:meth:`PosteriorServerStrategy.on_exception`), so none is left behind; ``precision='16-mixed'`` with a ``GradScaler``
+is refused (the term would be added to scaled gradients).
 
 Checkpoints and failures: :mod:`bayescl.lightning.strategy_checkpoint`.
 """
@@ -102,6 +102,7 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
             next task is numbered after its largest :class:`SiteKey` task).
         prior_precision: base prior precision, also given to parameters absent from ``prior``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see :mod:`bayescl.curvature.diag`).
+        lam: multiplier :math:`\lambda > 0` of the local curvature, as ``LaplaceCallback``'s ``lam``.
         fisher_batches: at most this many of the last training batches are used for the Fisher at a sync.
         mc_samples: sampled labels per example for ``fisher="mc"``.
         recenter: restart every worker from the global mean after each sync.
@@ -133,6 +134,7 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         prior: DiagGaussian | PosteriorServer | None = None,
         prior_precision: float = 1e-4,
         fisher: str | FisherType = FisherType.MC,
+        lam: float = 1.0,
         fisher_batches: int = 2,
         mc_samples: int = 1,
         recenter: bool = True,
@@ -164,6 +166,7 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         if self.fisher is FisherType.BATCH_SQUARED:
             raise ValueError("fisher='batch_squared' is not valid here; allowed: 'mc', 'exact', 'empirical'.")
         self.fisher_batches = check_positive_int(fisher_batches, "fisher_batches")
+        self.lam = check_real(lam, "lam", low=0.0, low_open=True)
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.recenter = bool(recenter)
         self._include = param_filter(params, "params")
@@ -253,15 +256,7 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
             if resume is not None:
                 self.load_server_state(resume)
             return
-        from bayescl.lightning.base import PosteriorCallback
-
-        clash = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, PosteriorCallback)]
-        if clash:
-            raise ValueError(f"PosteriorServerStrategy adds the posterior term itself; remove the callbacks {clash} "
-                             "(they would add a second prior term).")
-        if getattr(self.precision_plugin, "scaler", None) is not None:
-            raise ValueError("PosteriorServerStrategy does not support precision='16-mixed' with a GradScaler; "
-                             "use '32-true', '64-true' or 'bf16-mixed'.")
+        ops.check_trainer(trainer, self.precision_plugin)
         if resume is not None:
             self.load_server_state(resume)
         self.open_task(self.lightning_module, keep_progress=resume is not None)
@@ -342,10 +337,10 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         return self.damping if self.damping is not None else 1.0 / self.world
 
     def local_curvature(self, module: nn.Module) -> dict[str, Tensor]:
-        """``N_k / n_b ×`` the summed diagonal Fisher over the buffered batches (``n_b`` examples)."""
+        """``λ N_k / n_b ×`` the summed diagonal Fisher over the buffered batches (``n_b`` examples)."""
         return ops.shard_curvature(module, list(self._buffer), list(self.selected_params(module)), self.fisher,
-                               self.mc_samples, self.seed + 1_000_003 * self.global_rank + self.num_syncs,
-                               self._shard_size or 1)
+                                   self.mc_samples, self.seed + 1_000_003 * self.global_rank + self.num_syncs,
+                                   self._shard_size or 1, self.lam)
 
     @torch.no_grad()
     def sync(self) -> DiagGaussian:

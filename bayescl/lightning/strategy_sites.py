@@ -19,7 +19,7 @@ from bayescl.gaussian.server import PosteriorServer
 from bayescl.gaussian.server import laplace_site as _laplace_site
 
 __all__ = ["all_gather", "all_gather_object", "all_reduce_sum", "batch_size", "broadcast_module", "check_server", "flatten_naturals",
-           "laplace_site", "shard_curvature", "shard_size", "start_server", "to_cpu", "to_device",
+           "check_trainer", "laplace_site", "shard_curvature", "shard_size", "start_server", "to_cpu", "to_device",
            "unflatten_naturals"]
 
 
@@ -158,9 +158,10 @@ def check_server(server: PosteriorServer, params: Mapping[str, Tensor], prior_pr
 
 
 def shard_curvature(module: nn.Module, batches: list[Any], params: list[str], fisher: FisherType, mc_samples: int,
-                    seed: int, shard: int) -> dict[str, Tensor]:
-    r"""``N_k / n_b ×`` the summed diagonal Fisher of ``params`` over ``batches`` (:math:`n_b` examples), i.e. the
-    Fisher of the shard of ``shard = N_k`` examples estimated from the batches; ``seed`` seeds the MC labels."""
+                    seed: int, shard: int, lam: float = 1.0) -> dict[str, Tensor]:
+    r"""``λ N_k / n_b ×`` the summed diagonal Fisher of ``params`` over ``batches`` (:math:`n_b` examples), i.e. the
+    Fisher of the shard of ``shard = N_k`` examples estimated from the batches, times ``lam``; ``seed`` seeds the
+    MC labels."""
     if not batches:
         raise RuntimeError("no training batch since the last sync; cannot estimate the curvature.")
     ref = dict(module.named_parameters())[params[0]]
@@ -168,5 +169,19 @@ def shard_curvature(module: nn.Module, batches: list[Any], params: list[str], fi
     with torch.enable_grad(), torch.inference_mode(False):
         f = diag_fisher(module, batches, fisher=fisher, params=params, generator=g,
                         mc_samples=mc_samples if fisher is FisherType.MC else 1)
-    scale = float(shard) / sum(batch_size(b) for b in batches)
+    scale = lam * float(shard) / sum(batch_size(b) for b in batches)
     return {n: v * scale for n, v in f.items()}
+
+
+def check_trainer(trainer: Any, precision_plugin: Any) -> None:
+    """Refuse, before a fit, what the strategy cannot run with: a :class:`~bayescl.lightning.base.PosteriorCallback`
+    (a second prior term) or a ``GradScaler`` (the term would be added to scaled gradients)."""
+    from bayescl.lightning.base import PosteriorCallback
+
+    clash = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, PosteriorCallback)]
+    if clash:
+        raise ValueError(f"PosteriorServerStrategy adds the posterior term itself; remove the callbacks {clash} "
+                         "(they would add a second prior term).")
+    if getattr(precision_plugin, "scaler", None) is not None:
+        raise ValueError("PosteriorServerStrategy does not support precision='16-mixed' with a GradScaler; "
+                         "use '32-true', '64-true' or 'bf16-mixed'.")

@@ -176,6 +176,35 @@ def test_bad_arguments_raise_one_sentence():
         PosteriorServerStrategy(prior={"w": torch.zeros(1)})
     with pytest.raises(TypeError, match="timeout"):
         PosteriorServerStrategy(timeout=60)
+    with pytest.raises(ValueError, match="lam"):
+        PosteriorServerStrategy(lam=0.0)
+
+
+def test_lam_scales_the_local_curvature_like_the_callbacks():
+    """shard_curvature with lam = lam × the Fisher of the shard (N_k / n_b × the summed diagonal Fisher)."""
+    from bayescl.curvature import diag_fisher
+    from bayescl.lightning.strategy_sites import shard_curvature
+
+    module = _module()
+    batches = list(DataLoader(_data(), batch_size=BS))[:2]
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    plain = shard_curvature(module, batches, names, "exact", 1, seed=0, shard=64)
+    scaled = shard_curvature(module, batches, names, "exact", 1, seed=0, shard=64, lam=30.0)
+    dense = diag_fisher(module, batches, fisher="exact", params=names)
+    for n in names:
+        torch.testing.assert_close(plain[n], dense[n] * 64 / (2 * BS))
+        torch.testing.assert_close(scaled[n], 30.0 * plain[n])
+    from bayescl.lightning.strategy import PosteriorServerStrategy
+
+    local = {}
+    for lam in (1.0, 30.0):  # the strategy's own path: its buffered batches, its shard size and its lam
+        strategy = PosteriorServerStrategy(fisher="exact", lam=lam)
+        strategy._buffer.extend(batches)
+        strategy._shard_size = 64
+        local[lam] = strategy.local_curvature(module)
+    for n in names:
+        torch.testing.assert_close(local[1.0][n], plain[n])
+        torch.testing.assert_close(local[30.0][n], scaled[n])
 
 
 def test_prior_of_the_next_task_from_a_posterior_or_a_server():
