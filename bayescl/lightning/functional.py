@@ -24,7 +24,27 @@ Sites are per task (``task-<index>``): :meth:`FunctionalPriorCallback.forget` dr
 its weight-space site (kernels already computed for later tasks keep what they saw). Checkpoints hold the server and
 the function sites (``<key>/functional``); the points drawn in a step come from a generator seeded by the
 callback's ``seed``, the task and a step counter that is checkpointed too, so a resumed fit draws the same points.
-Under DDP every rank runs the same selection and kernel on the whole task (untested beyond one process).
+
+**Under DDP** (``strategy="ddp"``) every rank must hold the same function sites, or the functional gradient would
+differ between ranks after DDP has averaged the task gradients, the weights would drift apart and a checkpoint
+written by rank 0 would not describe the others:
+
+* the weight posterior :math:`\Sigma_t` is the same on every rank (:class:`LaplaceCallback` all-reduces the
+  curvature, :mod:`bayescl.lightning.distributed`);
+* the memorable points are chosen from the **whole task**: the training loader's ``dataset`` (not this rank's
+  ``DistributedSampler`` shard), one unshuffled pass on every rank, with the same seed, so the choice is the one
+  process would make;
+* the site is then **rank 0's**, bit for bit: points, outputs and kernel are summed over the ranks with zeros from
+  every other rank (:func:`~bayescl.lightning.distributed.sum_across_ranks`, once per task, a few kilobytes). Each
+  rank computes the same numbers anyway; the collective makes the site identical even where a rank's last bits
+  differ (non-deterministic GPU kernels), which would otherwise pick *different* points (a discrete choice) and
+  split the ranks' objectives;
+* each step draws the same ``points_per_step`` points on every rank (seeded by ``(seed, task, step)``, no rank),
+  so every rank adds the same :math:`\frac{\tau}{N_t}\nabla R` to DDP's averaged gradient, with the global
+  :math:`N_t`. That gradient is recomputed on every rank: bit-identical given deterministic kernels (CPU; on a GPU
+  ``torch.use_deterministic_algorithms(True)``).
+
+In one process the collective is the identity: the sites are exactly those computed.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl._params import eval_mode
 from bayescl.gaussian import Gaussian
 from bayescl.gaussian.prior_gradient import add_scaled_grads
+from bayescl.lightning.distributed import is_distributed, rank_and_world, sum_across_ranks
 from bayescl.lightning.laplace import LaplaceCallback
 from bayescl.lightning.structure import Structure
 from bayescl.lightning.vcl_noise import mix
@@ -58,6 +79,16 @@ from bayescl.methods.functional import (
 )
 
 __all__ = ["FunctionalPriorCallback"]
+
+
+def rank0_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Rank 0's ``tensors`` on every rank, bit for bit: summed over the ranks with zeros from the others
+    (:math:`x + 0 = x` exactly). Every rank passes tensors of the same shapes and dtypes; the identity in one
+    process."""
+    if not is_distributed():
+        return list(tensors)
+    first = rank_and_world()[0] == 0
+    return sum_across_ranks([t.detach() if first else torch.zeros_like(t) for t in tensors])
 
 
 class FunctionalPriorCallback(LaplaceCallback):
@@ -146,7 +177,9 @@ class FunctionalPriorCallback(LaplaceCallback):
             data = trainer.train_dataloader
         if data is None:
             raise ValueError("end_task needs a dataloader (none given and the trainer has no train_dataloader).")
-        if isinstance(data, DataLoader):  # one unshuffled pass: the choice does not depend on the epoch's order
+        # one unshuffled pass over the dataset: the choice does not depend on the epoch's order, and under DDP it
+        # sees the whole task (the dataset), not this rank's DistributedSampler shard
+        if isinstance(data, DataLoader):
             return DataLoader(data.dataset, batch_size=self.selection_batch_size, shuffle=False,
                               collate_fn=data.collate_fn)
         return data
@@ -157,7 +190,8 @@ class FunctionalPriorCallback(LaplaceCallback):
 
         Args:
             pl_module: the model at the task's optimum.
-            data: the task's batches (``(x, y)`` or ``(x, y, task_id)``).
+            data: the task's batches (``(x, y)`` or ``(x, y, task_id)``); under DDP the whole task on every
+                rank (the returned site is rank 0's on every rank).
             posterior: the weight posterior whose covariance makes the kernel (default: the current one).
             task: seeds ``"random"`` selection (default: the index of the task being closed).
         """
@@ -167,6 +201,7 @@ class FunctionalPriorCallback(LaplaceCallback):
         idx = select_memorable(inputs[0], y, score, self.memory_size, self.selection, g).to(inputs[0].device)
         points = tuple(t[idx] for t in inputs)
         mean, kernel = function_kernel(pl_module, q, points, self.output)
+        *points, mean, kernel = rank0_tensors([*points, mean, kernel])  # under DDP: one site on every rank
         return FunctionalSite(tuple(t.detach().cpu() for t in points), mean.cpu(), kernel.cpu(), self.jitter)
 
     def end_task(self, trainer: pl.Trainer | None, pl_module: nn.Module, dataloader: Iterable[Any] | None = None,

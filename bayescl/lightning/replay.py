@@ -28,6 +28,24 @@ Task boundaries, checkpoints and resume follow :mod:`bayescl.lightning.lifecycle
 memory of task ``t`` is taken at the end of its fit, a new Trainer per task and one reused Trainer give the same
 memory, the memory is saved in checkpoints (``replay/<state_key>``), and the replay batch of each step is drawn from
 ``(seed, task, step)``, so a resumed run replays exactly the batches an uninterrupted one does.
+
+**Under DDP** (``strategy="ddp"``) the replay gradient is added after DDP has averaged the task gradients, so it
+must be the same on every rank (else the ranks' weights drift apart and a checkpoint written by rank 0 describes no
+other rank). It is, with no communication:
+
+* **The memory is drawn from the whole task, the same on every rank.** Each rank's training loader holds only its
+  ``DistributedSampler`` shard, but its ``dataset`` is the whole task on every rank; the memory is drawn from it
+  (indices from a generator seeded by ``(seed, task)``, no rank), so every rank stores the examples one process
+  would. Data without a length (an ``IterableDataset``) gives each rank its own stream, whose reservoir would differ
+  between ranks: under DDP it is refused when the fit starts, before any step.
+* **The replay batch is the same on every rank, by design.** Step ``k``'s batch comes from ``(seed, task, k)``,
+  not the rank, so every rank computes the same replay gradient and adds it to the same averaged task gradient.
+  (A batch per rank would need a second all-reduce per step, of the replay gradients.) Its default size is the
+  training loader's ``batch_size``, i.e. **one rank's** batch: with ``W`` ranks of ``b`` examples, a step is the
+  task loss averaged over the ``W b`` examples of the union of the ranks' batches plus the replay loss over ``b``
+  stored examples: one process on the union batch with ``replay_batch_size=b`` takes the same step. The replay
+  gradient is recomputed on every rank: bit-identical given deterministic kernels (CPU; on a GPU
+  ``torch.use_deterministic_algorithms(True)``).
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from bayescl._batches import move_inputs, split_batch
 from bayescl._checks import check_positive_int
+from bayescl.lightning.distributed import is_distributed, rank_and_world
 from bayescl.lightning.lifecycle import TaskLifecycle
 from bayescl.lightning.spawn import SpawnHandoff, check_launcher
 from bayescl.lightning.vcl_noise import mix
@@ -76,6 +95,21 @@ def _reservoir(loader: Any, size: int, generator: torch.Generator) -> tuple[Tens
     return tuple(torch.stack([r[k] for r in kept]) for k in range(len(kept[0])))
 
 
+def _map_style(data: Any) -> bool:
+    """Whether ``data`` is a map-style dataset with a length (the whole task on every rank under DDP)."""
+    return data is not None and hasattr(data, "__len__") and not isinstance(data, IterableDataset)
+
+
+def _check_ddp_data(loader: Any) -> None:
+    """``ValueError`` under DDP for a training loader whose data has no length (each rank would store another
+    memory); nothing in one process."""
+    if is_distributed() and not _map_style(getattr(loader, "dataset", None)):
+        raise ValueError(f"under DDP ({rank_and_world()[1]} processes) ReplayCallback draws each task's memory "
+                         "from the training loader's dataset, the whole task on every rank, so that every rank "
+                         "stores the same examples; this loader's data has no length (an IterableDataset?), whose "
+                         "stream differs between ranks. Use a map-style dataset (a DistributedSampler shards it).")
+
+
 @contextlib.contextmanager
 def _muted_logging(module: nn.Module) -> Iterator[None]:
     """``module.log`` and ``module.log_dict`` do nothing inside the block (instance attributes, removed after)."""
@@ -94,7 +128,8 @@ class ReplayCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
     Args:
         memory_per_task: examples kept from each task (all of them when a task has fewer, with a warning).
         replay_batch_size: examples in the replay minibatch of each optimizer step (fewer while the memory holds
-            fewer); ``None``: the training loader's ``batch_size`` (else the size of the fit's first batch).
+            fewer); ``None``: the training loader's ``batch_size`` (else the size of the fit's first batch); under
+            DDP one rank's batch size, the same batch on every rank (module docstring).
         loss: ``"training_step"`` (the module's own ``training_step`` on the replay batch, logging dropped),
             ``"cross_entropy"``, or a callable ``(logits, y) -> scalar loss`` applied to ``pl_module(*inputs)``.
         seed: seeds the choice of each task's memory (with the task index) and each step's replay batch (with the
@@ -211,9 +246,9 @@ class ReplayCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
         if loader is None or isinstance(loader, (list, tuple, dict)):
             raise ValueError("end_task stores the memory from the fit's one training DataLoader; this fit has "
                              f"{type(loader).__name__}. Call add_task_data(dataset) yourself instead.")
-        data = getattr(loader, "dataset", None)
-        map_style = data is not None and hasattr(data, "__len__") and not isinstance(data, IterableDataset)
-        self.add_task_data(data if map_style else loader, self.tasks_seen)  # else: one pass, reservoir
+        _check_ddp_data(loader)
+        data = getattr(loader, "dataset", None)  # under DDP: the whole task, not this rank's shard
+        self.add_task_data(data if _map_style(data) else loader, self.tasks_seen)  # else: one pass, reservoir
         self.tasks_seen += 1
         self.task_open, self.task_steps = False, 0
         self.end_task_seconds += time.perf_counter() - t0
@@ -293,7 +328,9 @@ class ReplayCallback(SpawnHandoff, TaskLifecycle, pl.Callback):
         self.lifecycle_setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+        if not isinstance(trainer.train_dataloader, (list, tuple, dict)):  # those are refused by end_task
+            _check_ddp_data(trainer.train_dataloader)
+        self._batch_size = getattr(trainer.train_dataloader, "batch_size", None)  # one rank's under DDP
         self._flat = None
         self.lifecycle_train_start(trainer, pl_module)
 

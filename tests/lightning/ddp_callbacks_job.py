@@ -1,4 +1,5 @@
-"""The job of ``test_ddp_callbacks.py``: fit two tasks with LaplaceCallback (diag, kron) and VCLCallback, in DDP.
+"""The job of ``test_ddp_callbacks.py``: fit two tasks with LaplaceCallback (diag, kron), VCLCallback, ReplayCallback
+and FunctionalPriorCallback, in DDP.
 
 ``python tests/lightning/ddp_callbacks_job.py DEVICES OUT [METHOD ...]`` (methods: :data:`METHODS`): with ``DEVICES=2`` Lightning's DDP launcher
 re-runs this file for rank 1 (gloo, CPU); with ``DEVICES=spawn`` two processes are spawned (``ddp_spawn``: the
@@ -6,9 +7,13 @@ callback and module are pickled into them, and this process reads the posterior 
 saved as ``<method>-spawn.pt``); with ``DEVICES=1`` it is the one-process reference on the same data with
 the same *global* batch (``2 * BS``): with an unshuffled ``DistributedSampler`` rank ``r`` takes examples
 ``r, r + 2, …``, so the union of the two ranks' k-th batches is the k-th batch of the one-process run. Every rank
-saves ``OUT/<method>-rank<r>.pt`` (the server's state after each task, the weights, the coresets); the two-process
+saves ``OUT/<method>-rank<r>.pt`` (the server's state after each task, the weights, the coresets, replay's memory
+after each task, FROMP's function sites after each task); the two-process
 run also writes a ``last.ckpt`` per task under ``OUT/ckpt-<method>-<task>``. ``BAYESCL_TEST_NO_REDUCE=1`` replaces
 the curvature all-reduce by the identity (to see the test fail).
+
+"replay" runs with ``replay_batch_size=None`` under DDP (the documented default: one rank's batch size, ``BS``) and
+with ``BS`` in the one-process reference, whose loader's batch is the two ranks' union (``2 * BS``).
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-BS, EPOCHS, HIDDEN, N_TRAIN, CORESET = 8, 2, (8,), 32, 4
+#: MEMORY > BS: the replay batch (one rank's batch, BS by default) is then smaller than the memory
+BS, EPOCHS, HIDDEN, N_TRAIN, CORESET, MEMORY = 8, 2, (8,), 32, 4, 12
 #: "vcl" trains without weight noise (comparable with one process); "vcl-noisy" as users do (DDP only)
-METHODS = ("diag", "kron", "vcl", "vcl-noisy")
+#: "functional-skewed" (DDP only): FROMP with rank 1's memorability scores negated, a stand-in for a rank whose
+#: numbers differ (non-deterministic kernels): without rank 0's site on every rank, rank 1 would pick other points
+METHODS = ("diag", "kron", "vcl", "vcl-noisy", "replay", "functional", "functional-skewed")
 
 
 def numbers_only(state):
@@ -56,9 +64,16 @@ def make_module():
     return ClassifierModule(MultiHeadMLP(hidden=HIDDEN, num_tasks=2), num_tasks=2, lr=1e-2)
 
 
-def make_callback(method: str):
+def make_callback(method: str, devices: int | str = 2):
     from bayescl import LaplaceCallback, VCLCallback
+    from bayescl.lightning.functional import FunctionalPriorCallback
+    from bayescl.lightning.replay import ReplayCallback
 
+    if method == "replay":
+        return ReplayCallback(memory_per_task=MEMORY, replay_batch_size=BS if devices == 1 else None)
+    if method.startswith("functional"):  # tau = N_t: the functional gradient is as large as the task's (the test sees it)
+        return FunctionalPriorCallback(memory_size=MEMORY, points_per_step=4, tau=float(N_TRAIN), structure="diag",
+                                       predictive_prior_precision="train")
     if method.startswith("vcl"):
         return VCLCallback(coreset_size=CORESET, coreset_epochs=0, test_samples=1)
     # the exact Fisher: no sampled labels, so the two-process pass sums the same terms as the one-process one
@@ -119,13 +134,25 @@ def loader(data, devices: int | str) -> DataLoader:
     return DataLoader(data, batch_size=BS, sampler=sampler)
 
 
+def _skewed_collect(model, batches):
+    import torch.distributed as dist
+
+    from bayescl.methods.functional import collect
+
+    inputs, y, score = collect(model, batches)
+    return inputs, y, (-score if dist.get_rank() == 1 else score)
+
+
 def run(method: str, devices: int | str, out: Path) -> None:
-    from bayescl.lightning import vcl
+    from bayescl.lightning import functional, vcl
+    from bayescl.methods.functional import collect
+
+    functional.collect = _skewed_collect if method == "functional-skewed" else collect
 
     # The weight noise is drawn per rank, so no two-process run draws the one-process run's noise: "vcl" switches
     # it off (the layers use their means; the KL term, N_t and the task's site are what DDP changes).
     vcl.set_stochastic = _no_noise if method == "vcl" else _set_stochastic
-    module, cb = make_module(), make_callback(method)
+    module, cb = make_module(), make_callback(method, devices)
     if devices == "spawn" and method.startswith("vcl"):
         from bayescl.methods.variational import convert
 
@@ -134,7 +161,7 @@ def run(method: str, devices: int | str, out: Path) -> None:
         # ddp_spawn loads the workers' weights into this module, in its dtype: float64 keeps them exact between tasks
         # (in float32, Adam turns the rounding of the old head's weights into steps of size lr)
         module = module.double()
-    record: dict = {"servers": []}
+    record: dict = {"servers": [], "memory": [], "sites": []}
     rank = 0
     for task in range(2):
         data = task_data(task, method)
@@ -145,8 +172,18 @@ def run(method: str, devices: int | str, out: Path) -> None:
         trainer = make_trainer(devices, [cb], ckpt, "32-true" if method.startswith("vcl") else "64-true")
         trainer.fit(module, loader(data, devices))
         rank = trainer.global_rank
+        if method == "replay":
+            record["memory"].append({t: list(m) for t, m in cb.memory.items()})
+            if task == 0:  # the first replay batch task 1 will add (step 0, the memory of task 0)
+                record["replay_batch0"] = list(cb.replay_batch())
+            else:  # not None: task 1 did replay
+                record["last_replay_loss"] = cb.last_replay_loss
+            continue
         record["servers"].append(cb.server.state_dict())
         record[f"num_examples{task}"] = cb.num_examples
+        if method.startswith("functional"):
+            record["sites"].append({k: s.state_dict() for k, s in cb.sites.items()})
+            record[f"draws{task}"] = cb.draws
     record["weights"] = {n: p.detach().clone() for n, p in module.named_parameters()}
     if method.startswith("vcl"):
         from bayescl.methods.variational import logical_names

@@ -1,10 +1,12 @@
-"""LaplaceCallback (diag, kron) and VCLCallback under Lightning DDP: 2 CPU processes (gloo) against one process.
+"""LaplaceCallback (diag, kron), VCLCallback, ReplayCallback and FunctionalPriorCallback under Lightning DDP: 2 CPU
+processes (gloo) against one process.
 
 The runs are subprocesses (``ddp_callbacks_job.py``; Lightning's launcher re-runs it for rank 1), each in its own
 session, bounded by one deadline and killed as a group afterwards, so pytest stays single-process and never hangs.
 Two tasks of 32 examples, unshuffled, 8 per rank and step: the one-process reference takes batches of 16, the union of
 the two ranks' batches. Setting ``BAYESCL_TEST_NO_REDUCE=1`` removes the curvature all-reduce: the comparisons with
-one process then fail.
+one process then fail. Replay's memory and FROMP's memorable points must be drawn from the whole task (not a rank's
+shard) and be the same on every rank: they are compared with each other and with the one-process run's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ JOB = Path(__file__).resolve().parent / "ddp_callbacks_job.py"
 sys.path.insert(0, str(JOB.parent))
 import ddp_callbacks_job as job
 
-COMPARED = ("diag", "kron", "vcl")
+COMPARED = ("diag", "kron", "vcl", "replay", "functional")
+#: each two-process run and the one-process run it must equal ("functional-skewed": rank 0's site on every rank)
+REFERENCE = {**{m: m for m in COMPARED}, "functional-skewed": "functional"}
 #: ddp_spawn: one Laplace and one VCL callback (each spawned fit costs two fresh interpreters)
 SPAWNED = ("diag", "vcl-noisy")
 SPAWN_TEARDOWN_RACE = "terminated with signal SIGABRT"
@@ -72,17 +76,22 @@ def test_no_process_outlives_the_runs(runs):
 def test_both_ranks_hold_the_same_posterior_bit_for_bit(runs, method, assert_bitwise_equal):
     out = _out(runs, 2)
     r0, r1 = job.load_numbers(out / f"{method}-rank0.pt"), job.load_numbers(out / f"{method}-rank1.pt")
-    assert r0["num_examples0"] == r0["num_examples1"] == job.N_TRAIN  # N_t: the global task size
-    assert len(r0["servers"][1]["sites"]) == 2
-    assert_bitwise_equal(r0, r1)  # servers after each task, weights (and VCL's coresets)
+    if method != "replay":  # replay holds no posterior
+        assert r0["num_examples0"] == r0["num_examples1"] == job.N_TRAIN  # N_t: the global task size
+        assert len(r0["servers"][1]["sites"]) == 2
+    # servers after each task, weights (and VCL's coresets, replay's memory, FROMP's function sites)
+    assert_bitwise_equal(r0, r1)
 
 
-@pytest.mark.parametrize("method", COMPARED)
+@pytest.mark.parametrize("method", REFERENCE)
 def test_two_processes_equal_one_process_on_the_union(runs, method, assert_states_close):
+    """Replay too: every rank adds the same replay gradient (one rank's batch size, BS) to DDP's average over the
+    union of the ranks' batches, which is the step of one process on the union with ``replay_batch_size=BS``."""
     two = job.load_numbers(_out(runs, 2) / f"{method}-rank0.pt")
-    one = job.load_numbers(_out(runs, 1) / f"{method}-rank0.pt")
-    assert two["num_examples0"] == one["num_examples0"] == job.N_TRAIN
-    rtol = 1e-4 if method == "vcl" else 1e-10  # VCL trains in float32, Laplace in float64
+    one = job.load_numbers(_out(runs, 1) / f"{REFERENCE[method]}-rank0.pt")
+    if method != "replay":
+        assert two["num_examples0"] == one["num_examples0"] == job.N_TRAIN
+    rtol = 1e-4 if method == "vcl" else 1e-10  # VCL trains in float32, the others in float64
 
 
     assert_states_close(two, one, rtol, method)
@@ -98,11 +107,54 @@ def test_vcl_coresets_are_the_same_on_every_rank(runs):
             assert all(torch.equal(a, b) for a, b in zip(c0[t], c1[t]))
 
 
+def _rows(stored_x: torch.Tensor, task: int, method: str) -> list[int]:
+    """The index in the task's dataset of each stored input (rank ``r``'s shard holds the indices ``r, r + 2, …``)."""
+    x = job.task_data(task, method).tensors[0].flatten(1).double()
+    return [int(torch.nonzero((x == row).all(1))[0]) for row in stored_x.flatten(1).double()]
+
+
+def test_replay_memory_and_batches_are_the_whole_tasks_and_the_same_on_every_rank(runs, assert_bitwise_equal):
+    out = _out(runs, 2)
+    r0, r1 = job.load_numbers(out / "replay-rank0.pt"), job.load_numbers(out / "replay-rank1.pt")
+    one = job.load_numbers(_out(runs, 1) / "replay-rank0.pt")
+    assert sorted(r0["memory"][1]) == [0, 1]
+    assert_bitwise_equal(r0["memory"], r1["memory"])
+    assert_bitwise_equal(r0["memory"], one["memory"])  # stored data: bit for bit the one-process draw
+    for t in (0, 1):
+        rows = _rows(r0["memory"][1][t][0], t, "replay")
+        assert len(set(rows)) == job.MEMORY
+        assert {r % 2 for r in rows} == {0, 1}  # from both ranks' shards
+        assert (r0["memory"][1][t][2] == t).all()  # task ids route replayed rows to their own head
+    # the replay batch is the same on every rank, of one rank's batch size by default (BS, not the union's 2 * BS)
+    assert len(r0["replay_batch0"][0]) == job.BS < job.MEMORY
+    assert_bitwise_equal(r0["replay_batch0"], r1["replay_batch0"])
+    assert_bitwise_equal(r0["replay_batch0"], one["replay_batch0"])
+    assert r0["last_replay_loss"] is not None and one["last_replay_loss"] is not None  # task 1 did replay
+
+
+@pytest.mark.parametrize("method", ["functional", "functional-skewed"])
+def test_functional_sites_are_the_whole_tasks_and_the_same_on_every_rank(runs, method, assert_bitwise_equal):
+    """Memorable points chosen from the whole task, as one process chooses them, and rank 0's site on every rank
+    even when rank 1 computes other scores ("functional-skewed")."""
+    out = _out(runs, 2)
+    r0, r1 = job.load_numbers(out / f"{method}-rank0.pt"), job.load_numbers(out / f"{method}-rank1.pt")
+    one = job.load_numbers(_out(runs, 1) / "functional-rank0.pt")
+    assert [list(s) for s in r0["sites"]] == [["task-0"], ["task-0", "task-1"]]
+    assert_bitwise_equal(r0["sites"], r1["sites"])  # points, outputs and kernels
+    assert r0["draws1"] == one["draws1"] > 0  # task 1 added the functional gradient at every step
+    for t in (0, 1):
+        site = r0["sites"][1][f"task-{t}"]
+        assert_bitwise_equal(site["inputs"], one["sites"][1][f"task-{t}"]["inputs"])  # the same points
+        rows = _rows(site["inputs"][0], t, "functional")
+        assert len(set(rows)) == job.MEMORY and {r % 2 for r in rows} == {0, 1}
+        assert site["kernel"].shape == (2, job.MEMORY, job.MEMORY) and site["kernel"].abs().max() > 0
+
+
 class _Restored(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["diag", "kron", "vcl-noisy"])
+@pytest.mark.parametrize("method", ["diag", "kron", "vcl-noisy", "replay", "functional"])
 def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, method, assert_bitwise_equal):
     import pytorch_lightning as pl
 
@@ -113,8 +165,10 @@ def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, metho
 
     class Capture(pl.Callback):  # first in the list: sees the restored state before anything trains
         def on_train_start(self, trainer, pl_module):
-            seen["server"] = job.numbers_only(cb.server.state_dict())
+            seen["server"] = job.numbers_only(cb.server.state_dict()) if method != "replay" else None
             seen["coresets"] = {t: list(c) for t, c in getattr(cb, "coresets", {}).items()}
+            seen["memory"] = {t: list(m) for t, m in getattr(cb, "memory", {}).items()}
+            seen["sites"] = {k: s.state_dict() for k, s in getattr(cb, "sites", {}).items()}
             raise _Restored
 
     precision = "32-true" if method.startswith("vcl") else "64-true"
@@ -124,9 +178,14 @@ def test_a_ddp_checkpoint_restores_the_same_posterior_in_one_process(runs, metho
     with pytest.raises(_Restored):
         trainer.fit(module, job.loader(job.task_data(1, method), 1), ckpt_path=ckpt)
     saved = job.load_numbers(out / f"{method}-rank0.pt")
+    if method == "replay":
+        assert_bitwise_equal(seen["memory"], saved["memory"][1])
+        return
     assert_bitwise_equal(seen["server"], saved["servers"][1])
     if method.startswith("vcl"):
         assert_bitwise_equal(seen["coresets"], saved["coresets"])
+    if method == "functional":
+        assert_bitwise_equal(seen["sites"], saved["sites"][1])
 
 
 def test_ddp_spawn_brings_the_posterior_back_to_the_calling_process(runs, assert_states_close):
@@ -149,3 +208,27 @@ def test_ddp_spawn_brings_vcl_state_and_means_back(runs):
     # the posterior mean the workers fitted is what the returned module holds (weights and state came back together)
     for name, (mu_name, _) in rec["logical_names"].items():
         torch.testing.assert_close(rec["posterior_mean"][name], rec["weights"][mu_name], rtol=0, atol=0)
+
+
+def test_replay_refuses_data_without_a_length_under_ddp_before_any_step(monkeypatch):
+    """Each rank's IterableDataset yields its own stream: a reservoir over it would store another memory on every
+    rank, so under DDP (faked here: one process that believes it is rank 0 of 2) the fit stops before its first step."""
+    import pytorch_lightning as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from bayescl import ClassifierModule
+    from bayescl.lightning import replay
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter([(torch.randn(2), torch.tensor(i % 2)) for i in range(8)])
+
+    monkeypatch.setattr(replay, "is_distributed", lambda: True)
+    monkeypatch.setattr(replay, "rank_and_world", lambda: (0, 2))
+    cb = replay.ReplayCallback(memory_per_task=3)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"under DDP \(2 processes\).*IterableDataset"):
+        trainer.fit(ClassifierModule(nn.Linear(2, 2), num_tasks=1), DataLoader(Stream(), batch_size=4))
+    assert trainer.global_step == 0 and cb.memory == {} and cb.tasks_seen == 0
