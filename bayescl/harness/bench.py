@@ -146,12 +146,26 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
 
 
-def _load_progress(state_dir: Path | None) -> dict[str, Any] | None:
+def _run_config(cfg: BenchConfig) -> dict[str, Any]:
+    """The configuration a result or a seed's progress is written with (JSON-normalised), and compared on resume."""
+    return json.loads(json.dumps({k: v for k, v in vars(cfg).items() if k not in ("progress", "resume")}))
+
+
+def _load_progress(state_dir: Path | None, cfg: BenchConfig) -> dict[str, Any] | None:
+    """A part-way seed's progress, or ``None``; raises if it was made with another configuration (its first tasks
+    would be measured one way and the rest another, e.g. without and then with the uncertainty records)."""
     path = None if state_dir is None else state_dir / "progress.json"
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("config") != _run_config(cfg):
+        raise ValueError(f"--resume: the part-way seed in {state_dir} was run with another configuration "
+                         f"({saved.get('config')}); rerun without --resume (it starts the seed again), or with the "
+                         "same arguments.")
+    return saved
 
 
-def _save_progress(state_dir: Path, trainer: pl.Trainer, module: ClassifierModule, done: int,
+def _save_progress(state_dir: Path, cfg: BenchConfig, trainer: pl.Trainer, module: ClassifierModule, done: int,
                    fit_seconds: float, steps: int, uncertainty: list[dict[str, Any]],
                    val_matrix: AccuracyMatrix | None) -> None:
     """After task ``done - 1`` is evaluated: its checkpoint (the committed posterior), then what the seed has
@@ -161,7 +175,7 @@ def _save_progress(state_dir: Path, trainer: pl.Trainer, module: ClassifierModul
     trainer.save_checkpoint(state_dir / "tested.ckpt.tmp")
     (state_dir / "tested.ckpt.tmp").replace(state_dir / "tested.ckpt")
     doc = {"tasks_done": done, "correct": module.acc_matrix.correct.tolist(), "total": module.acc_matrix.total.tolist(),
-           "fit_seconds": fit_seconds, "steps": steps, "uncertainty": uncertainty}
+           "fit_seconds": fit_seconds, "steps": steps, "uncertainty": uncertainty, "config": _run_config(cfg)}
     if val_matrix is not None:
         doc.update(val_correct=val_matrix.correct.tolist(), val_total=val_matrix.total.tolist())
     (state_dir / "progress.json.tmp").write_text(json.dumps(doc))
@@ -220,7 +234,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
     done, resume_ckpt = 0, None
     if state_dir is not None and not resume:
         shutil.rmtree(state_dir, ignore_errors=True)  # a stale run's progress is not this run's
-    if (saved := _load_progress(state_dir)) is not None:
+    if (saved := _load_progress(state_dir, cfg)) is not None:
         done, fit_seconds, steps, uncertainty = saved["tasks_done"], saved["fit_seconds"], saved["steps"], \
             saved["uncertainty"]
         module.acc_matrix.correct = torch.tensor(saved["correct"], dtype=torch.long)
@@ -262,7 +276,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
             uncertainty.append(evaluate_uncertainty(module, posterior_for(callbacks, module), test_loaders,
                                                     stage=i, seed=seed))
         if state_dir is not None:
-            _save_progress(state_dir, trainer, module, i + 1, fit_seconds, steps, uncertainty, val_matrix)
+            _save_progress(state_dir, cfg, trainer, module, i + 1, fit_seconds, steps, uncertainty, val_matrix)
         log(line)
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)  # the seed's result goes into the JSON
@@ -333,7 +347,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
         "strategy": name,
         "description": recipe.description,
         "command": command or "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "config": {k: v for k, v in vars(cfg).items() if k not in ("progress", "resume")},
+        "config": _run_config(cfg),
         **(header or {}),
         "seeds": [],
         "per_seed": [],
@@ -343,7 +357,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
         f"{'' if cfg.evaluate_test else ' (validation only: no test data read)'}")
     if cfg.resume and path is not None and path.is_file():  # the seeds that finished stay as they are
         previous = json.loads(path.read_text())
-        if previous.get("config") != json.loads(json.dumps(result["config"])):
+        if previous.get("config") != result["config"]:
             raise ValueError(f"--resume: {path} was written with another configuration ({previous.get('config')}); "
                              "rerun without --resume, or with the same arguments.")
         result["seeds"], result["per_seed"] = previous.get("seeds", []), previous.get("per_seed", [])

@@ -148,6 +148,11 @@ def test_resume_continues_a_stopped_seed_to_the_same_result(tmp_path):
         run_benchmark(cfg(), out_dir=tmp_path / "stopped", log=stop_after_task_2)
     state = tmp_path / "stopped" / "synthetic" / "_resume" / "laplace-diag" / "seed-0"
     assert json.loads((state / "progress.json").read_text())["tasks_done"] == 2
+    # a part-way seed is not continued under another configuration (here: with the uncertainty records on)
+    with pytest.raises(ValueError, match="part-way seed .* another configuration"):
+        run_benchmark(BenchConfig(scenario="synthetic", strategy="laplace-diag", seeds=1, epochs=1, batch_size=64,
+                                  uncertainty=True, resume=True), out_dir=tmp_path / "stopped", log=lambda *_: None)
+    assert json.loads((state / "progress.json").read_text())["tasks_done"] == 2  # and nothing of it was lost
     logs: list[str] = []
     resumed = run_benchmark(cfg(resume=True), out_dir=tmp_path / "stopped", log=logs.append)
     assert any("resuming after task 2/3" in m for m in logs)

@@ -124,13 +124,13 @@ def test_bench_split_fashion_task_cnn_bn_laplace_default(fashion_root, tmp_path,
     after: list[dict] = []  # per task: the BatchNorm state and the callback's posterior, when the task is tested
     save = bench._save_progress
 
-    def record(state_dir, trainer, module, done, *args, **kwargs):
+    def record(state_dir, cfg, trainer, module, done, *args, **kwargs):
         bns = [m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d)]
         laplace = [cb for cb in trainer.callbacks if type(cb).__name__ == "LaplaceCallback"]
         assert len(bns) == 2 and len(laplace) == 1
         after.append({"stats": [(m.running_mean.clone(), m.running_var.clone()) for m in bns],
                       "affine": [m.weight.detach().clone() for m in bns], "posterior": laplace[0].posterior()})
-        return save(state_dir, trainer, module, done, *args, **kwargs)
+        return save(state_dir, cfg, trainer, module, done, *args, **kwargs)
 
     monkeypatch.setattr(bench, "_save_progress", record)
     rc = cli.main(["bench", "--scenario", "split-fashion-task", "--model", "cnn-bn", "--strategy", "laplace-default",
