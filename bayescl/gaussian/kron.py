@@ -10,19 +10,22 @@ PSD, ``s_i >= 0``. Every other parameter (BatchNorm, LayerNorm, ...) has only th
 is, per parameter, a 0-dim tensor (isotropic) or a tensor of the parameter's shape. One layer's block is a
 :class:`~bayescl.gaussian.kron_block.KronBlock` (:meth:`KronGaussian.block`): the public per-layer API.
 
-Storage is in natural parameters, like :class:`~bayescl.gaussian.diag.DiagGaussian`: ``η = Λ μ`` and the terms, so
-products, quotients and tempering are exact additions (terms are **concatenated**, never ``(A1+A2)⊗(G1+G2)``);
-the mean ``μ = Λ⁻¹ η`` is solved lazily and cached (it is kept as given by the constructor). Each term carries a
-``tag``; the same tag means the same factors, so dividing by a site removes exactly its terms.
+Storage is in natural parameters, like :class:`~bayescl.gaussian.diag.DiagGaussian`: ``η = Λ μ`` (in float64
+whatever the parameters' dtype, the mean solved from it in float64: see :mod:`bayescl.gaussian.kron_store`) and
+the terms, so products, quotients and tempering are exact additions (terms are **concatenated**, never
+``(A1+A2)⊗(G1+G2)``); the mean ``μ = Λ⁻¹ η`` is solved lazily and cached (it is kept as given by the
+constructor). Each term carries a ``tag``; the same tag means the same factors, so dividing by a site removes
+exactly its terms.
 
 Solves, log-determinants, samples and KL per block are
 
 * exact through eigendecompositions when the block has at most one term and an isotropic ``D = δ``
   (``Λ = (U_G ⊗ U_A)(δ + s g ⊗ a)(U_G ⊗ U_A)ᵀ``);
 * exact and dense (Cholesky) otherwise when the block has at most ``DENSE_LIMIT = 2000`` entries;
-* otherwise the mean is solved by Jacobi-preconditioned conjugate gradients (relative residual ``1e-10`` in
-  float64, ``1e-5`` in float32) and ``kl``/``log_prob``/``sample`` use an **approximation**: the terms are merged
-  into one Kronecker pair (:meth:`KronGaussian.merge`) and ``D`` replaced by its mean.
+* otherwise the mean is solved by MINRES preconditioned with the merged pair (in float64, to relative residual
+  ``1e-10``; slow to converge for dissimilar terms at a condition number of ``1e9``) and
+  ``kl``/``log_prob``/``sample`` use an **approximation**: the terms are merged into one Kronecker pair
+  (:meth:`KronGaussian.merge`) and ``D`` replaced by its mean.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import Tensor, nn
 from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl._params import linear_layers
 from bayescl.gaussian.diag import elementwise_spectrum, spectrum_total
-from bayescl.gaussian.kron_block import to_block
+from bayescl.gaussian.kron_block import to_block, widen
 from bayescl.gaussian.kron_density import KronDensities
 from bayescl.gaussian.kron_store import LayerParams
 from bayescl.gaussian.kron_terms import KronTerm, low_rank_factor, merge_terms, new_tag
@@ -130,10 +133,12 @@ class KronGaussian(KronDensities):
         return self.divide(other)
 
     def with_mean(self, mean: Params) -> KronGaussian:
-        """The Gaussian with the same precision re-centred on ``mean``: ``η = Λ mean`` (structured matvec)."""
-        mu = {n: t.to(self._eta[n]) for n, t in named_tensors(mean, "mean").items()}
-        check_same_names(self._eta, mu, "mean")
-        eta = {n: v.detach() for n, v in self._matvec(mu).items()}
+        """The Gaussian with the same precision re-centred on ``mean``: ``η = Λ mean`` (structured matvec, in
+        float64 from the mean cast to the parameters' dtype)."""
+        given = named_tensors(mean, "mean")
+        check_same_names(self._eta, given, "mean")
+        mu = {n: t.to(self._diag[n]) for n, t in given.items()}
+        eta = {n: v.detach() for n, v in self._matvec(mu, wide=True).items()}
         return KronGaussian._trusted(eta, dict(self._layers), {k: dict(v) for k, v in self._terms.items()},
                                      dict(self._diag), mu)
 
@@ -212,7 +217,7 @@ class KronGaussian(KronDensities):
         p = check_real(precision, "precision", low=0.0)
         init = as_enum(MeanInit, mean, "mean")
         tensors = named_tensors(params)
-        dtype, device = first_dtype_device(self._eta)
+        dtype, device = first_dtype_device(self._diag)
         new = {n: t.to(device, dtype) for n, t in tensors.items() if n not in self._eta}
         check_new_shapes(tensors, self._eta)
         mu = {n: initial_mean(t, init) for n, t in new.items()}
@@ -222,20 +227,19 @@ class KronGaussian(KronDensities):
                 if all(pn in new for pn in spec if pn is not None) and layer not in layers:
                     layers[layer], terms[layer] = spec, {}
         z = self._zero()
-        eta = dict(self._eta) | {n: p * m for n, m in mu.items()}
+        eta = dict(self._eta) | {n: p * widen(m) for n, m in mu.items()}
         diag = dict(self._diag) | {n: z + p for n in new}
         cache = None if self._mean is None else dict(self._mean) | mu
         return KronGaussian._trusted(eta, layers, terms, diag, cache)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KronGaussian:
-        def mv(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype)
+        """Moved to ``device`` and cast to ``dtype`` (the parameters' dtype: ``η`` stays in float64)."""
+        def mv(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
 
-        terms = {k: {g: replace(t, **{f: mv(getattr(t, f)) for f in ("A", "G", "UA", "UG", "dA", "dG")})
-                     for g, t in ts.items()}
-                 for k, ts in self._terms.items()}
+        terms = {k: {g: t.to(device, dtype) for g, t in ts.items()} for k, ts in self._terms.items()}
         mean = None if self._mean is None else {n: mv(t) for n, t in self._mean.items()}
-        return KronGaussian._trusted({n: mv(t) for n, t in self._eta.items()}, dict(self._layers), terms,
+        return KronGaussian._trusted({n: t.to(device=device) for n, t in self._eta.items()}, dict(self._layers), terms,
                                      {n: mv(t) for n, t in self._diag.items()}, mean)
 
     # ------------------------------------------------------------------ the interface both kinds share

@@ -15,13 +15,15 @@ A ``Linear`` / ``Conv2d`` layer with weight ``W`` (``out × in…``) and bias ``
   term and an isotropic ``D = δ`` (exact);
 * the dense Cholesky factor when the block has at most ``dense_limit`` entries (exact);
 * with ``approx``, the eigen form of the terms merged into one pair and ``D`` replaced by its mean (otherwise
-  ``None``: :meth:`KronBlock.solve` then uses Jacobi-preconditioned conjugate gradients).
+  ``None``: :meth:`KronBlock.solve` then uses MINRES, preconditioned with that approximation).
+
+:meth:`KronBlock.solve` works in float64 whatever the factors' dtype (see its docstring).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +33,17 @@ from bayescl.gaussian.kron_terms import KronTerm, merge_terms
 
 #: a layer's ``(weight name, bias name or None)``
 LayerSpec = tuple[str, str | None]
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the natural mean ``η`` and of the mean solve: float64 (float32 on Apple's MPS, which has no
+    float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def widen(t: Tensor) -> Tensor:
+    """``t`` in :func:`wide_dtype` (the same tensor when it is already)."""
+    return t.to(wide_dtype(t.device))
 
 
 def block_shape(spec: LayerSpec, tensors: Mapping[str, Tensor]) -> tuple[int, int]:
@@ -131,11 +144,13 @@ class BlockFactor:
         return ((dr**2) @ (1.0 / self.lam) * ar**2).sum(-1)
 
 
-def eig_factor(t: KronTerm, delta: float) -> BlockFactor:
-    """The eigen form of ``δ I + s (G ⊗ A)``: ``ℓ = δ + s g aᵀ`` (rounding-level negative eigenvalues clipped)."""
+def eig_factor(t: KronTerm, delta: float, signed: bool = False) -> BlockFactor:
+    """The eigen form of ``δ I + s (G ⊗ A)``: ``ℓ = δ + s g aᵀ``, the factors' rounding-level negative eigenvalues
+    clipped unless ``signed`` (then it is the exact inverse of the matrix as stored, see :meth:`KronBlock.solve`)."""
     g, ug = torch.linalg.eigh(t.G)
     a, ua = torch.linalg.eigh(t.A)
-    g, a = g.clamp_min(0), a.clamp_min(0)
+    if not signed:
+        g, a = g.clamp_min(0), a.clamp_min(0)
     return BlockFactor(lam=delta + t.scale * torch.outer(g, a), ug=ug, ua=ua)
 
 
@@ -222,33 +237,98 @@ class KronBlock:
             raise self._singular()
         return f
 
-    def solve(self, r: Tensor) -> Tensor:
-        """``Λ⁻¹ r`` for a block ``r``: exact through :meth:`factor`, else by conjugate gradients."""
-        f = self.factor(approx=False)
-        return self._cg(r) if f is None else f.solve(r)
+    def exact(self, dtype: torch.dtype) -> KronBlock:
+        """The block cast to ``dtype`` (float64 for the mean; :meth:`KronTerm.exact
+        <bayescl.gaussian.kron_terms.KronTerm.exact>`)."""
+        return KronBlock(self.layer, self.spec, self.diag.to(dtype), [t.exact(dtype) for t in self.terms],
+                         self.dense_limit)
 
-    def _cg(self, r: Tensor, maxiter: int = 5000) -> Tensor:
-        """Jacobi-preconditioned conjugate gradients to relative residual ``1e-10`` (float64) or ``1e-5``."""
-        pre = self.diag + sum(t.scale * torch.outer(torch.diagonal(t.G), torch.diagonal(t.A)) for t in self.terms)
-        if bool((pre <= 0).any()):
+    def solve(self, r: Tensor) -> Tensor:
+        """``Λ⁻¹ r`` for a block ``r``, in float64 (:meth:`exact`; :func:`wide_dtype`), returned in ``r``'s dtype:
+        the eigen form (one term, isotropic ``D``), the dense Cholesky factor (at most ``dense_limit`` entries),
+        else MINRES (:meth:`_minres`).
+
+        It is the exact inverse of the matrix as stored, the one ``η`` and ``quadratic_grad`` use, so the mean of
+        ``η = Λ θ`` is ``θ``. With a weak base prior under a strong curvature the condition number reaches
+        ``1e9``: a float32 eigendecomposition knows a factor's eigenvalues only to ``1e-7`` of its largest, and a
+        float32 Cholesky factor or residual no better. The factors' own rounding (eigenvalues down to ``−1e-8``
+        of the largest, times a scale ``s·g`` of ``1e4``) can even make that matrix slightly indefinite: the
+        eigen form then keeps the signs (the densities, :meth:`factor`, clip them) and the dense path falls back
+        to an eigendecomposition. Raises ``ValueError`` naming the layer when an eigenvalue is zero to rounding."""
+        wide = wide_dtype(r.device)
+        return self.exact(wide)._solve(r.to(wide)).to(r.dtype)
+
+    def _solve(self, r: Tensor) -> Tensor:
+        ts, delta = self.terms, self.isotropic_diag()
+        if not ts or (len(ts) == 1 and delta is not None):
+            f = BlockFactor(lam=self.diag) if not ts else eig_factor(ts[0], delta, signed=True)
+            self._check_invertible(f.lam)
+            return f.solve(r)
+        if self.diag.numel() > self.dense_limit:
+            return self._minres(r)
+        lam = self.dense()
+        chol, info = torch.linalg.cholesky_ex(lam)
+        if int(info) == 0:
+            return torch.cholesky_solve(r.reshape(-1, 1), chol).reshape(r.shape)
+        w, v = torch.linalg.eigh(lam)
+        self._check_invertible(w)
+        return (v @ ((v.T @ r.reshape(-1)) / w)).reshape(r.shape)
+
+    def _check_invertible(self, lam: Tensor) -> None:
+        """``ValueError`` (:meth:`_singular`) when an eigenvalue is zero to rounding: ``|ℓ| <= 64 ε max|ℓ|``."""
+        if bool((lam.abs() <= 64 * torch.finfo(lam.dtype).eps * lam.abs().max()).any()):
             raise self._singular()
 
-        tol = (1e-10 if r.dtype == torch.float64 else 1e-5) * float(r.norm())
-        x = torch.zeros_like(r)
-        res = r.clone()
-        z = res / pre
-        d = z.clone()
-        rz = (res * z).sum()
-        for _ in range(maxiter):
-            if float(res.norm()) <= tol:
+    def _preconditioner(self) -> Callable[[Tensor], Tensor]:
+        """``M⁻¹`` (symmetric positive definite) for :meth:`_minres`: the eigen form of the merged pair with ``D``
+        replaced by its mean (the approximate :meth:`factor`; a sum of terms from similar data is close to one
+        pair, so a few iterations do where the condition number is ``1e9``; with Jacobi, hundreds), or Jacobi
+        (``diag(Λ)⁻¹``) when that pair is singular. Raises ``ValueError`` naming the layer when ``diag(Λ)`` has an
+        entry ``<= 0``."""
+        jacobi = self.diag + sum(t.scale * torch.outer(torch.diagonal(t.G), torch.diagonal(t.A)) for t in self.terms)
+        if bool((jacobi <= 0).any()):
+            raise self._singular()
+        merged = merge_terms(list(self.terms))
+        if merged is not None:
+            f = eig_factor(merged, float(self.diag.mean()))
+            if bool((f.lam > 0).all()):
+                return f.solve
+        return lambda res: res / jacobi
+
+    def _minres(self, r: Tensor, maxiter: int = 5000) -> Tensor:
+        """Preconditioned MINRES (Paige & Saunders 1975; :meth:`_preconditioner`) to ``‖res‖_{M⁻¹} <= 1e-10`` of
+        ``‖r‖_{M⁻¹}`` (``1e-5`` below float64). Unlike conjugate gradients it needs only a symmetric ``Λ``: the
+        factors' rounding can make it slightly indefinite (see :meth:`solve`)."""
+        pre, eps = self._preconditioner(), torch.finfo(r.dtype).eps
+        tol = 1e-10 if r.dtype == torch.float64 else 1e-5
+        x, w, w2 = torch.zeros_like(r), torch.zeros_like(r), torch.zeros_like(r)
+        r1 = r2 = r
+        y = pre(r1)
+        beta1 = beta = float((r1 * y).sum()) ** 0.5
+        oldb = dbar = epsln = 0.0
+        phibar, cs, sn = beta1, -1.0, 0.0
+        for it in range(maxiter):
+            if phibar <= tol * beta1:
                 return x
-            q = self.matvec(d)
-            alpha = rz / (d * q).sum()
-            x, res = x + alpha * d, res - alpha * q
-            z = res / pre
-            rz_new = (res * z).sum()
-            d, rz = z + (rz_new / rz) * d, rz_new
-        warnings.warn(f"conjugate gradients for layer {self.layer!r} stopped at relative residual "
-                      f"{float(res.norm()) / max(float(r.norm()), 1e-300):.2e} after {maxiter} iterations.",
-                      stacklevel=4)
+            v = y / beta
+            y = self.matvec(v)
+            if it > 0:
+                y = y - (beta / oldb) * r1
+            alfa = float((v * y).sum())
+            y = y - (alfa / beta) * r2
+            r1, r2 = r2, y
+            y = pre(r2)
+            oldb, beta = beta, max(float((r2 * y).sum()), 0.0) ** 0.5
+            oldeps, delta, gbar = epsln, cs * dbar + sn * alfa, sn * dbar - cs * alfa
+            epsln, dbar = sn * beta, -cs * beta
+            gamma = max((gbar**2 + beta**2) ** 0.5, eps)
+            cs, sn = gbar / gamma, beta / gamma
+            phi, phibar = cs * phibar, sn * phibar
+            w1, w2 = w2, w
+            w = (v - oldeps * w1 - delta * w2) / gamma
+            x = x + phi * w
+            if beta == 0.0:
+                return x
+        warnings.warn(f"MINRES for layer {self.layer!r} stopped at relative residual "
+                      f"{phibar / max(beta1, 1e-300):.2e} after {maxiter} iterations.", stacklevel=4)
         return x

@@ -35,7 +35,7 @@ class KronDensities(KronStore):
             yield layer, spec, self.block(layer).factor(approx)
 
     def _zero(self) -> Tensor:
-        dtype, device = first_dtype_device(self._eta)
+        dtype, device = first_dtype_device(self._diag)
         return torch.zeros((), dtype=dtype, device=device)
 
     def logdet(self) -> Tensor:
@@ -72,10 +72,15 @@ class KronDensities(KronStore):
 
     @torch.no_grad()
     def quadratic_grad(self, params: Params) -> dict[str, Tensor]:
-        """``Λ θ − η`` per parameter (``Σ s_i G_i W̃ A_i + D ⊙ W̃ − η̃`` per layer), no autograd, no solve."""
+        """``Λ θ − η`` per parameter (``Σ s_i G_i W̃ A_i + D ⊙ W̃ − η̃`` per layer), no autograd, no solve.
+
+        Computed like ``η``, in float64, and returned in ``θ``'s dtype: zero at :attr:`mean`. (In float32,
+        ``Λθ`` and ``η`` nearly cancel there and their rounding, ``1e-7`` of ``|Λ||θ|``, would be all that is
+        left.) The fused :class:`~bayescl.gaussian.prior_gradient.PriorGradient` of training gives the same
+        numbers up to that rounding."""
         theta = named_tensors(params)
         check_same_names(self._eta, theta, "params")
-        return {n: v - self._eta[n] for n, v in self._matvec(theta).items()}
+        return {n: (v - self._eta[n]).to(theta[n].dtype) for n, v in self._matvec(theta, wide=True).items()}
 
     def log_prob(self, params: Params) -> Tensor:
         """``−½ (θ−μ)ᵀΛ(θ−μ) + ½ log det Λ − (n/2) log 2π`` (differentiable in ``θ``)."""
@@ -88,7 +93,7 @@ class KronDensities(KronStore):
         self._require_diag_proper("sample")
         lead = () if n is None else (n,)
         mu = self.mean
-        dtype, device = first_dtype_device(self._eta)
+        dtype, device = first_dtype_device(self._diag)
         kw = {"dtype": dtype, "device": device, "generator": generator}
         out = {}
         for key, spec, f in self._factors():

@@ -3,9 +3,18 @@ of them, the per-layer blocks, the structured product ``Λ x``, the mean ``μ = 
 
 A KronGaussian holds, in natural parameters,
 
-* ``eta``: parameter name -> ``η = Λ μ``;
+* ``eta``: parameter name -> ``η = Λ μ``, in float64 (:func:`~bayescl.gaussian.kron_block.wide_dtype`) whatever
+  the parameters' dtype: a Kronecker block's condition number reaches ``1e9`` (a weak base prior under a strong
+  curvature), so a float32 ``η`` would not hold the mean's components in the flat directions. It is computed
+  from the float64-cast mean and factors (:meth:`KronStore._matvec` with ``wide``), products, quotients and
+  tempering add, subtract and scale it in float64, and the mean is solved from it in float64, as the exact
+  inverse of the same matrix (:meth:`KronBlock.solve <bayescl.gaussian.kron_block.KronBlock.solve>`), so the
+  mean of a Laplace posterior is the weights it was built at and :meth:`quadratic_grad` vanishes there. The
+  public :attr:`KronStore.eta` is in the parameters' dtype (that of ``diag``);
 * ``layers``: layer name -> ``(weight name, bias name or None)``, every parameter in at most one layer;
-* ``terms``: layer name -> ``{tag: KronTerm}`` (the same tag means the same factors);
+* ``terms``: layer name -> ``{tag: KronTerm}`` (the same tag means the same factors), each factor made exactly
+  symmetric when it enters (:func:`~bayescl.gaussian.kron_terms.symmetric`: a float32 ``Xᵀ X`` is symmetric only
+  up to rounding, which the mean solve, reading one triangle, would amplify);
 * ``diag``: parameter name -> ``D`` (0-dim, isotropic, or the parameter's shape), ``>= 0``;
 * ``mean``: the cached ``μ`` (or ``None`` until it is solved).
 
@@ -23,8 +32,17 @@ import torch
 from torch import Tensor
 
 from bayescl._checks import check_real
-from bayescl.gaussian.kron_block import KronBlock, LayerSpec, apply_terms, block_shape, from_block, to_block
-from bayescl.gaussian.kron_terms import KronTerm, new_tag
+from bayescl.gaussian.kron_block import (
+    KronBlock,
+    LayerSpec,
+    apply_terms,
+    block_shape,
+    from_block,
+    to_block,
+    wide_dtype,
+    widen,
+)
+from bayescl.gaussian.kron_terms import KronTerm, new_tag, symmetric
 from bayescl.gaussian.tensors import check_same_names, check_state_kind, check_tensors
 
 Layers = dict[str, LayerSpec]
@@ -94,7 +112,7 @@ def check_terms(terms: Mapping[str, Sequence[KronTerm | tuple]] | None, layers: 
                 raise ValueError(f"layer {layer!r}: factors A {tuple(t.A.shape)} / G {tuple(t.G.shape)}; "
                                  f"expected A ({p}, {p}) and G ({out_dim}, {out_dim}).")
             check_tensors({"A": t.A, "G": t.G}, f"terms[{layer!r}]", ref)
-            tms[layer][t.tag] = replace(t, A=t.A.detach(), G=t.G.detach())
+            tms[layer][t.tag] = replace(t, A=symmetric(t.A.detach()), G=symmetric(t.G.detach()))
     return tms
 
 
@@ -107,7 +125,8 @@ def terms_to_state(terms: Terms) -> dict[str, list[dict[str, Any]]]:
 
 def terms_from_state(state: Mapping[str, Sequence[Mapping[str, Any]]], layers: Layers) -> Terms:
     """The inverse of :func:`terms_to_state` for the given layers (a layer without an entry has no term)."""
-    return {k: {d["tag"]: KronTerm(d["A"], d["G"], float(d["scale"]), d["tag"], *(d.get(o) for o in _OPTIONAL))
+    return {k: {d["tag"]: KronTerm(symmetric(d["A"]), symmetric(d["G"]), float(d["scale"]), d["tag"],
+                                   *(d.get(o) for o in _OPTIONAL))
                 for d in state.get(k, [])}
             for k in layers}
 
@@ -130,13 +149,16 @@ class KronStore:
         layers = check_layers(layer_params, mean)
         self._layers, self._diag = layers, check_diag(diag, mean, ref)
         self._terms = check_terms(terms, layers, mean, ref)
-        self._eta = {n: t.detach() for n, t in self._matvec(mean).items()}
+        self._eta = {n: t.detach() for n, t in self._matvec(mean, wide=True).items()}
         self._mean: dict[str, Tensor] | None = mean
 
     @classmethod
     def _trusted(cls, eta, layers, terms, diag, mean=None) -> Any:
+        """Assemble without checks; ``η`` is widened to float64 here (a no-op when it is already, a conversion
+        for a ``state_dict`` saved with a float32 ``η``)."""
         out = cls.__new__(cls)
-        out._eta, out._layers, out._terms, out._diag, out._mean = eta, layers, terms, diag, mean
+        out._eta = {n: widen(t) for n, t in eta.items()}
+        out._layers, out._terms, out._diag, out._mean = layers, terms, diag, mean
         return out
 
     # ------------------------------------------------------------------ views
@@ -162,15 +184,18 @@ class KronStore:
 
     @property
     def eta(self) -> dict[str, Tensor]:
-        return dict(self._eta)
+        """``η = Λ μ`` in the parameters' dtype (it is held in float64; see the module docstring)."""
+        return {n: v.to(self._diag[n].dtype) for n, v in self._eta.items()}
 
     @property
     def num_terms(self) -> dict[str, int]:
         return {layer: len(t) for layer, t in self._terms.items()}
 
     def num_floats(self) -> int:
-        """Floats stored: ``η``, ``D``, every term's ``A`` and ``G``, and the cached mean."""
-        n = sum(t.numel() for t in self._eta.values()) + sum(d.numel() for d in self._diag.values())
+        """Floats of the parameters' dtype stored: ``η`` (float64, so twice its entries for float32 parameters),
+        ``D``, every term's ``A`` and ``G``, and the cached mean."""
+        n = sum(t.numel() * t.element_size() // self._diag[k].element_size() for k, t in self._eta.items())
+        n += sum(d.numel() for d in self._diag.values())
         n += sum(t.A.numel() + t.G.numel() for ts in self._terms.values() for t in ts.values())
         return n + (sum(t.numel() for t in self._mean.values()) if self._mean is not None else 0)
 
@@ -196,12 +221,21 @@ class KronStore:
         return {layer: self.block(layer) for layer in self._layers}
 
     # ------------------------------------------------------------------ structured linear algebra
-    def _matvec(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``Λ x`` without materialising ``Λ`` (autograd-friendly)."""
-        out = {n: self._diag[n] * t for n, t in x.items()}
+    def _matvec(self, x: Mapping[str, Tensor], wide: bool = False) -> dict[str, Tensor]:
+        """``Λ x`` without materialising ``Λ`` (autograd-friendly). With ``wide``, in float64: ``x``, ``D`` and the
+        factors cast (:meth:`KronTerm.exact <bayescl.gaussian.kron_terms.KronTerm.exact>`), the matrix ``η`` is
+        computed with and the mean solved with (:meth:`KronBlock.solve
+        <bayescl.gaussian.kron_block.KronBlock.solve>`)."""
+        if wide:
+            x = {n: widen(t) for n, t in x.items()}
+        diag = {n: widen(d) for n, d in self._diag.items()} if wide else self._diag
+        out = {n: diag[n] * t for n, t in x.items()}
         for layer, spec in self._layers.items():
             if self._terms[layer]:
-                kb = apply_terms(self._terms[layer].values(), to_block(spec, x))
+                ts = self._terms[layer].values()
+                if wide:
+                    ts = [t.exact(wide_dtype(t.A.device)) for t in ts]
+                kb = apply_terms(ts, to_block(spec, x))
                 for n, v in from_block(spec, kb, x).items():
                     out[n] = out[n] + v
         return out
@@ -217,13 +251,14 @@ class KronStore:
 
     @property
     def mean(self) -> dict[str, Tensor]:
-        """``μ = Λ⁻¹ η`` (cached; raises ``ValueError`` on an improper Gaussian)."""
+        """``μ = Λ⁻¹ η`` (cached; raises ``ValueError`` on an improper Gaussian), solved in float64 and returned in
+        the parameters' dtype."""
         if self._mean is None:
             self._require_diag_proper("mean")
             mu = {n: self._eta[n] / self._diag[n] for n in self._eta if n not in self._owned()}
             for layer, spec in self._layers.items():
                 mu.update(from_block(spec, self.block(layer).solve(to_block(spec, self._eta)), self._eta))
-            self._mean = {n: mu[n] for n in self._eta}
+            self._mean = {n: mu[n].to(self._diag[n].dtype) for n in self._eta}
         return dict(self._mean)
 
     def _aligned(self, other: object, op: str) -> tuple[dict, dict]:
@@ -246,7 +281,8 @@ class KronStore:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain nested dicts of tensors, with ``"kind": "kron"``."""
+        """Plain nested dicts of tensors, with ``"kind": "kron"`` (``"eta"`` in float64; a state with a float32
+        ``"eta"``, saved before it was kept in float64, loads too)."""
         return {"kind": self.kind, "eta": dict(self._eta), "diag": dict(self._diag),
                 "layers": {k: tuple(v) for k, v in self._layers.items()}, "terms": terms_to_state(self._terms),
                 "mean": None if self._mean is None else dict(self._mean)}

@@ -4,10 +4,16 @@ truncation and the nearest-Kronecker-pair merge of a sum of terms (Van Loan & Pi
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+
+def symmetric(M: Tensor) -> Tensor:
+    """``(M + Mᵀ)/2``, exactly symmetric: a product ``Xᵀ X`` accumulated in float32 is symmetric only up to rounding,
+    and an eigendecomposition reads one triangle while a matrix product reads both."""
+    return 0.5 * (M + M.mT)
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,29 @@ class KronTerm:
     #: optional diagonals kept beside the low-rank factors: ``A = UA UAᵀ + diag(dA)`` (``dG`` likewise)
     dA: Tensor | None = None
     dG: Tensor | None = None
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KronTerm:
+        """The same term (same tag) with every tensor moved to ``device`` / cast to ``dtype``."""
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return replace(self, **{f: mv(getattr(self, f)) for f in ("A", "G", "UA", "UG", "dA", "dG")})
+
+    def exact(self, dtype: torch.dtype) -> KronTerm:
+        """The term cast to ``dtype`` (float64 for the mean), with the dense form of a low-rank factor rebuilt
+        there, ``A = sym(UA UAᵀ) (+ diag(dA))``, so that it and :meth:`apply` (through ``UA``) are one matrix to
+        ``dtype``'s rounding."""
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        def dense(M: Tensor, U: Tensor | None, d: Tensor | None) -> Tensor:
+            if U is None:
+                return M.to(dtype)
+            low = symmetric(U @ U.T)
+            return low if d is None else low + torch.diag(d)
+
+        UA, UG, dA, dG = cast(self.UA), cast(self.UG), cast(self.dA), cast(self.dG)
+        return replace(self, A=dense(self.A, UA, dA), G=dense(self.G, UG, dG), UA=UA, UG=UG, dA=dA, dG=dG)
 
     def apply(self, x: Tensor) -> Tensor:
         """``G x A`` for a block ``x`` (``out × p``), through the low-rank factors when present.
@@ -52,7 +81,7 @@ def low_rank_factor(M: Tensor, rank: int, keep_diagonal: bool = False) -> tuple[
         return M, None, None
     w, V = torch.linalg.eigh(M)
     U = V[:, -rank:] * w[-rank:].clamp_min(0).sqrt()
-    low = U @ U.T
+    low = symmetric(U @ U.T)
     if not keep_diagonal:
         return low, U, None
     d = (torch.diagonal(M) - torch.diagonal(low)).clamp_min(0)
