@@ -85,4 +85,6 @@ def test_two_nodes_equal_one_process_on_the_union(runs, method, assert_states_cl
     out = _out(runs)
     two = job.load_numbers(out / f"{method}-node0.pt")
     one = job.load_numbers(out / "one" / f"{method}-rank0.pt")
-    assert_states_close(two, one, 1e-10, method)
+    assert {"servers", "weights"} <= set(two)
+    # the one-process job records more (replay memory, function sites: empty for Laplace); compare what a node records
+    assert_states_close(two, {k: one[k] for k in two}, 1e-10, method)

@@ -315,8 +315,10 @@ def test_kron_laplace_predictive_is_centred_on_the_network_and_as_accurate(make_
     cb = LaplaceCallback(structure="kron", lam=100.0, online=True)
     make_trainer(cb, epochs=2).fit(module, DataLoader(stream[0].train, batch_size=32, shuffle=True))
     w = {n: p.detach() for n, p in module.named_parameters()}
-    solved = cb.server.posterior().mean  # the cause: the solve loses the mean
-    assert max(float((solved[n] - w[n]).norm() / w[n].norm()) for n in ("model.heads.0.weight",)) > 0.5
+    # the cause was the float32 solve, which lost the mean (> 50 % off on the head); the core now keeps η in float64
+    # and solves in float64 (tests/gaussian/test_kron_mean_precision.py), so the solved mean is the weights too
+    solved = cb.server.posterior().mean
+    assert max(float((solved[n] - w[n]).norm() / w[n].norm()) for n in w) < 1e-5
     for q in (cb.posterior(), cb.predictive_posterior()):
         for n, weight in w.items():
             torch.testing.assert_close(q.mean[n], weight, rtol=0, atol=0)
