@@ -160,7 +160,7 @@ def test_kl_gradient_is_added_once_scaled_by_n(make_module, tmp_path):
 def test_ml_init_first_epochs_are_deterministic(make_trainer, make_module):
     s = _stream()
     module = make_module()
-    cb = VCLCallback(ml_init=True, ml_epochs=1, test_samples=2)
+    cb = VCLCallback(ml_init=True, ml_epochs=1, test_samples=2, logvar_init=-6.0)  # a constant, to compare with
     seen = []
 
     class Probe(pl.Callback):
@@ -175,7 +175,7 @@ def test_ml_init_first_epochs_are_deterministic(make_trainer, make_module):
     assert module.model.trunk[1].stochastic  # sampling again after the fit
     module2 = make_module()
     seen.clear()
-    make_trainer(VCLCallback(ml_init=True, ml_epochs=1, test_samples=2), 2, extra=[Probe()]).fit(
+    make_trainer(VCLCallback(ml_init=True, ml_epochs=1, test_samples=2, logvar_init=-6.0), 2, extra=[Probe()]).fit(
         module2, _loader(s[0].train))
     assert seen == [False, True]
     assert not bool((module2.model.trunk[1].weight_logvar == -6.0).all())
