@@ -14,8 +14,9 @@ from bayescl.gaussian.kron_block import from_block, to_block
 
 
 class PriorGradient:
-    r"""``grad += scale · (Λθ − η)`` for one Gaussian and a fixed list of parameters, fused: the same numbers as
-    ``q.quadratic_grad`` (then ``add``), without its temporaries. The elementwise part ``D ⊙ θ − η``
+    r"""``grad += scale · (Λθ − η)`` for one Gaussian and a fixed list of parameters, fused: the numbers of
+    ``q.quadratic_grad`` (then ``add``) up to float32 rounding (a Kronecker ``quadratic_grad`` works in float64, so
+    that it vanishes at the mean), without its temporaries. The elementwise part ``D ⊙ θ − η``
     (``q.elementwise_precision()``; all of ``Λ`` for a :class:`~bayescl.gaussian.diag.DiagGaussian`) is two
     ``_foreach`` passes over memory; each Kronecker block of ``q.blocks()`` whose parameters are all in
     ``params`` then adds its ``Σ s_i G_i W̃ A_i`` to the weight and bias gradients. ``q`` is moved once to the
