@@ -15,7 +15,7 @@ over a λ grid; Avalanche's experience replay at bayescl's ER memory: ``Naive`` 
 ``mem_size`` = 200 x 5, of which each experience keeps 200 from the start, as ``ReplayCallback`` does); each step
 concatenates a current and a memory minibatch of 64 and averages the loss over both (``ReplayCallback`` adds the
 two means: twice the gradient, the same direction); bayescl's ``LaplacePlugin`` inside ``Naive`` with the callback of the ``laplace-diag`` and
-``laplace-kron`` recipes (no λ: the Bayesian scaling). λ is chosen on the *test* accuracy (there is no validation
+``laplace-kron`` recipes (λ 1 and 100) and of ``laplace-default`` (``LaplaceCallback()``: its defaults). λ is chosen on the *test* accuracy (there is no validation
 split), which flatters the tuned baselines. The ``strategies/avalanche-*.yaml`` recipes (key ``avalanche:``,
 ``class_path`` / ``init_args``; a mapping with a ``class_path`` anywhere in ``init_args``, e.g. a plugin and its
 storage policy, is built too) can be run with ``--recipes``; ``--ours`` adds bayescl harness results to the table
@@ -141,7 +141,7 @@ def grid(ewc_lambdas=(1e2, 1e3, 1e4), si_lambdas=(1.0, 10.0, 100.0),
         runs.append({"name": f"si lam={lam:g}", "class_path": "avalanche.training.SynapticIntelligence",
                      "init_args": {"si_lambda": lam}})
     runs.append(replay_spec(memory_per_task))
-    for recipe in ("laplace-diag", "laplace-kron"):
+    for recipe in ("laplace-diag", "laplace-kron", "laplace-default"):
         runs.append({"name": f"bayescl LaplacePlugin ({recipe} recipe)", "class_path": "avalanche.training.Naive",
                      "init_args": {}, "bayescl_recipe": recipe})
     return runs
