@@ -101,6 +101,10 @@ def _main(mode: str, out: Path, ckpt: str | None) -> None:
 
 
 # ================================================================================ the test
+#: what a gloo worker that aborts in C++ at teardown prints (see the test)
+TEARDOWN_RACE = "terminate called without an active exception"
+
+
 def _start(start_job, mode: str, out: Path, *extra: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
@@ -123,6 +127,12 @@ def test_killed_run_resumed_from_its_checkpoint_ends_on_the_uninterrupted_poster
     runs = {"full": _start(start_job, "full", full), "stop": _start(start_job, "stop", stop)}  # mostly importing
     rc_full, log_full, _ = runs["full"].finish(deadline)
     rc_stop, log_stop, _ = runs["stop"].finish(deadline)
+    if rc_full not in (0, None) and TEARDOWN_RACE in log_full and "max_epochs=4` reached" in log_full:
+        # A gloo worker once aborted in C++ after the fit had finished ("terminate called without an active
+        # exception", SIGABRT) on a loaded 2-core machine. That is process teardown, not the resume under test, so
+        # the uninterrupted run goes once more; any other failure, or the same one twice, fails the test.
+        rc_full, log_full, _ = _start(start_job, "full", tmp_path / "full-again").finish(deadline + 60.0)
+        full, deadline = tmp_path / "full-again", time.monotonic()  # the resume below keeps its own 40 s
     assert rc_full == 0, log_full[-3000:]
     assert rc_stop is not None and rc_stop != 0, log_stop[-3000:]  # killed (SIGKILL), not finished
     assert not (stop / "rank0.pt").exists() and (stop / CKPT).exists(), log_stop[-3000:]
