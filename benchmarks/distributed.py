@@ -16,9 +16,17 @@ fills the accuracy matrix.
   the curvature sums (counted by wrapping ``torch.distributed.all_reduce``: diag ``P`` floats, kron the Kronecker
   factors).
 
+``--lam`` mode (``lam.json`` / ``lam.md``): chooses ``PosteriorServerStrategy(lam=)`` on validation data. A seeded
+``--val-fraction`` (10 %) of each task's training examples (after ``--limit``) is held out; each candidate trains on
+the first ``--tune-tasks`` (3) tasks for every ``--tune-seeds`` seed and is scored by its mean validation accuracy over
+those tasks after the last of them (no test loader is built); the best (first on a tie) then runs over the whole
+stream for every ``--seeds`` seed and is tested, beside ``--compare-lam`` (1). The run's seed seeds the model, the data
+order, the validation split and the strategy's Monte Carlo labels. ``--resume`` keeps the finished runs of the file.
+
 Usage::
 
     .venv/bin/python benchmarks/distributed.py [--limit 2000] [--epochs 2] [--sync-every 1 10 50]
+    .venv/bin/python benchmarks/distributed.py --lam 1 10 100 1000 [--sync-every 10] [--tune-seeds 0] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -57,15 +65,20 @@ def worker(cfg: dict, result_path: Path) -> None:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     t_start = time.perf_counter()
-    stream = make_stream("split-mnist-task", root=cfg["root"], limit=cfg["limit"])
-    pl.seed_everything(0, verbose=False)
-    torch.manual_seed(0)
+    seed = cfg.get("seed", 0)
+    # lam mode: a seeded val_fraction of each task's training examples (after limit) is held out as validation
+    stream = make_stream("split-mnist-task", root=cfg["root"], limit=cfg["limit"],
+                         val_fraction=cfg.get("val_fraction", 0.0), seed=seed)
+    evaluate = cfg.get("evaluate", "test")  # "val": the tuning phase, which never builds a test loader
+    num_train = cfg.get("train_tasks") or len(stream)  # the tuning phase trains on the first tasks only
+    pl.seed_everything(seed, verbose=False)  # the data order (and Lightning's DistributedSampler seed)
+    torch.manual_seed(seed)  # the model's initialisation
     model = MultiHeadMLP(hidden=(256, 256), num_tasks=len(stream))
     module = ClassifierModule(model, num_tasks=len(stream), lr=1e-3)
     n_params = sum(p.numel() for p in model.parameters())
     kind, W = cfg["kind"], cfg["workers"]
     timeout = timedelta(seconds=cfg["timeout"])
-    R = torch.full((len(stream), len(stream)), float("nan"))
+    R = torch.full((num_train, num_train), float("nan"))
     fit_seconds, steps, prev, callbacks, syncs, bytes_sync, bytes_gather = 0.0, 0, None, [], 0, 0, 0
     collective_bytes = [0]
     if kind == "laplace":
@@ -80,13 +93,14 @@ def worker(cfg: dict, result_path: Path) -> None:
 
         dist.all_reduce = counted
     rank = 0
-    for i, task in enumerate(stream):
+    for i, task in enumerate(stream.tasks[:num_train]):
         if kind in ("ddp", "laplace") and W > 1:
             # the multi-head model leaves the other tasks' heads unused at every step
             strategy = DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timeout)
         elif kind == "posterior_server":
+            lam = {"lam": cfg["lam"]} if cfg.get("lam") is not None else {}  # else the strategy's default
             strategy = PosteriorServerStrategy(sync_every=cfg["sync_every"], prior=prev,
-                                               gather_sites=cfg.get("gather_sites", True),
+                                               gather_sites=cfg.get("gather_sites", True), seed=seed, **lam,
                                                process_group_backend="gloo", timeout=timeout)
         else:
             strategy = "auto"
@@ -105,21 +119,26 @@ def worker(cfg: dict, result_path: Path) -> None:
         if rank == 0:
             module.eval()
             with torch.no_grad():
-                for j, t in enumerate(stream):
+                for j, t in enumerate(stream.tasks[:num_train]):
                     correct = total = 0
-                    for x, y, tid in t.test_dataloader(batch_size=1000):
+                    data = t.test_dataloader(batch_size=1000) if evaluate == "test" else \
+                        t.val_dataloader(batch_size=1000)
+                    for x, y, tid in data:
                         correct += int((module(x, tid).argmax(-1) == y).sum())
                         total += len(y)
                     R[i, j] = correct / total
             module.train()
-            print(f"[{cfg['name']}] task {i + 1}: acc on seen {100 * float(R[i, :i + 1].mean()):.2f}", flush=True)
+            acc = 100 * float(R[i, :i + 1].mean())
+            print(f"[{cfg['name']}] task {i + 1}: {evaluate} acc on seen {acc:.2f}", flush=True)
     if rank != 0:
         return
     if kind in ("ddp", "laplace") and W > 1:
         bytes_sync = steps * n_params * 4  # one all-reduce of every gradient per optimizer step
         bytes_gather = collective_bytes[0]  # the curvature all-reduce at the end of each task
-    epochs_total = len(stream) * cfg["epochs"]
-    res = {**cfg, **summarize(R), "accuracy_matrix": R.tolist(), "fit_seconds": fit_seconds,
+    epochs_total = num_train * cfg["epochs"]
+    prefix = "" if evaluate == "test" else "val_"  # a validation matrix is never read as a test result
+    summary = {prefix + k: v for k, v in {**summarize(R), "accuracy_matrix": R.tolist()}.items()}
+    res = {**cfg, **summary, "fit_seconds": fit_seconds,
            "process_seconds": time.perf_counter() - t_start, "optimizer_steps_per_worker": steps,
            "num_params": n_params, "syncs": syncs if kind == "posterior_server" else (steps if W > 1 else 0),
            "bytes_allreduce": bytes_sync, "bytes_gather": bytes_gather,
@@ -188,17 +207,197 @@ def to_markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------- lam mode
+def _mean_std(values: list[float]) -> dict:
+    import statistics
+
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _pm(stat: dict, scale: float = 100.0) -> str:
+    if len(stat["values"]) == 1:  # a std of one value is no information
+        return f"{scale * stat['mean']:.2f}"
+    return f"{scale * stat['mean']:.2f} ± {scale * stat['std']:.2f}"
+
+
+def lam_markdown(doc: dict) -> str:
+    tune, lines = doc["tune"], []
+    lines += [(f"# PosteriorServerStrategy's `lam`, chosen on validation data (split-MNIST task-IL, "
+               f"{doc['workers']} gloo processes)"), "",
+              "Commands:", "", *(f"    {c}" for c in doc["commands"]), "",
+              f"Protocol: {doc['protocol']}", "", f"Machine: {doc['machine']}", "",
+              f"## Tuning: validation only (first {tune['tune_tasks']} tasks, seeds {tune['tune_seeds']})", "",
+              ("Score: mean validation accuracy over the first tasks after training the last of them (averaged "
+               "over the tune seeds); no test data is read. The highest score is chosen (the first in grid order on "
+               "a tie)."),
+              "", "| lam | validation score (%) | per seed (%) | BWT on validation (%) | fit s |",
+              "|---|---|---|---|---|"]
+    for c in tune["candidates"]:
+        if c.get("error"):
+            lines.append(f"| {c['lam']:g} | failed: {c['error']} | | | |")
+            continue
+        mark = " **(chosen)**" if tune.get("chosen_lam") == c["lam"] else ""
+        lines.append(f"| {c['lam']:g}{mark} | {100 * c['val_score']:.2f} "
+                     f"| {', '.join(f'{100 * v:.2f}' for v in c['val_scores'])} | {_pm(c['val_bwt'])} "
+                     f"| {c['fit_seconds']:.1f} |")
+    lines += ["", f"Chosen: lam = {tune['chosen_lam']:g}" if tune.get("chosen_lam") is not None else
+              "Chosen: (tuning not finished)", "",
+              f"## Whole stream ({doc['num_tasks']} tasks), tested on the test sets, seeds {doc['seeds']}", "",
+              "| lam | role | avg acc (%) | BWT (%) | forgetting (%) | avg acc per seed (%) | fit s per seed |",
+              "|---|---|---|---|---|---|---|"]
+    for f in doc["final"]:
+        done = [r for r in f["runs"] if "error" not in r]
+        errors = [f"seed {r['seed']}: {r['error']}" for r in f["runs"] if "error" in r]
+        if not done:
+            lines.append(f"| {f['lam']:g} | {f['role']} | failed: {'; '.join(errors)} | | | | |")
+            continue
+        per_seed = ", ".join(f"{100 * r['avg_accuracy']:.2f} (s{r['seed']})" for r in done)
+        fit = ", ".join(f"{r['fit_seconds']:.1f}" for r in done)
+        failed = f" failed: {'; '.join(errors)}" if errors else ""
+        lines.append(f"| {f['lam']:g} | {f['role']} | {_pm(f['avg_accuracy'])} | {_pm(f['bwt'])} "
+                     f"| {_pm(f['forgetting'])} | {per_seed} | {fit} |{failed}")
+    lines += ["", *doc["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_lam(args: argparse.Namespace, argv: list[str]) -> None:
+    """Choose ``PosteriorServerStrategy(lam=)`` on validation data, then run the choice (and ``--compare-lam``)
+    over the whole stream and test it; writes ``lam.json`` and ``lam.md`` after every finished run."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    K = args.sync_every[0] if args.sync_every else 10
+    if args.sync_every and len(args.sync_every) > 1:
+        raise SystemExit("--lam takes one --sync-every value")
+    json_path, md_path = out / f"{args.lam_name}.json", out / f"{args.lam_name}.md"
+    base = {"kind": "posterior_server", "workers": args.workers, "sync_every": K, "limit": args.limit,
+            "epochs": args.epochs, "batch_size": args.batch_size, "root": args.root, "timeout": 120,
+            "val_fraction": args.val_fraction}
+    command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distributed.py",
+                        *(shlex.quote(a) for a in argv)])
+    old = json.loads(json_path.read_text()) if args.resume and json_path.exists() else None
+    finished = {}  # (phase, lam, seed) -> a finished run of the same configuration, kept by --resume
+    if old is not None:
+        for r in [*(r for c in old["tune"]["candidates"] for r in c.get("runs", [])),
+                  *(r for f in old["final"] for r in f["runs"])]:
+            if "error" not in r and all(r.get(k) == v for k, v in base.items()):  # the same protocol
+                finished[(r["evaluate"], r["lam"], r["seed"])] = r
+    doc = {
+        "commands": [*(old["commands"] if old else []), command],
+        "workers": args.workers, "num_tasks": 5, "seeds": args.seeds,
+        "protocol": (f"split-MNIST task-IL, 5 tasks, first {args.limit} train and test examples per task, of which "
+                     f"a seeded {args.val_fraction:.0%} of the training examples (seeded by the run's seed) is held "
+                     f"out as validation (not trained on, in tuning and final runs alike); {args.epochs} epoch(s) per "
+                     f"task, MultiHeadMLP 2x256, Adam 1e-3, batch {args.batch_size} per worker, "
+                     f"PosteriorServerStrategy(sync_every={K}, lam=<candidate>, seed=<run seed>), other arguments at "
+                     f"their defaults, {args.workers} gloo CPU processes, one Trainer per task, the next task's prior "
+                     "= the previous server. The run's seed seeds the model initialisation, the data order "
+                     "(pl.seed_everything, hence DistributedSampler), the validation split and the strategy's MC "
+                     "labels."),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores shared with other "
+                   f"processes, torch + pytorch-lightning on {platform.python_version()}",
+        "tune": {"protocol": (f"each candidate trains on the first {args.tune_tasks} tasks (seeds "
+                              f"{args.tune_seeds}) and is scored by its validation average accuracy over those tasks "
+                              "after the last of them, averaged over the seeds; highest score wins, first in grid "
+                              "order on a tie; no test loader is built"),
+                 "grid": args.lam, "tune_tasks": args.tune_tasks, "tune_seeds": args.tune_seeds,
+                 "val_fraction": args.val_fraction, "candidates": [], "chosen_lam": None},
+        "final": [],
+        "notes": [
+            ("- Every run trains on 90 % of the first `limit` training examples of a task (the validation part is "
+             "held out in the final runs too), so its numbers are not those of results.md, which trains on all of "
+             "them and seeds everything with 0."),
+            ("- avg acc: mean test accuracy over the 5 tasks after the last one; BWT: backward transfer; "
+             "mean ± std (sample std) over seeds."),
+            ("- Wall times are indicative only: 2 CPU cores shared with other jobs, every process with "
+             "OMP_NUM_THREADS=1."),
+        ],
+    }
+
+    def save() -> None:
+        json_path.write_text(json.dumps(doc, indent=1))
+        md_path.write_text(lam_markdown(doc))
+
+    def one(lam: float, seed: int, evaluate: str) -> dict:
+        key = (evaluate, lam, seed)
+        if key in finished:
+            print(f"== kept {evaluate} lam={lam:g} seed={seed} from {json_path.name}", flush=True)
+            return finished[key]
+        name = f"{'tune' if evaluate == 'val' else 'final'}_lam{lam:g}_s{seed}"
+        cfg = {**base, "name": name, "lam": lam, "seed": seed, "evaluate": evaluate,
+               "train_tasks": args.tune_tasks if evaluate == "val" else None}
+        print(f"== {name}", flush=True)
+        r = run_config(cfg, out, args.timeout)
+        if "error" in r:
+            print(f"   -> {r['error']}", flush=True)
+        else:
+            acc = r["val_avg_accuracy" if evaluate == "val" else "avg_accuracy"]
+            print(f"   -> {evaluate} avg acc {100 * acc:.2f}, fit {r['fit_seconds']:.1f} s", flush=True)
+        return r
+
+    for lam in args.lam:  # tuning: validation only
+        cand = {"lam": lam, "runs": []}
+        doc["tune"]["candidates"].append(cand)
+        for seed in args.tune_seeds:
+            cand["runs"].append(one(lam, seed, "val"))
+            ok = [r for r in cand["runs"] if "error" not in r]
+            errors = [r["error"] for r in cand["runs"] if "error" in r]
+            cand.update({"val_scores": [r["val_avg_accuracy"] for r in ok],
+                         "val_score": _mean_std([r["val_avg_accuracy"] for r in ok])["mean"] if ok else None,
+                         "val_bwt": _mean_std([r["val_bwt"] for r in ok]) if ok else None,
+                         "fit_seconds": sum(r["fit_seconds"] for r in ok) / max(1, len(ok)),
+                         **({"error": "; ".join(errors)} if errors else {})})
+            if not errors:
+                cand.pop("error", None)
+            save()
+    scored = [c for c in doc["tune"]["candidates"] if "error" not in c]
+    if not scored:
+        raise SystemExit("every tuning candidate failed")
+    chosen = max(scored, key=lambda c: c["val_score"])["lam"]  # max keeps the first on a tie
+    doc["tune"]["chosen_lam"] = chosen
+    save()
+    finals = [(chosen, "chosen on validation")]
+    if args.compare_lam is not None and args.compare_lam != chosen:
+        finals.append((args.compare_lam, "comparison (--compare-lam)"))
+    for lam, role in finals:  # the whole stream, tested
+        f = {"lam": lam, "role": role, "runs": []}
+        doc["final"].append(f)
+        for seed in args.seeds:
+            f["runs"].append(one(lam, seed, "test"))
+            ok = [r for r in f["runs"] if "error" not in r]
+            for k in ("avg_accuracy", "bwt", "forgetting"):
+                f[k] = _mean_std([r[k] for r in ok]) if ok else None
+            save()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, default=2000, help="training and test examples kept per task")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--sync-every", type=int, nargs="+", default=[1, 10, 50])
+    p.add_argument("--sync-every", type=int, nargs="+", default=None,
+                   help="K of the posterior_server runs (default 1 10 50; with --lam one value, default 10)")
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed"))
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     p.add_argument("--only", nargs="*", help="run only these configuration names")
+    g = p.add_argument_group("lam mode: choose PosteriorServerStrategy's lam on validation data (writes lam.json/.md)")
+    g.add_argument("--lam", type=float, nargs="+", help="the candidate grid; switches to this mode")
+    g.add_argument("--tune-tasks", type=int, default=3, help="tasks each candidate trains and is validated on")
+    g.add_argument("--tune-seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the whole-stream test runs")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held out of each task's training examples")
+    g.add_argument("--compare-lam", type=float, default=1.0,
+                   help="also run this lam over the whole stream (default 1, the strategy's old default)")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--lam-name", default="lam", help="file stem of the JSON and markdown written")
+    g.add_argument("--resume", action="store_true", help="keep the finished runs of the same file")
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if args.lam:
+        run_lam(args, argv)
+        return
+    args.sync_every = args.sync_every or [1, 10, 50]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = {"limit": args.limit, "epochs": args.epochs, "batch_size": args.batch_size, "root": args.root,
