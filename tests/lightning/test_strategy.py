@@ -59,7 +59,8 @@ def _trainer(strategy, devices):
 def _strategy(**kw):
     from bayescl.lightning.strategy import PosteriorServerStrategy
 
-    return PosteriorServerStrategy(sync_every=K, fisher="exact", timeout=timedelta(seconds=30),
+    # lam=1: the references below are the unscaled Laplace site (the default lam is tested apart)
+    return PosteriorServerStrategy(sync_every=K, fisher="exact", lam=1.0, timeout=timedelta(seconds=30),
                                    process_group_backend="gloo", **kw)
 
 
