@@ -231,8 +231,10 @@ def markdown(result: dict[str, Any]) -> str:
         acc, bwt, wall = r["avg_accuracy"], r["bwt"], r["wall_seconds"]
         pm = lambda d, k=100: f"{k * d['mean']:.2f}" + (f" ± {k * d['std']:.2f}" if d["std"] else "")
         lines.append(f"| {r['name']} | {r['runs_in']} | {pm(acc)} | {pm(bwt)} | {pm(wall, 1)} | {len(r['per_seed'])} |")
-    lines += ["", ("λ chosen on test accuracy (no validation split). Wall time: training plus the evaluations after "
-                   "every experience, one process, `OMP_NUM_THREADS=1`, on a 2-core CPU shared with other jobs."), ""]
+    swept = any("lam=" in r["name"] for r in result["runs"])  # the grid's EWC / SI rows
+    lines += ["", ("The lam=… rows' λ was chosen on test accuracy (no validation split). " if swept else "")
+              + ("Wall time: training plus the evaluations after every experience, one process, "
+                 "`OMP_NUM_THREADS=1`, on a 2-core CPU shared with other jobs."), ""]
     return "\n".join(lines)
 
 
