@@ -73,6 +73,7 @@ def make_callback(method: str, devices: int | str = 2):
         return ReplayCallback(memory_per_task=MEMORY, replay_batch_size=BS if devices == 1 else None)
     if method.startswith("functional"):  # tau = N_t: the functional gradient is as large as the task's (the test sees it)
         return FunctionalPriorCallback(memory_size=MEMORY, points_per_step=4, tau=float(N_TRAIN), structure="diag",
+                                       selection="hessian",  # scores computed on every rank: the harder case
                                        predictive_prior_precision="train")
     if method.startswith("vcl"):
         return VCLCallback(coreset_size=CORESET, coreset_epochs=0, test_samples=1)

@@ -207,3 +207,26 @@ def test_avalanche_plugin_single_and_multi_head():
         FunctionalPriorPlugin(auto_end_task=True)
     with pytest.raises(TypeError, match="FunctionalPriorCallback"):
         FunctionalPriorPlugin(callback=object())
+
+
+def test_default_selection_is_the_seeded_random_choice_not_the_hessian_one():
+    """The default ``selection`` is ``"random"`` (chosen on validation data, benchmarks/results/function-space-tuned):
+    the default callback stores the points ``selection="random"`` stores, and not FROMP's Hessian top points."""
+    torch.manual_seed(0)
+    model = MLP(in_features=2, hidden=(8,), num_classes=2)
+    batches = list(DataLoader(blobs(0.0, False, n=64), batch_size=16))
+
+    def points(**kw):
+        cb = FunctionalPriorCallback(memory_size=6, **kw)
+        return cb.function_site(model, batches, posterior=_unit_posterior(model), task=0).inputs[0]
+
+    default, rand, hess = points(), points(selection="random"), points(selection="hessian")
+    assert torch.equal(default, rand)
+    assert not torch.equal(default, hess)
+
+
+def _unit_posterior(model):
+    from bayescl.gaussian import DiagGaussian
+
+    return DiagGaussian.from_mean_precision({n: p.detach().clone() for n, p in model.named_parameters()},
+                                            {n: torch.ones_like(p) for n, p in model.named_parameters()})
