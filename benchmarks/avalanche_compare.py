@@ -54,7 +54,7 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
 from bayescl.avalanche import LaplacePlugin
-from bayescl.harness.metrics import summarize
+from bayescl.harness.metrics import mean_std, summarize
 from bayescl.harness.recipes import load_recipe
 
 #: ``--setting`` -> the SplitMNIST options and the outputs of the (single) head; ``task`` is multi-head
@@ -206,11 +206,6 @@ def run_one(spec: dict[str, Any], benchmark, seed: int, args) -> dict[str, Any]:
             "wall_seconds": time.perf_counter() - t0, "fit_seconds": fit}
 
 
-def _agg(values: list[float]) -> dict[str, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
-
-
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Avalanche 0.6 strategies vs bayescl on {result['scenario']}",
@@ -322,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         entry["per_seed"] = per_seed
         for k in ("avg_accuracy", "bwt", "forgetting", "wall_seconds", "fit_seconds"):
-            entry[k] = _agg([r[k] for r in per_seed])
+            entry[k] = mean_std([r[k] for r in per_seed])
         result["runs"].append(entry)
         print(f"{spec['name']}: acc {100 * entry['avg_accuracy']['mean']:.2f}, "
               f"wall {entry['wall_seconds']['mean']:.1f} s", flush=True)

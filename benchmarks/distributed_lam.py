@@ -18,10 +18,10 @@ from pathlib import Path
 
 
 def _mean_std(values: list[float]) -> dict:
-    import statistics
+    """:func:`~bayescl.harness.metrics.mean_std` with the values kept (the report prints one value without a ±)."""
+    from bayescl.harness.metrics import mean_std
 
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {**mean_std(values), "values": values}
 
 
 def _pm(stat: dict, scale: float = 100.0) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl.harness.avalanche_recipes import check_harness_recipe
 from bayescl.harness.data import Scenario, TaskStream, make_stream
-from bayescl.harness.metrics import AccuracyMatrix, summarize
+from bayescl.harness.metrics import AccuracyMatrix, mean_std, summarize
 from bayescl.harness.models import MLP, MultiHeadMLP, SmallCNN
 from bayescl.harness.module import ClassifierModule
 from bayescl.harness.recipes import Recipe, load_recipe
@@ -300,11 +300,6 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
     }
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
-
-
 def _aggregate(result: dict[str, Any]) -> None:
     """The accuracy matrices and the mean ± std of every per-seed number, from ``result["per_seed"]``."""
     runs = result["per_seed"]
@@ -316,7 +311,7 @@ def _aggregate(result: dict[str, Any]) -> None:
     for key in ("avg_accuracy", "bwt", "forgetting", "val_avg_accuracy", "val_bwt", "val_forgetting",
                 "wall_seconds", "fit_seconds", "end_task_seconds", "step_ms"):
         if key in runs[0]:
-            result[key] = _mean_std([r[key] for r in runs])
+            result[key] = mean_std([r[key] for r in runs])
 
 
 def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/results", log=print,

@@ -112,3 +112,10 @@ class AccuracyMatrix(Metric):
     def compute(self) -> Tensor:
         R = self.correct.double() / self.total.double()
         return torch.where(self.total > 0, R, torch.full_like(R, float("nan")))
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """``{"mean", "std"}`` of per-seed numbers (sample standard deviation; 0 for a single value), as results report
+    them."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
