@@ -32,7 +32,7 @@ BS, EPOCHS, HIDDEN, N_TRAIN, CORESET, MEMORY = 8, 2, (8,), 32, 4, 12
 #: "vcl" trains without weight noise (comparable with one process); "vcl-noisy" as users do (DDP only)
 #: "functional-skewed" (DDP only): FROMP with rank 1's memorability scores negated, a stand-in for a rank whose
 #: numbers differ (non-deterministic kernels): without rank 0's site on every rank, rank 1 would pick other points
-METHODS = ("diag", "kron", "vcl", "vcl-noisy", "replay", "functional", "functional-skewed")
+METHODS = ("diag", "kron", "vcl", "vcl-noisy", "replay", "functional", "functional-skewed", "functional-random")
 
 
 def numbers_only(state):
@@ -73,7 +73,9 @@ def make_callback(method: str, devices: int | str = 2):
         return ReplayCallback(memory_per_task=MEMORY, replay_batch_size=BS if devices == 1 else None)
     if method.startswith("functional"):  # tau = N_t: the functional gradient is as large as the task's (the test sees it)
         return FunctionalPriorCallback(memory_size=MEMORY, points_per_step=4, tau=float(N_TRAIN), structure="diag",
-                                       selection="hessian",  # scores computed on every rank: the harder case
+                                       # the Hessian scores are computed on every rank (the harder case); "-random": the
+                                       # callback's default selection
+                                       **({} if method == "functional-random" else {"selection": "hessian"}),
                                        predictive_prior_precision="train")
     if method.startswith("vcl"):
         return VCLCallback(coreset_size=CORESET, coreset_epochs=0, test_samples=1)

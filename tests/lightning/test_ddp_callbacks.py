@@ -24,7 +24,7 @@ JOB = Path(__file__).resolve().parent / "ddp_callbacks_job.py"
 sys.path.insert(0, str(JOB.parent))
 import ddp_callbacks_job as job
 
-COMPARED = ("diag", "kron", "vcl", "replay", "functional")
+COMPARED = ("diag", "kron", "vcl", "replay", "functional", "functional-random")
 #: each two-process run and the one-process run it must equal ("functional-skewed": rank 0's site on every rank)
 REFERENCE = {**{m: m for m in COMPARED}, "functional-skewed": "functional"}
 #: ddp_spawn: one Laplace and one VCL callback (each spawned fit costs two fresh interpreters)
@@ -132,13 +132,13 @@ def test_replay_memory_and_batches_are_the_whole_tasks_and_the_same_on_every_ran
     assert r0["last_replay_loss"] is not None and one["last_replay_loss"] is not None  # task 1 did replay
 
 
-@pytest.mark.parametrize("method", ["functional", "functional-skewed"])
+@pytest.mark.parametrize("method", ["functional", "functional-skewed", "functional-random"])
 def test_functional_sites_are_the_whole_tasks_and_the_same_on_every_rank(runs, method, assert_bitwise_equal):
     """Memorable points chosen from the whole task, as one process chooses them, and rank 0's site on every rank
     even when rank 1 computes other scores ("functional-skewed")."""
     out = _out(runs, 2)
     r0, r1 = job.load_numbers(out / f"{method}-rank0.pt"), job.load_numbers(out / f"{method}-rank1.pt")
-    one = job.load_numbers(_out(runs, 1) / "functional-rank0.pt")
+    one = job.load_numbers(_out(runs, 1) / f"{REFERENCE[method]}-rank0.pt")
     assert [list(s) for s in r0["sites"]] == [["task-0"], ["task-0", "task-1"]]
     assert_bitwise_equal(r0["sites"], r1["sites"])  # points, outputs and kernels
     assert r0["draws1"] == one["draws1"] > 0  # task 1 added the functional gradient at every step
