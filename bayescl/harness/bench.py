@@ -218,6 +218,9 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
     and posterior, as :func:`bayescl.lightning.resume_point` says).
     """
     check_harness_recipe(recipe)  # an Avalanche recipe would run as fine-tuning under its name
+    if "lr" in recipe.module:
+        raise ValueError(f"strategy={recipe.name!r} sets module.lr={recipe.module['lr']!r}; the learning rate is "
+                         "the run's (BenchConfig.lr, --lr): remove it from the recipe's 'module'.")
     pl.seed_everything(seed, verbose=False)
     stream = _stream(cfg, seed)
     module = ClassifierModule(default_model(stream, cfg.model), num_tasks=len(stream), lr=cfg.lr,

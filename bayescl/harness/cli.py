@@ -40,7 +40,9 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--first-seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per task (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="learning rate of Adam (or of the optimizer a recipe names under module:) "
+                        "(default: %(default)s)")
     p.add_argument("--model", default="mlp", choices=_MODELS,
                    help="mlp: the protocol's MLP; cnn: a small CNN; cnn-bn: the small CNN with BatchNorm after each "
                         "conv layer; all with one head per task in task-IL scenarios (default: %(default)s)")

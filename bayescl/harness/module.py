@@ -17,9 +17,11 @@ from bayescl._batches import split_batch
 from bayescl._checks import check_positive_int, check_real
 from bayescl.harness.metrics import AccuracyMatrix
 
+OPTIMIZERS = ("adam", "sgd")
+
 
 class ClassifierModule(pl.LightningModule):
-    """Cross-entropy training of ``model`` with Adam; per-task test accuracy.
+    """Cross-entropy training of ``model`` with Adam (or SGD); per-task test accuracy.
 
     A new optimizer is built at every ``fit`` (Lightning calls ``configure_optimizers`` each time), so Adam's
     moment estimates do not carry over from one task to the next.
@@ -27,13 +29,21 @@ class ClassifierModule(pl.LightningModule):
     Args:
         model: called as ``model(x)`` or ``model(x, task_id)``.
         num_tasks: tasks in the stream (size of the accuracy matrix).
-        lr: Adam's learning rate.
+        lr: the optimizer's learning rate.
+        optimizer: ``"adam"`` (the protocol's) or ``"sgd"`` (with ``momentum``); a recipe sets it under
+            ``module:``.
+        momentum: SGD's momentum (unused by Adam).
     """
 
-    def __init__(self, model: nn.Module, num_tasks: int, lr: float = 1e-3) -> None:
+    def __init__(self, model: nn.Module, num_tasks: int, lr: float = 1e-3, optimizer: str = "adam",
+                 momentum: float = 0.9) -> None:
         super().__init__()
         self.model = model
         self.lr = check_real(lr, "lr", low=0.0, low_open=True)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not valid; allowed: {', '.join(OPTIMIZERS)}.")
+        self.optimizer = optimizer
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         self.num_tasks = check_positive_int(num_tasks, "num_tasks")
         self.stage = 0
         self.acc_matrix = AccuracyMatrix(num_tasks)
@@ -64,4 +74,7 @@ class ClassifierModule(pl.LightningModule):
         return torch.softmax(self(*inputs), dim=-1)
 
     def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        return torch.optim.Adam(params, lr=self.lr)

@@ -19,7 +19,7 @@ A *grid* file (``benchmarks/grids/*.yaml``) lists variants of base recipes; ``GR
     variants:
       vcl-lv7:                     # the variant's recipe name (and its result file's name)
         init_args: {logvar_init: -7.0, train_samples: 1}   # merged into the base's first callback
-        description: ...           # optional; also ``data`` / ``trainer`` (merged) and ``base``
+        description: ...           # optional; also ``data`` / ``trainer`` / ``module`` (merged) and ``base``
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Recipe:
 
 
 GRID_KEYS = {"base", "variants"}
-VARIANT_KEYS = {"base", "description", "init_args", "data", "trainer"}
+VARIANT_KEYS = {"base", "description", "init_args", "data", "trainer", "module"}
 
 
 def grid_variants(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -139,7 +139,7 @@ def load_variant(grid: str | os.PathLike[str], variant: str) -> Recipe:
         callbacks[0]["init_args"] = {**(callbacks[0].get("init_args") or {}), **v["init_args"]}
     return Recipe(name=variant, description=v.get("description") or base.description, callbacks=callbacks,
                   trainer={**base.trainer, **(v.get("trainer") or {})}, data={**base.data, **(v.get("data") or {})},
-                  module=base.module, path=Path(grid), avalanche=base.avalanche)
+                  module={**base.module, **(v.get("module") or {})}, path=Path(grid), avalanche=base.avalanche)
 
 
 def load_recipe(name_or_path: str | os.PathLike[str]) -> Recipe:

@@ -125,6 +125,31 @@ def test_cli_runs_a_grid_variant(tmp_path, capsys):
     assert doc["strategy"] == "diag-lam3" and doc["config"]["strategy"] == f"{grid}#diag-lam3"
 
 
+def test_grid_variant_sets_the_module_optimizer(tmp_path, capsys):
+    """A variant's ``module`` reaches ClassifierModule: SGD trains, and its steps differ from Adam's."""
+    import torch
+
+    from bayescl.harness.module import ClassifierModule
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: laplace-diag\nvariants:\n  diag-sgd:\n    module: {optimizer: sgd, momentum: 0.5}\n"
+                    "  diag-lr:\n    module: {lr: 0.1}\n")
+    r = load_recipe(f"{grid}#diag-sgd")
+    assert r.module == {"optimizer": "sgd", "momentum": 0.5} and load_recipe("laplace-diag").module == {}
+    opt = ClassifierModule(torch.nn.Linear(2, 2), 1, lr=0.01, **r.module).configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5 and opt.defaults["lr"] == 0.01
+    assert isinstance(ClassifierModule(torch.nn.Linear(2, 2), 1).configure_optimizers(), torch.optim.Adam)
+    with pytest.raises(ValueError, match="optimizer='rmsprop' is not valid; allowed: adam, sgd"):
+        ClassifierModule(torch.nn.Linear(2, 2), 1, optimizer="rmsprop")
+    args = ["bench", "--scenario", "synthetic", "--epochs", "1", "--num-tasks", "2", "--out", str(tmp_path),
+            "--no-progress", "--no-report", "--no-uncertainty", "--lr", "0.05"]
+    assert main([*args, "--strategy", f"{grid}#diag-sgd"]) == 0
+    assert "| diag-sgd |" in capsys.readouterr().out
+    assert main([*args, "--strategy", f"{grid}#diag-lr"]) != 0
+    assert "strategy='diag-lr' sets module.lr=0.1; the learning rate is the run's" in capsys.readouterr().err
+    assert not (tmp_path / "synthetic" / "diag-lr.json").exists()
+
+
 def test_resume_continues_a_stopped_seed_to_the_same_result(tmp_path):
     """A seed stopped after its second task and resumed with --resume gives the uninterrupted run's results."""
     import json
