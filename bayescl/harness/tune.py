@@ -250,7 +250,7 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
                            "val_score_std": res[METRIC]["std"], "val_scores": per_seed,
                            "val_accuracy_matrix": res["val_accuracy_matrix"], "seeds": res["seeds"],
                            "wall_seconds": res["wall_seconds"]["mean"], "json": str(path)})
-        what = ", ".join(f"{a}={b}" for a, b in (spec.get("init_args") or {}).items()) or variant
+        what = _changes(spec) or variant
         log(f"[{k}/{len(names)}] {variant} ({what}): validation accuracy {100 * scores[variant]:.2f} on tasks "
             f"1-{cfg.tune_tasks}, {len(seeds)} seed(s), {res['wall_seconds']['mean']:.1f} s/seed"
             f"{' (finished earlier, kept: --resume)' if kept else ''}")
@@ -275,6 +275,12 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
             "choice": {k: chosen[k] for k in ("name", "strategy", "overrides", "val_score")}}
 
 
+def _changes(spec: dict[str, Any]) -> str:
+    """``k=v, ...``: what a variant sets on its base (its ``module`` arguments, then its ``init_args``)."""
+    changed = {**(spec.get("module") or {}), **(spec.get("init_args") or {})}
+    return ", ".join(f"{k}={v}" for k, v in changed.items())
+
+
 def run_tune(cfg: TuneConfig, out_dir: str | Path = "benchmarks/results/tuned", log=print,
              command: str | None = None) -> dict[str, Any]:
     """The whole protocol: :func:`tune_candidates`, then the chosen candidate over the whole stream.
@@ -287,7 +293,7 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path = "benchmarks/results/tuned", 
     tune = tune_candidates(cfg, out_dir, log=log, command=command)
     final = dataclasses.replace(cfg.run, strategy=tune["choice"]["strategy"], evaluate_test=True)
     overrides = tune["choice"]["overrides"]
-    what = ", ".join(f"{k}={v}" for k, v in (overrides.get("init_args") or {}).items()) or tune["choice"]["name"]
+    what = _changes(overrides) or tune["choice"]["name"]
     base = overrides.get("base") or tune["grid"]["base"]
     description = f"{base} with {what}, chosen on validation accuracy ({PROTOCOL}, {cfg.tune_tasks} tasks)."
     log(f"final run: {tune['choice']['name']} over the whole stream, {cfg.run.seeds} seed(s), tested")

@@ -209,7 +209,8 @@ def test_parse_grid_reads_yaml_scalars():
 
 def test_cli_tune_with_a_grid_file(tmp_path, capsys):
     grid = tmp_path / "g.yaml"
-    grid.write_text("base: laplace-diag\nvariants:\n  d1:\n    init_args: {lam: 1}\n  d3:\n    init_args: {lam: 3}\n")
+    grid.write_text("base: laplace-diag\nvariants:\n  d1:\n    init_args: {lam: 1}\n    module: {optimizer: sgd}\n"
+                    "  d3:\n    init_args: {lam: 3}\n    module: {optimizer: sgd}\n")
     out = tmp_path / "out"
     rc = main(["tune", "--scenario", "synthetic", "--grid-file", str(grid), "--tune-tasks", "1", "--num-tasks", "2",
                "--epochs", "1", "--out", str(out), "--no-progress", "--no-uncertainty", "--no-report"])
@@ -219,3 +220,4 @@ def test_cli_tune_with_a_grid_file(tmp_path, capsys):
     assert [c["name"] for c in doc["tune"]["candidates"]] == ["d1", "d3"]
     assert doc["tune"]["grid"]["file"] == str(grid) and doc["tune"]["grid"]["params"] is None
     assert f"| {doc['tune']['choice']['name']} (chosen) |" in printed and "| g |" in printed
+    assert "laplace-diag with optimizer=sgd, lam=" in doc["description"]  # a variant's module is part of the choice
