@@ -154,6 +154,15 @@ def eig_factor(t: KronTerm, delta: float, signed: bool = False) -> BlockFactor:
     return BlockFactor(lam=delta + t.scale * torch.outer(g, a), ug=ug, ua=ua)
 
 
+def _psd(t: KronTerm) -> KronTerm:
+    """The term with ``G`` and ``A`` clipped to their PSD parts (``U max(λ, 0) Uᵀ``)."""
+    def clip(m: Tensor) -> Tensor:
+        w, u = torch.linalg.eigh(m)
+        return (u * w.clamp_min(0)) @ u.T
+
+    return replace(t, A=clip(t.A), G=clip(t.G))
+
+
 class KronBlock:
     """The precision ``Λ = diag(D) + Σ_i s_i (G_i ⊗ A_i)`` of one layer's block (see the module docstring).
 
@@ -225,10 +234,16 @@ class KronBlock:
         elif len(ts) == 1 and delta is not None:
             f = eig_factor(ts[0], delta)
         elif self.diag.numel() <= self.dense_limit:
+            # in float64 (a weak base prior under strong curvature is beyond float32's Cholesky; see :meth:`solve`)
+            # with every factor clipped to PSD as the eigen form clips it: a rank-deficient float32 factor (a
+            # 2-way head's G) has eigenvalues of -1e-6 that, times A's, outweigh a base prior of 1e-4
+            wide = self.exact(wide_dtype(self.diag.device))
+            psd = KronBlock(self.layer, self.spec, wide.diag, [_psd(t) for t in wide.terms], self.dense_limit)
             try:
-                return BlockFactor(chol=torch.linalg.cholesky(self.dense()))
+                chol = torch.linalg.cholesky(psd.dense())
             except RuntimeError:
                 raise self._singular() from None
+            return BlockFactor(chol=chol.to(self.diag.dtype))
         elif approx:
             f = eig_factor(merge_terms(list(ts)), float(self.diag.mean()))
         else:

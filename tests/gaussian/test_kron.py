@@ -311,3 +311,35 @@ def test_low_rank_with_kept_diagonal_matches_dense_reference():
     assert back.terms["l"][0].dA is not None
     for n, g in back.quadratic_grad(theta).items():
         torch.testing.assert_close(g, got[n])
+
+
+def test_dense_factor_clips_float32_rounding_of_rank_deficient_factors() -> None:
+    """A 2-way head's G is rank one; in float32 its zero eigenvalue comes out at about -1e-6 of the largest, and
+    times A's eigenvalues that outweighs a base prior of 1e-4. The dense factor (two terms: no eigen form) must
+    factorise the PSD-clipped precision (as the eigen form clips), not call the site improper."""
+    from bayescl.gaussian.kron_block import KronBlock
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.tensor([1.0, -1.0]) / 2**0.5
+    terms = []
+    for s in (1.4, 153.0):
+        x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+        A = (x.T @ x).float()
+        G = (s * torch.outer(v, v)).float() - 4e-6 * torch.eye(2)  # float32 rounding: slightly indefinite
+        terms.append(KronTerm(A=A, G=G))
+    block = KronBlock("head", ("head.weight", None), torch.full((2, 6), 1e-4), terms)
+    assert float(torch.linalg.eigvalsh(block.exact(torch.float64).dense()).min()) < 0  # indefinite as stored
+    f = block.factor()
+    assert f.chol is not None and f.chol.dtype == torch.float32
+
+    def clip(m):
+        w, u = torch.linalg.eigh(m.double())
+        return (u * w.clamp_min(0)) @ u.T
+
+    ref = torch.diag(torch.full((12,), 1e-4, dtype=torch.float64))
+    for t in terms:
+        ref = ref + torch.kron(clip(t.G), clip(t.A))
+    torch.testing.assert_close(f.chol.double() @ f.chol.double().T, ref, rtol=1e-5, atol=1e-6)
+    r = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(f.solve(r.float()).double(), torch.linalg.solve(ref, r.reshape(-1)).reshape(2, 6),
+                               rtol=5e-2, atol=0.0)
