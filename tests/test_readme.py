@@ -45,19 +45,23 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
 
 @pytest.mark.parametrize("doc", [README, *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
 def test_links_resolve_inside_the_repository(doc):
+    def slugs(markdown: str) -> set[str]:
+        return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE)}
+
     text = doc.read_text()
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if target.startswith(("http://", "https://", "mailto:")):
             continue
         path, _, anchor = target.partition("#")
         if not path:  # a link to a heading of this page
-            slugs = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
-                     for h in re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)}
-            assert anchor in slugs, f"{doc.name}: no heading for #{anchor}"
+            assert anchor in slugs(text), f"{doc.name}: no heading for #{anchor}"
             continue
         resolved = (doc.parent / path).resolve()
         assert resolved.is_relative_to(ROOT), f"{doc.name} links outside the repository: {target}"
         assert resolved.exists(), f"{doc.name} links to a missing file: {target}"
+        if anchor and resolved.suffix == ".md":  # a heading of another page
+            assert anchor in slugs(resolved.read_text()), f"{doc.name}: {path} has no heading for #{anchor}"
 
 
 def test_lazy_submodules_after_a_bare_import():
