@@ -117,6 +117,19 @@ class BenchConfig:
                              "test data must not be read: set uncertainty=False.")
 
 
+def check_runnable(recipe: Recipe) -> None:
+    """Refuse, before any training, a recipe the harness cannot run as written.
+
+    Raises:
+        ValueError: an Avalanche recipe (it would train plain fine-tuning under its name), or a ``module:`` that
+            sets ``lr`` (the learning rate is the run's, ``BenchConfig.lr`` / ``--lr``).
+    """
+    check_harness_recipe(recipe)
+    if "lr" in recipe.module:
+        raise ValueError(f"strategy={recipe.name!r} sets module.lr={recipe.module['lr']!r}; the learning rate is "
+                         "the run's (BenchConfig.lr, --lr): remove it from the recipe's 'module'.")
+
+
 def _stream(cfg: BenchConfig, seed: int) -> TaskStream:
     if cfg.scenario.startswith("avalanche:"):
         from bayescl.harness.avalanche_stream import make_avalanche_stream
@@ -217,10 +230,7 @@ def run_seed(cfg: BenchConfig, recipe: Recipe, seed: int, log=print, state_dir: 
     (``fit(ckpt_path=...)`` of a committed checkpoint: the next task starts with a full budget from the saved weights
     and posterior, as :func:`bayescl.lightning.resume_point` says).
     """
-    check_harness_recipe(recipe)  # an Avalanche recipe would run as fine-tuning under its name
-    if "lr" in recipe.module:
-        raise ValueError(f"strategy={recipe.name!r} sets module.lr={recipe.module['lr']!r}; the learning rate is "
-                         "the run's (BenchConfig.lr, --lr): remove it from the recipe's 'module'.")
+    check_runnable(recipe)
     pl.seed_everything(seed, verbose=False)
     stream = _stream(cfg, seed)
     module = ClassifierModule(default_model(stream, cfg.model), num_tasks=len(stream), lr=cfg.lr,
@@ -332,7 +342,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
     """
     cfg.validate()
     recipe = load_recipe(cfg.strategy)
-    check_harness_recipe(recipe)  # before any training or output
+    check_runnable(recipe)  # before any training or output
     name = name or recipe.name
     _quiet_lightning()
     torch.set_num_threads(max(1, torch.get_num_threads()))

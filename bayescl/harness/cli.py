@@ -134,12 +134,14 @@ def _print_table(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from bayescl.harness.bench import run_benchmark
+    from bayescl.harness.bench import check_runnable, run_benchmark
+    from bayescl.harness.recipes import load_recipe
 
     command = "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     configs = [_bench_config(args, strategy) for strategy in args.strategy]
-    for cfg in configs:
-        cfg.validate()  # refuse bad input before any work
+    for cfg in configs:  # refuse bad input before any work, for every recipe named
+        cfg.validate()
+        check_runnable(load_recipe(cfg.strategy))
     for cfg in configs:
         run_benchmark(cfg, out_dir=args.out, command=command)
     _print_table(args)

@@ -145,9 +145,11 @@ def test_grid_variant_sets_the_module_optimizer(tmp_path, capsys):
             "--no-progress", "--no-report", "--no-uncertainty", "--lr", "0.05"]
     assert main([*args, "--strategy", f"{grid}#diag-sgd"]) == 0
     assert "| diag-sgd |" in capsys.readouterr().out
-    assert main([*args, "--strategy", f"{grid}#diag-lr"]) != 0
+    (tmp_path / "synthetic" / "diag-sgd.json").unlink()
+    assert main([*args, "--strategy", f"{grid}#diag-sgd", f"{grid}#diag-lr"]) != 0  # refused before the first runs
     assert "strategy='diag-lr' sets module.lr=0.1; the learning rate is the run's" in capsys.readouterr().err
     assert not (tmp_path / "synthetic" / "diag-lr.json").exists()
+    assert not (tmp_path / "synthetic" / "diag-sgd.json").exists()
 
 
 def test_resume_continues_a_stopped_seed_to_the_same_result(tmp_path):
