@@ -126,7 +126,8 @@ def test_cli_runs_a_grid_variant(tmp_path, capsys):
 
 
 def test_grid_variant_sets_the_module_optimizer(tmp_path, capsys):
-    """A variant's ``module`` reaches ClassifierModule: SGD trains, and its steps differ from Adam's."""
+    """A variant's ``module`` reaches ClassifierModule (SGD with its momentum, the run's lr) and a run trains with
+    it; a ``module.lr`` is refused before any recipe of the command runs."""
     import torch
 
     from bayescl.harness.module import ClassifierModule

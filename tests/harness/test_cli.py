@@ -48,7 +48,8 @@ def test_bench_help_lists_recipes_and_defaults(capsys):
     for name in available_recipes():
         assert name in out
     for default in ("number of seeds (default: 1)", "epochs per task (default: 5)",
-                    "training batch size (default: 64)", "learning rate of Adam (or of the optimizer a recipe names under module:) (default: 0.001)",
+                    "training batch size (default: 64)",
+                    "learning rate of Adam (or of the optimizer a recipe names under module:) (default: 0.001)",
                     "results folder (default: benchmarks/results)", "split-mnist-task", "GRID.yaml#"):
         assert default in out, default
 
