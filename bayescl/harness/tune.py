@@ -53,6 +53,8 @@ __all__ = ["METRIC", "TuneConfig", "choose", "parse_grid", "run_tune", "tune_can
 #: the per-seed number a candidate is scored by (mean over tune seeds)
 METRIC = "val_avg_accuracy"
 PROTOCOL = "first-tasks validation (Chaudhry et al. 2019)"
+#: the protocol's name when the tuning stream is the whole stream
+PROTOCOL_ALL = "all-tasks validation"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -256,11 +258,13 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
             f"{' (finished earlier, kept: --resume)' if kept else ''}")
     best = choose(scores)
     log(f"choice: {best} (validation accuracy {100 * scores[best]:.2f})")
+    whole = _tunes_whole_stream(cfg)
+    stream = f"all {cfg.tune_tasks} tasks" if whole else f"the first {cfg.tune_tasks} tasks only"
     protocol = {
-        "name": PROTOCOL,
+        "name": PROTOCOL_ALL if whole else PROTOCOL,
         "text": (f"Each task's training data split {100 * (1 - cfg.run.val_fraction):g}/{100 * cfg.run.val_fraction:g}"
-                 f" into train/validation (seeded by the run's seed). Every candidate trained on the first "
-                 f"{cfg.tune_tasks} tasks only ({cfg.epochs} epoch(s)/task, seed(s) {seeds}) and scored by its "
+                 f" into train/validation (seeded by the run's seed). Every candidate trained on {stream} "
+                 f"({cfg.epochs} epoch(s)/task, seed(s) {seeds}) and scored by its "
                  f"average validation accuracy over them after the last one; no test data read. The best "
                  f"(first on ties) was then run over the whole stream for {cfg.run.seeds} seed(s) and tested."),
         "val_fraction": cfg.run.val_fraction, "tune_tasks": cfg.tune_tasks, "tune_seeds": seeds,
@@ -273,6 +277,11 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
     chosen = next(c for c in candidates if c["name"] == best)
     return {"protocol": protocol, "grid": grid, "candidates": candidates,
             "choice": {k: chosen[k] for k in ("name", "strategy", "overrides", "val_score")}}
+
+
+def _tunes_whole_stream(cfg: TuneConfig) -> bool:
+    """Whether the tuning stream is the whole stream (then the protocol is not "first tasks" but "all tasks")."""
+    return cfg.tune_tasks == (cfg.run.num_tasks or _stream_length(cfg.run.scenario))
 
 
 def _changes(spec: dict[str, Any]) -> str:
@@ -295,7 +304,8 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path = "benchmarks/results/tuned", 
     overrides = tune["choice"]["overrides"]
     what = _changes(overrides) or tune["choice"]["name"]
     base = overrides.get("base") or tune["grid"]["base"]
-    description = f"{base} with {what}, chosen on validation accuracy ({PROTOCOL}, {cfg.tune_tasks} tasks)."
+    protocol = tune["protocol"]["name"]
+    description = f"{base} with {what}, chosen on validation accuracy ({protocol}, {cfg.tune_tasks} tasks)."
     log(f"final run: {tune['choice']['name']} over the whole stream, {cfg.run.seeds} seed(s), tested")
     return run_benchmark(final, out_dir=out_dir, log=log, command=command, name=_name(cfg),
                          header={"description": description, "tune": tune})

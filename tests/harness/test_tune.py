@@ -139,6 +139,16 @@ def test_tune_json_records_protocol_grid_scores_choice_and_report_reads_it(tmp_p
     assert load_results(Path(t["candidates"][0]["json"]).parent) == []
 
 
+def test_protocol_says_all_tasks_when_tuning_covers_the_whole_stream(tmp_path):
+    """Tuning on every task of the stream is not "first tasks" validation; the JSON and description say which."""
+    res = run_tune(_cfg(run={"num_tasks": 2}), out_dir=tmp_path, log=_quiet)
+    p = res["tune"]["protocol"]
+    assert p["name"] == "all-tasks validation" and "trained on all 2 tasks (" in p["text"]
+    assert "all-tasks validation, 2 tasks" in res["description"]
+    first = tune_candidates(_cfg(run={"num_tasks": 3}), tmp_path / "first", log=_quiet)["protocol"]
+    assert "Chaudhry" in first["name"] and "the first 2 tasks only" in first["text"]
+
+
 # --------------------------------------------------------------------------------------------------- resume
 def test_resume_skips_the_candidates_already_on_disk(monkeypatch, tmp_path):
     class Killed(Exception):
