@@ -93,9 +93,10 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help=f"the base recipe ({recipes}, a .yaml path or GRID.yaml#VARIANT) that --grid lists change")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="values of one init argument of the recipe's first callback (repeat for a cartesian "
-                        "product), e.g. lam=1,10,100,1000")
+                        "product), e.g. lam=1,10,100,1000; lr=V1,... lists the run's learning rates instead "
+                        "(also beside --grid-file)")
     p.add_argument("--grid-file", default=None, metavar="GRID.yaml",
-                   help="a grid file whose variants are the candidates (instead of --strategy and --grid)")
+                   help="a grid file whose variants are the candidates (instead of --strategy and --grid lists)")
     p.add_argument("--tune-tasks", type=int, default=3,
                    help="the first tasks that tuning trains and validates on (default: %(default)s)")
     p.add_argument("--tune-seeds", type=int, default=1,

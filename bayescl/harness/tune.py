@@ -21,7 +21,8 @@ cross-validated on the first :math:`T_{cv}` tasks only):
 
 The grid is a grid file (``benchmarks/grids/*.yaml``, :mod:`bayescl.harness.recipes`) or ``KEY=v1,v2,...`` lists
 merged into the base recipe's first callback's ``init_args`` (the cartesian product of the lists; values are YAML
-scalars). A generated grid is written to ``<out>/_tune/<name>/<scenario>/grid.yaml`` so that every candidate is a
+scalars). One key is not a callback argument: ``lr=v1,v2,...`` lists learning rates of the run (the optimizer's,
+``--lr``); every variant is tried at each (beside a grid file too), and the final run uses the chosen one. A generated grid is written to ``<out>/_tune/<name>/<scenario>/grid.yaml`` so that every candidate is a
 ``GRID.yaml#VARIANT`` recipe that ``bayescl bench`` runs as it is. Each candidate's result is written beside it as
 soon as it finishes (``<variant>.json``, with the validation matrices); ``resume=True`` keeps the finished ones and
 continues a stopped one after its last evaluated task. The final result, ``<out>/<scenario>/<name>.json``, has the
@@ -55,6 +56,8 @@ METRIC = "val_avg_accuracy"
 PROTOCOL = "first-tasks validation (Chaudhry et al. 2019)"
 #: the protocol's name when the tuning stream is the whole stream
 PROTOCOL_ALL = "all-tasks validation"
+#: the grid key that lists the run's learning rates (not a callback argument)
+LR = "lr"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -90,8 +93,10 @@ class TuneConfig:
     Attributes:
         run: the final run (scenario, seeds, epochs, ``val_fraction`` ...); ``run.strategy`` is the base recipe
             the ``grid`` lists are merged into (unused with ``grid_file``: leave it ``""``).
-        grid: ``KEY -> values`` merged into the base recipe's first callback's ``init_args`` (cartesian product).
-        grid_file: a grid file whose variants are the candidates (instead of ``grid``).
+        grid: ``KEY -> values`` merged into the base recipe's first callback's ``init_args`` (cartesian product);
+            the key ``lr`` lists the run's learning rates instead (each variant at each).
+        grid_file: a grid file whose variants are the candidates (instead of ``grid``; ``grid`` may then hold
+            ``lr`` only).
         tune_tasks: tasks of the tuning stream (the first ones of the scenario).
         tune_seeds: seeds of each candidate's tuning run (from ``run.first_seed``).
         tune_epochs: epochs per task while tuning (default ``run.epochs``).
@@ -120,13 +125,18 @@ class TuneConfig:
         if self.run.val_fraction == 0:
             raise ValueError("val_fraction=0 holds out no validation data, and tuning must not read the test data; "
                              "allowed: val_fraction in (0, 1), e.g. 0.1.")
-        if bool(self.grid) == bool(self.grid_file):
+        callback_grid = {k: v for k, v in self.grid.items() if k != LR}
+        if bool(callback_grid) and bool(self.grid_file) or not (self.grid or self.grid_file):
             raise ValueError("the grid is empty: give KEY=v1,v2,... lists (--grid) or a grid file (--grid-file), "
-                             "not both and not neither.")
+                             "not both (beside a grid file only lr=... lists) and not neither.")
+        for lr in self.grid.get(LR, []):
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                raise ValueError(f"grid lr={lr!r} is not a learning rate; allowed: positive numbers, e.g. "
+                                 "lr=0.0001,0.001.")
         if self.grid_file and self.run.strategy:
             raise ValueError(f"strategy={self.run.strategy!r} and grid_file={self.grid_file!r}: a grid file names "
                              "its base recipes itself; give one or the other.")
-        if self.grid and not self.run.strategy:
+        if self.grid and not self.grid_file and not self.run.strategy:
             raise ValueError("grid lists need a base recipe (strategy=...) to merge into.")
         total = self.run.num_tasks or _stream_length(self.run.scenario)
         if total is not None and self.tune_tasks > total:
@@ -156,10 +166,10 @@ def _grid_doc(cfg: TuneConfig) -> dict[str, Any]:
     if cfg.grid_file:
         return {"variants": grid_variants(cfg.grid_file)}
     base = load_recipe(cfg.run.strategy)
-    if not base.callbacks:
+    if not base.callbacks and set(cfg.grid) != {LR}:
         raise ValueError(f"strategy={cfg.run.strategy!r} has no callback whose init_args the grid "
                          f"{sorted(cfg.grid)} could set; allowed: a recipe with a callback.")
-    keys = list(cfg.grid)
+    keys = [k for k in cfg.grid if k != LR]
     combos = [dict(zip(keys, values)) for values in itertools.product(*(cfg.grid[k] for k in keys))]
     variants = {_variant_name(base.name, combo): {"init_args": combo} for combo in combos}
     if len(variants) != len(combos):
@@ -235,25 +245,29 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
                              yaml.safe_dump(doc, sort_keys=False))
     seeds = list(range(cfg.run.first_seed, cfg.run.first_seed + cfg.tune_seeds))
     candidates, scores = [], {}
-    for k, variant in enumerate(names, 1):
+    lrs = cfg.grid.get(LR)
+    runs = [(v, None) for v in names] if lrs is None else [(v, float(lr)) for v in names for lr in lrs]
+    for k, (variant, lr) in enumerate(runs, 1):
         strategy = f"{grid_path}#{variant}"
+        spec = doc["variants"][variant] if lr is None else {**doc["variants"][variant], LR: lr}
+        name = variant if lr is None else _variant_name(variant, {LR: lr})
         bc = dataclasses.replace(cfg.run, strategy=strategy, seeds=cfg.tune_seeds, epochs=cfg.epochs,
-                                 num_tasks=cfg.tune_tasks, evaluate_test=False, uncertainty=False)
-        path = scenario_dir / f"{variant}.json"
+                                 num_tasks=cfg.tune_tasks, evaluate_test=False, uncertainty=False,
+                                 lr=cfg.run.lr if lr is None else lr)
+        path = scenario_dir / f"{name}.json"
         res = _candidate_done(path, bc) if cfg.run.resume else None
         kept = res is not None
         if res is None:
-            res = run_benchmark(bc, out_dir=work, log=lambda m: log("    " + m.strip()),
-                                command=f"{command or 'bayescl tune'} (candidate {variant}, validation only)")
+            res = run_benchmark(bc, out_dir=work, log=lambda m: log("    " + m.strip()), name=name,
+                                command=f"{command or 'bayescl tune'} (candidate {name}, validation only)")
         per_seed = [r[METRIC] for r in res["per_seed"]]
-        scores[variant] = res[METRIC]["mean"]
-        spec = doc["variants"][variant]
-        candidates.append({"name": variant, "strategy": strategy, "overrides": spec, "val_score": scores[variant],
+        scores[name] = res[METRIC]["mean"]
+        candidates.append({"name": name, "strategy": strategy, "overrides": spec, "val_score": scores[name],
                            "val_score_std": res[METRIC]["std"], "val_scores": per_seed,
                            "val_accuracy_matrix": res["val_accuracy_matrix"], "seeds": res["seeds"],
                            "wall_seconds": res["wall_seconds"]["mean"], "json": str(path)})
-        what = _changes(spec) or variant
-        log(f"[{k}/{len(names)}] {variant} ({what}): validation accuracy {100 * scores[variant]:.2f} on tasks "
+        what = _changes(spec) or name
+        log(f"[{k}/{len(runs)}] {name} ({what}): validation accuracy {100 * scores[name]:.2f} on tasks "
             f"1-{cfg.tune_tasks}, {len(seeds)} seed(s), {res['wall_seconds']['mean']:.1f} s/seed"
             f"{' (finished earlier, kept: --resume)' if kept else ''}")
     best = choose(scores)
@@ -285,8 +299,9 @@ def _tunes_whole_stream(cfg: TuneConfig) -> bool:
 
 
 def _changes(spec: dict[str, Any]) -> str:
-    """``k=v, ...``: what a variant sets on its base (its ``module`` arguments, then its ``init_args``)."""
-    changed = {**(spec.get("module") or {}), **(spec.get("init_args") or {})}
+    """``k=v, ...``: what a variant sets on its base (its ``module`` arguments, its ``init_args``, the run's ``lr``)."""
+    changed = {**(spec.get("module") or {}), **(spec.get("init_args") or {}),
+               **({LR: spec[LR]} if LR in spec else {})}
     return ", ".join(f"{k}={v}" for k, v in changed.items())
 
 
@@ -300,8 +315,9 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path = "benchmarks/results/tuned", 
     """
     cfg.validate()
     tune = tune_candidates(cfg, out_dir, log=log, command=command)
-    final = dataclasses.replace(cfg.run, strategy=tune["choice"]["strategy"], evaluate_test=True)
     overrides = tune["choice"]["overrides"]
+    final = dataclasses.replace(cfg.run, strategy=tune["choice"]["strategy"], evaluate_test=True,
+                                lr=overrides.get(LR, cfg.run.lr))
     what = _changes(overrides) or tune["choice"]["name"]
     base = overrides.get("base") or tune["grid"]["base"]
     protocol = tune["protocol"]["name"]

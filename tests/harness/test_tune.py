@@ -62,6 +62,36 @@ def test_the_final_run_uses_the_candidate_with_the_best_validation_score(monkeyp
     assert res["strategy"] == "laplace-diag" and "lam=10, chosen on validation accuracy" in res["description"]
 
 
+def test_grid_lr_tries_every_variant_at_every_learning_rate_and_the_final_run_uses_the_chosen_one(
+        monkeypatch, tmp_path):
+    """``lr`` is the run's learning rate, not a callback argument: each candidate trains at its own, the final run
+    at the chosen one."""
+    scores = {("laplace-diag-lam1", 1e-3): 0.70, ("laplace-diag-lam1", 1e-4): 0.75,
+              ("laplace-diag-lam10", 1e-3): 0.74, ("laplace-diag-lam10", 1e-4): 0.90}
+    seen, finals = [], []
+
+    def fake_run_benchmark(cfg, out_dir=None, log=print, command=None, *, name=None, header=None):
+        variant = cfg.strategy.rpartition("#")[2]
+        if not cfg.evaluate_test:
+            seen.append((variant, cfg.lr, name))
+            s = scores[variant, cfg.lr]
+            return {"per_seed": [{"val_avg_accuracy": s}], "val_avg_accuracy": {"mean": s, "std": 0.0},
+                    "val_accuracy_matrix": [[[s, 0.5], [s, s]]], "seeds": [0], "wall_seconds": {"mean": 0.0}}
+        finals.append(cfg)
+        return {"strategy": name, **(header or {})}
+
+    monkeypatch.setattr(tune, "run_benchmark", fake_run_benchmark)
+    res = run_tune(_cfg(grid={"lam": [1, 10], "lr": [0.001, 0.0001]}), out_dir=tmp_path, log=_quiet)
+    assert [(v, lr) for v, lr, _ in seen] == list(scores)  # the callback's grid only makes variants
+    assert len({n for *_, n in seen}) == 4  # each candidate its own file
+    choice = res["tune"]["choice"]
+    assert choice["overrides"] == {"init_args": {"lam": 10}, "lr": 0.0001} and choice["val_score"] == 0.90
+    (final,) = finals
+    assert final.lr == 0.0001 and final.strategy.endswith("#laplace-diag-lam10")
+    assert "lam=10, lr=0.0001, chosen on validation accuracy" in res["description"]
+    assert res["tune"]["grid"]["params"] == {"lam": [1, 10], "lr": [0.001, 0.0001]}
+
+
 # --------------------------------------------------------------------------------------------------- no test data
 class Poisoned(Exception):
     pass
@@ -203,6 +233,9 @@ def test_resume_skips_the_candidates_already_on_disk(monkeypatch, tmp_path):
         (["--grid-file", "benchmarks/grids/lambda.yaml", "--strategy", "laplace-diag"], "give one or the other"),
         (["--grid-file", "no/such/grid.yaml"], "no/such/grid.yaml"),
         (["--strategy", "laplace-diag", "--grid", "lam=1", "--name", "a/b"], "name='a/b' is not valid"),
+        (["--strategy", "laplace-diag", "--grid", "lr=0,0.001"], "grid lr=0 is not a learning rate"),
+        (["--strategy", "laplace-diag", "--grid", "lr=fast"], "grid lr='fast' is not a learning rate"),
+        (["--grid-file", "benchmarks/grids/lambda.yaml", "--grid", "lam=1,10"], "not both"),
     ],
 )
 def test_cli_tune_refuses_bad_input_before_any_work(args, message, capsys, tmp_path):
@@ -231,3 +264,25 @@ def test_cli_tune_with_a_grid_file(tmp_path, capsys):
     assert doc["tune"]["grid"]["file"] == str(grid) and doc["tune"]["grid"]["params"] is None
     assert f"| {doc['tune']['choice']['name']} (chosen) |" in printed and "| g |" in printed
     assert "laplace-diag with optimizer=sgd, lam=" in doc["description"]  # a variant's module is part of the choice
+
+
+def test_cli_tune_lr_beside_a_grid_file_and_alone(tmp_path, capsys):
+    """``--grid lr=...`` multiplies a grid file's variants; alone it tunes the base recipe's learning rate only."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("base: laplace-diag\nvariants:\n  d1:\n    init_args: {lam: 1}\n")
+    common = ["--scenario", "synthetic", "--tune-tasks", "1", "--num-tasks", "2", "--epochs", "1", "--no-progress",
+              "--no-uncertainty", "--no-report"]
+    assert main(["tune", "--grid-file", str(grid), "--grid", "lr=0.01,0.001", "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    doc = json.loads((tmp_path / "a" / "synthetic" / "g.json").read_text())
+    assert [c["name"] for c in doc["tune"]["candidates"]] == ["d1-lr0.01", "d1-lr0.001"]
+    assert doc["config"]["lr"] == doc["tune"]["choice"]["overrides"]["lr"]  # the final run's learning rate
+    assert main(["tune", "--strategy", "naive", "--grid", "lr=0.01,0.001", "--out", str(tmp_path / "b"),
+                 *common]) == 0  # a recipe without a callback: its learning rate alone is tuned
+    doc = json.loads((tmp_path / "b" / "synthetic" / "naive.json").read_text())
+    assert [c["name"] for c in doc["tune"]["candidates"]] == ["naive-lr0.01", "naive-lr0.001"]
+    assert main(["tune", "--strategy", "laplace-diag", "--grid", "lr=0.01,0.001", "--out", str(tmp_path / "c"),
+                 *common]) == 0
+    doc = json.loads((tmp_path / "c" / "synthetic" / "laplace-diag.json").read_text())
+    assert [c["name"] for c in doc["tune"]["candidates"]] == ["laplace-diag-lr0.01", "laplace-diag-lr0.001"]
+    capsys.readouterr()
