@@ -45,7 +45,7 @@ import yaml
 
 from bayescl._checks import check_positive_int
 from bayescl.harness.avalanche_recipes import check_harness_recipe
-from bayescl.harness.bench import BenchConfig, run_benchmark
+from bayescl.harness.bench import BenchConfig, _run_config, run_benchmark
 from bayescl.harness.recipes import _Loader, grid_variants, load_recipe
 from bayescl.harness.scenarios import Scenario, default_num_tasks
 
@@ -323,5 +323,17 @@ def run_tune(cfg: TuneConfig, out_dir: str | Path = "benchmarks/results/tuned", 
     protocol = tune["protocol"]["name"]
     description = f"{base} with {what}, chosen on validation accuracy ({protocol}, {cfg.tune_tasks} tasks)."
     log(f"final run: {tune['choice']['name']} over the whole stream, {cfg.run.seeds} seed(s), tested")
+    if final.resume and _stale_final(final, Path(out_dir), _name(cfg)):
+        log("  the final run on disk is of another choice (the grid grew or changed): it starts again")
+        final = dataclasses.replace(final, resume=False)
     return run_benchmark(final, out_dir=out_dir, log=log, command=command, name=_name(cfg),
                          header={"description": description, "tune": tune})
+
+
+def _stale_final(final: BenchConfig, out_dir: Path, name: str) -> bool:
+    """Whether a final result or part-way final seed on disk was run with another configuration than ``final``
+    (with ``--resume`` it would be refused; a changed choice replaces it instead)."""
+    folder = out_dir / final.scenario.replace(":", "-")
+    states = [folder / f"{name}.json", *sorted((folder / "_resume" / name).glob("seed-*/progress.json"))]
+    want = _run_config(final)
+    return any(p.is_file() and json.loads(p.read_text()).get("config") != want for p in states)

@@ -209,6 +209,38 @@ def test_resume_skips_the_candidates_already_on_disk(monkeypatch, tmp_path):
     assert ran == ["laplace-diag-lam1", "laplace-diag-lam1000"]
 
 
+def test_resume_after_the_grid_grew_replaces_a_final_run_of_another_choice(monkeypatch, tmp_path):
+    """A grid extended under ``--resume`` keeps its finished candidates; when the choice moves, the old final run
+    (and a part-way final seed) is replaced instead of refused."""
+    scores = {"laplace-diag-lam1": 0.7, "laplace-diag-lam10": 0.8, "laplace-diag-lam100": 0.9}
+    real = tune.run_benchmark
+
+    def scored(cfg, *a, **kw):
+        if cfg.evaluate_test:
+            return real(cfg, *a, **kw)
+        s = scores[cfg.strategy.rpartition("#")[2]]
+        return {"per_seed": [{"val_avg_accuracy": s}], "val_avg_accuracy": {"mean": s, "std": 0.0},
+                "val_accuracy_matrix": [[[s]]], "seeds": [0], "wall_seconds": {"mean": 0.0}}
+
+    monkeypatch.setattr(tune, "run_benchmark", scored)
+    first = run_tune(_cfg(grid={"lam": [1, 10]}, run={"num_tasks": 2}), out_dir=tmp_path, log=_quiet)
+    assert first["config"]["strategy"].endswith("#laplace-diag-lam10")
+    stale = tmp_path / "synthetic" / "_resume" / "laplace-diag" / "seed-0" / "progress.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"config": {"strategy": "an older choice"}}))
+    lines: list[str] = []
+    grown = run_tune(_cfg(grid={"lam": [1, 10, 100]}, run={"num_tasks": 2, "resume": True}), out_dir=tmp_path,
+                     log=lines.append)
+    assert grown["config"]["strategy"].endswith("#laplace-diag-lam100") and len(grown["per_seed"]) == 1
+    assert any("of another choice" in line for line in lines) and not stale.exists()
+    doc = json.loads((tmp_path / "synthetic" / "laplace-diag.json").read_text())
+    assert doc["config"] == grown["config"]
+    again: list[str] = []  # the same grid again: the final run on disk is this choice's, and is kept
+    run_tune(_cfg(grid={"lam": [1, 10, 100]}, run={"num_tasks": 2, "resume": True}), out_dir=tmp_path,
+             log=again.append)
+    assert not any("of another choice" in line for line in again) and any("kept" in line for line in again)
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "args, message",
