@@ -105,6 +105,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="epochs per task while tuning (default: --epochs)")
     p.add_argument("--name", default=None,
                    help="the result's name (default: the recipe's name, or the grid file's stem)")
+    p.add_argument("--min-learned", type=float, default=None, metavar="P",
+                   help="choose only among candidates that learn every task to at least this validation accuracy "
+                        "right after training it (e.g. 0.95; default: no requirement)")
     _add_run_args(p, "benchmarks/results/tuned")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped tuning: keep the candidates and seeds that finished (same arguments) and "
@@ -156,13 +159,13 @@ def _tune(args: argparse.Namespace) -> int:
     command = "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cfg = TuneConfig(run=_bench_config(args, args.strategy or ""), grid=parse_grid(args.grid),
                      grid_file=args.grid_file, tune_tasks=args.tune_tasks, tune_seeds=args.tune_seeds,
-                     tune_epochs=args.tune_epochs, name=args.name)
+                     tune_epochs=args.tune_epochs, name=args.name, min_learned=args.min_learned)
     result = run_tune(cfg, out_dir=args.out, command=command)
     print()
-    print("| candidate | validation accuracy (%) |\n|---|---|")
+    print("| candidate | validation accuracy (%) | each task learned to (%) |\n|---|---|---|")
     for c in result["tune"]["candidates"]:
         chosen = " (chosen)" if c["name"] == result["tune"]["choice"]["name"] else ""
-        print(f"| {c['name']}{chosen} | {100 * c['val_score']:.2f} |")
+        print(f"| {c['name']}{chosen} | {100 * c['val_score']:.2f} | {100 * c['val_learned_min']:.1f} |")
     _print_table(args)
     return 0
 

@@ -92,6 +92,51 @@ def test_grid_lr_tries_every_variant_at_every_learning_rate_and_the_final_run_us
     assert res["tune"]["grid"]["params"] == {"lam": [1, 10], "lr": [0.001, 0.0001]}
 
 
+def _fake_with_diagonals(scores, diagonals, finals):
+    """A run_benchmark whose tuning runs return the given score and the given just-trained accuracies."""
+    def fake(cfg, out_dir=None, log=print, command=None, *, name=None, header=None):
+        variant = cfg.strategy.rpartition("#")[2]
+        if not cfg.evaluate_test:
+            s, (d1, d2) = scores[variant], diagonals[variant]
+            return {"per_seed": [{"val_avg_accuracy": s}], "val_avg_accuracy": {"mean": s, "std": 0.0},
+                    "val_accuracy_matrix": [[[d1, 0.5], [s, d2]]], "seeds": [0], "wall_seconds": {"mean": 0.0}}
+        finals.append(cfg)
+        return {"strategy": name, **(header or {})}
+    return fake
+
+
+def test_min_learned_skips_candidates_that_hold_old_tasks_by_not_learning_new_ones(monkeypatch, tmp_path):
+    """The best average can come from not learning the last task; ``min_learned`` makes that ineligible, says which
+    candidates it skipped, and records every candidate's just-trained minimum."""
+    scores = {"laplace-diag-lam1": 0.70, "laplace-diag-lam10": 0.80, "laplace-diag-lam100": 0.90}
+    diagonals = {"laplace-diag-lam1": (0.99, 0.98), "laplace-diag-lam10": (0.99, 0.96),
+                 "laplace-diag-lam100": (0.99, 0.44)}
+    finals: list[BenchConfig] = []
+    monkeypatch.setattr(tune, "run_benchmark", _fake_with_diagonals(scores, diagonals, finals))
+    grid = {"lam": [1, 10, 100]}
+    plain = run_tune(_cfg(grid=grid), out_dir=tmp_path / "plain", log=_quiet)
+    assert plain["tune"]["choice"]["name"] == "laplace-diag-lam100" and plain["tune"]["protocol"]["min_learned"] is None
+    lines: list[str] = []
+    res = run_tune(_cfg(grid=grid, min_learned=0.95), out_dir=tmp_path / "learned", log=lines.append)
+    t = res["tune"]
+    assert t["choice"]["name"] == "laplace-diag-lam10" and finals[-1].strategy.endswith("#laplace-diag-lam10")
+    assert [c["val_learned_min"] for c in t["candidates"]] == [0.98, 0.96, 0.44]
+    assert t["protocol"]["min_learned"] == 0.95 and "at least 95 % validation accuracy" in t["protocol"]["text"]
+    assert any("scored higher but left a task below min_learned: laplace-diag-lam100" in line for line in lines)
+    assert any("each learned to >= 44.0" in line for line in lines)
+
+
+def test_min_learned_with_no_eligible_candidate_chooses_among_all_and_says_so(monkeypatch, tmp_path):
+    scores = {"laplace-diag-lam1": 0.70, "laplace-diag-lam10": 0.80}
+    diagonals = {"laplace-diag-lam1": (0.9, 0.5), "laplace-diag-lam10": (0.9, 0.6)}
+    monkeypatch.setattr(tune, "run_benchmark", _fake_with_diagonals(scores, diagonals, []))
+    lines: list[str] = []
+    res = run_tune(_cfg(grid={"lam": [1, 10]}, min_learned=0.99), out_dir=tmp_path, log=lines.append)
+    assert res["tune"]["choice"]["name"] == "laplace-diag-lam10"
+    assert res["tune"]["protocol"]["no_candidate_eligible"] is True
+    assert any("warning: no candidate learned every task to 99 %" in line for line in lines)
+
+
 # --------------------------------------------------------------------------------------------------- no test data
 class Poisoned(Exception):
     pass
@@ -266,6 +311,8 @@ def test_resume_after_the_grid_grew_replaces_a_final_run_of_another_choice(monke
         (["--grid-file", "no/such/grid.yaml"], "no/such/grid.yaml"),
         (["--strategy", "laplace-diag", "--grid", "lam=1", "--name", "a/b"], "name='a/b' is not valid"),
         (["--strategy", "laplace-diag", "--grid", "lr=0,0.001"], "grid lr=0 is not a learning rate"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--min-learned", "0"], "min_learned=0.0 is not valid"),
+        (["--strategy", "laplace-diag", "--grid", "lam=1,10", "--min-learned", "95"], "min_learned=95.0 is not valid"),
         (["--strategy", "laplace-diag", "--grid", "lr=fast"], "grid lr='fast' is not a learning rate"),
         (["--grid-file", "benchmarks/grids/lambda.yaml", "--grid", "lam=1,10"], "not both"),
     ],
