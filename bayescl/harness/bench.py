@@ -370,12 +370,16 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
                              "rerun without --resume, or with the same arguments.")
         result["seeds"], result["per_seed"] = previous.get("seeds", []), previous.get("per_seed", [])
         _aggregate(result)
+        if "peak_rss_mb" in previous:
+            result["peak_rss_mb"] = previous["peak_rss_mb"]
+    ran = False
     for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         if s in result["seeds"]:
             log(f"  seed {s}: finished in {path}, kept (--resume)")
             continue
         state_dir = None if path is None else path.parent / "_resume" / name / f"seed-{s}"
         run = run_seed(cfg, recipe, s, log=log, state_dir=state_dir, resume=cfg.resume)
+        ran = True
         result["seeds"].append(s)
         result["per_seed"].append(run)
         _aggregate(result)
@@ -386,5 +390,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | Path | None = "benchmarks/res
                   (("avg_accuracy", "avg accuracy"), ("bwt", "BWT"), ("val_avg_accuracy", "validation avg accuracy"))
                   if key in run]
         log(f"  seed {s}: {', '.join(scores)}, {run['wall_seconds']:.1f} s")
+    if path is not None and not ran and result["seeds"]:  # every seed kept: the header (command, tune) is this run's
+        path.write_text(json.dumps(result, indent=1))
     result["json_path"] = str(path) if path else None
     return result

@@ -280,10 +280,13 @@ def test_resume_after_the_grid_grew_replaces_a_final_run_of_another_choice(monke
     assert any("of another choice" in line for line in lines) and not stale.exists()
     doc = json.loads((tmp_path / "synthetic" / "laplace-diag.json").read_text())
     assert doc["config"] == grown["config"]
-    again: list[str] = []  # the same grid again: the final run on disk is this choice's, and is kept
-    run_tune(_cfg(grid={"lam": [1, 10, 100]}, run={"num_tasks": 2, "resume": True}), out_dir=tmp_path,
-             log=again.append)
+    again: list[str] = []  # the same grid again (a new rule that keeps the choice): the final run is kept ...
+    run_tune(_cfg(grid={"lam": [1, 10, 100]}, run={"num_tasks": 2, "resume": True}, min_learned=0.5),
+             out_dir=tmp_path, log=again.append)
     assert not any("of another choice" in line for line in again) and any("kept" in line for line in again)
+    kept = json.loads((tmp_path / "synthetic" / "laplace-diag.json").read_text())
+    assert kept["per_seed"] == doc["per_seed"]
+    assert kept["tune"]["protocol"]["min_learned"] == 0.5  # ... and the JSON says how it was chosen this time
 
 
 # --------------------------------------------------------------------------------------------------- bad input
