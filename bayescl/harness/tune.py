@@ -27,7 +27,8 @@ cross-validated on the first :math:`T_{cv}` tasks only):
 The grid is a grid file (``benchmarks/grids/*.yaml``, :mod:`bayescl.harness.recipes`) or ``KEY=v1,v2,...`` lists
 merged into the base recipe's first callback's ``init_args`` (the cartesian product of the lists; values are YAML
 scalars). One key is not a callback argument: ``lr=v1,v2,...`` lists learning rates of the run (the optimizer's,
-``--lr``); every variant is tried at each (beside a grid file too), and the final run uses the chosen one. A generated grid is written to ``<out>/_tune/<name>/<scenario>/grid.yaml`` so that every candidate is a
+``--lr``); every variant is tried at each (beside a grid file too), and the final run uses the chosen one. A
+generated grid is written to ``<out>/_tune/<name>/<scenario>/grid.yaml`` so that every candidate is a
 ``GRID.yaml#VARIANT`` recipe that ``bayescl bench`` runs as it is. Each candidate's result is written beside it as
 soon as it finishes (``<variant>.json``, with the validation matrices); ``resume=True`` keeps the finished ones and
 continues a stopped one after its last evaluated task. The final result, ``<out>/<scenario>/<name>.json``, has the
@@ -298,7 +299,8 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
             "among all of them")
     unlearned = [n for n, v in scores.items() if v > scores[best] and n not in (eligible or set(scores))]
     if unlearned:
-        log(f"  {len(unlearned)} candidate(s) scored higher but left a task below min_learned: {', '.join(unlearned)}")
+        log(f"  {len(unlearned)} candidate(s) scored higher but left a task below min_learned: "
+            f"{', '.join(unlearned)}")
     whole = _tunes_whole_stream(cfg)
     stream = f"all {cfg.tune_tasks} tasks" if whole else f"the first {cfg.tune_tasks} tasks only"
     rule = "" if cfg.min_learned is None else (
