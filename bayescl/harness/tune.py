@@ -64,6 +64,8 @@ PROTOCOL = "first-tasks validation (Chaudhry et al. 2019)"
 PROTOCOL_ALL = "all-tasks validation"
 #: the grid key that lists the run's learning rates (not a callback argument)
 LR = "lr"
+#: without ``min_learned``, warn when the choice learns some task this much worse than the best learner does
+_LEARNED_GAP = 0.05
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -297,6 +299,10 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
     if eligible is not None and not eligible:
         log(f"  warning: no candidate learned every task to {100 * cfg.min_learned:g} % (min_learned); chosen "
             "among all of them")
+    if cfg.min_learned is None and learned[best] < max(learned.values()) - _LEARNED_GAP:
+        log(f"  warning: the choice learns some task to only {100 * learned[best]:.1f} % right after training it, "
+            f"where another candidate learns every task to {100 * max(learned.values()):.1f} %: it may score by not "
+            "learning; --min-learned makes such candidates ineligible")
     unlearned = [n for n, v in scores.items() if v > scores[best] and n not in (eligible or set(scores))]
     if unlearned:
         log(f"  {len(unlearned)} candidate(s) scored higher but left a task below min_learned: "

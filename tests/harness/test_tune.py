@@ -114,8 +114,10 @@ def test_min_learned_skips_candidates_that_hold_old_tasks_by_not_learning_new_on
     finals: list[BenchConfig] = []
     monkeypatch.setattr(tune, "run_benchmark", _fake_with_diagonals(scores, diagonals, finals))
     grid = {"lam": [1, 10, 100]}
-    plain = run_tune(_cfg(grid=grid), out_dir=tmp_path / "plain", log=_quiet)
+    warned: list[str] = []
+    plain = run_tune(_cfg(grid=grid), out_dir=tmp_path / "plain", log=warned.append)
     assert plain["tune"]["choice"]["name"] == "laplace-diag-lam100" and plain["tune"]["protocol"]["min_learned"] is None
+    assert any("warning: the choice learns some task to only 44.0 %" in line for line in warned)  # not silent
     lines: list[str] = []
     res = run_tune(_cfg(grid=grid, min_learned=0.95), out_dir=tmp_path / "learned", log=lines.append)
     t = res["tune"]
