@@ -165,7 +165,10 @@ def _tune(args: argparse.Namespace) -> int:
     print("| candidate | validation accuracy (%) | each task learned to (%) |\n|---|---|---|")
     for c in result["tune"]["candidates"]:
         chosen = " (chosen)" if c["name"] == result["tune"]["choice"]["name"] else ""
-        print(f"| {c['name']}{chosen} | {100 * c['val_score']:.2f} | {100 * c['val_learned_min']:.1f} |")
+        if c.get("failed"):
+            print(f"| {c['name']} | failed: {c['failed']} | – |")
+        else:
+            print(f"| {c['name']}{chosen} | {100 * c['val_score']:.2f} | {100 * c['val_learned_min']:.1f} |")
     _print_table(args)
     return 0
 

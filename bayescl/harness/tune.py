@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -222,13 +223,22 @@ def choose(scores: dict[str, float], eligible: set[str] | None = None) -> str:
 
 
 def _candidate_done(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
-    """The candidate's finished result on disk (same configuration, every seed), else ``None``."""
+    """The candidate's finished (or failed) result on disk with the same configuration, else ``None``."""
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    config = {k: v for k, v in vars(cfg).items() if k not in ("progress", "resume")}
-    if doc.get("config") != json.loads(json.dumps(config)) or len(doc.get("seeds", [])) != cfg.seeds:
+    if doc.get("config") != _run_config(cfg):
         return None
+    if doc.get("failed") or len(doc.get("seeds", [])) == cfg.seeds:
+        return doc
+    return None
+
+
+def _failed_candidate(path: Path, cfg: BenchConfig, exc: Exception) -> dict[str, Any]:
+    """Record a candidate whose training raised (e.g. diverged to NaN) so that the grid goes on, and a resumed
+    tuning does not train it again."""
+    doc = {"config": _run_config(cfg), "failed": f"{type(exc).__name__}: {exc}", "seeds": []}
+    path.write_text(json.dumps(doc, indent=1))
     return doc
 
 
@@ -277,9 +287,20 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
         path = scenario_dir / f"{name}.json"
         res = _candidate_done(path, bc) if cfg.run.resume else None
         kept = res is not None
+        what = _changes(spec) or name
         if res is None:
-            res = run_benchmark(bc, out_dir=work, log=lambda m: log("    " + m.strip()), name=name,
-                                command=f"{command or 'bayescl tune'} (candidate {name}, validation only)")
+            try:
+                res = run_benchmark(bc, out_dir=work, log=lambda m: log("    " + m.strip()), name=name,
+                                    command=f"{command or 'bayescl tune'} (candidate {name}, validation only)")
+            except (ValueError, RuntimeError, ArithmeticError) as exc:  # a diverging candidate must not end the grid
+                res = _failed_candidate(path, bc, exc)
+        if res.get("failed"):
+            scores[name], learned[name] = float("nan"), float("nan")
+            candidates.append({"name": name, "strategy": strategy, "overrides": spec, "val_score": None,
+                               "failed": res["failed"], "json": str(path)})
+            log(f"[{k}/{len(runs)}] {name} ({what}): FAILED, not a candidate: {res['failed']}"
+                f"{' (failed earlier, kept: --resume)' if kept else ''}")
+            continue
         per_seed = [r[METRIC] for r in res["per_seed"]]
         learned[name] = learned_min(res["val_accuracy_matrix"])
         scores[name] = res[METRIC]["mean"]
@@ -288,21 +309,23 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
                            "val_learned_min": learned[name],
                            "val_accuracy_matrix": res["val_accuracy_matrix"], "seeds": res["seeds"],
                            "wall_seconds": res["wall_seconds"]["mean"], "json": str(path)})
-        what = _changes(spec) or name
         log(f"[{k}/{len(runs)}] {name} ({what}): validation accuracy {100 * scores[name]:.2f} on tasks "
             f"1-{cfg.tune_tasks} (each learned to >= {100 * learned[name]:.1f}), {len(seeds)} seed(s), "
             f"{res['wall_seconds']['mean']:.1f} s/seed"
             f"{' (finished earlier, kept: --resume)' if kept else ''}")
+    if all(c.get("failed") for c in candidates):
+        raise RuntimeError(f"every candidate of the grid failed; the first: {candidates[0]['failed']}")
     eligible = None if cfg.min_learned is None else {n for n, v in learned.items() if v >= cfg.min_learned}
     best = choose(scores, eligible)
     log(f"choice: {best} (validation accuracy {100 * scores[best]:.2f})")
     if eligible is not None and not eligible:
         log(f"  warning: no candidate learned every task to {100 * cfg.min_learned:g} % (min_learned); chosen "
             "among all of them")
-    if cfg.min_learned is None and learned[best] < max(learned.values()) - _LEARNED_GAP:
+    top = max(v for v in learned.values() if not math.isnan(v))
+    if cfg.min_learned is None and learned[best] < top - _LEARNED_GAP:
         log(f"  warning: the choice learns some task to only {100 * learned[best]:.1f} % right after training it, "
-            f"where another candidate learns every task to {100 * max(learned.values()):.1f} %: it may score by not "
-            "learning; --min-learned makes such candidates ineligible")
+            f"where another candidate learns every task to {100 * top:.1f} %: it may score by not learning; "
+            "--min-learned makes such candidates ineligible")
     unlearned = [n for n, v in scores.items() if v > scores[best] and n not in (eligible or set(scores))]
     if unlearned:
         log(f"  {len(unlearned)} candidate(s) scored higher but left a task below min_learned: "

@@ -139,6 +139,34 @@ def test_min_learned_with_no_eligible_candidate_chooses_among_all_and_says_so(mo
     assert any("warning: no candidate learned every task to 99 %" in line for line in lines)
 
 
+def test_a_diverging_candidate_is_recorded_as_failed_and_the_grid_goes_on(monkeypatch, tmp_path):
+    """A candidate whose training raises (a NaN refused by the callback) scores nothing; the others are scored and
+    chosen from; a resumed tuning does not train the failed one again; a grid of failures is an error."""
+    scores = {"laplace-diag-lam1": 0.7, "laplace-diag-lam10": 0.8}
+    ran: list[str] = []
+
+    def fake(cfg, out_dir=None, log=print, command=None, *, name=None, header=None):
+        ran.append(name)
+        if name == "laplace-diag-lam10" or cfg.lr == 0.5:
+            raise ValueError("parameter 'model.trunk.1.weight' is not finite (NaN/inf) after training")
+        s = scores[name]
+        return {"per_seed": [{"val_avg_accuracy": s}], "val_avg_accuracy": {"mean": s, "std": 0.0},
+                "val_accuracy_matrix": [[[s, 0.5], [s, s]]], "seeds": [0], "wall_seconds": {"mean": 0.0}}
+
+    monkeypatch.setattr(tune, "run_benchmark", fake)
+    lines: list[str] = []
+    res = tune_candidates(_cfg(grid={"lam": [1, 10]}), tmp_path, log=lines.append)
+    assert res["choice"]["name"] == "laplace-diag-lam1"
+    failed = res["candidates"][1]
+    assert failed["val_score"] is None and "not finite" in failed["failed"]
+    assert any("laplace-diag-lam10" in line and "FAILED" in line for line in lines)
+    ran.clear()
+    again = tune_candidates(_cfg(grid={"lam": [1, 10]}, run={"resume": True}), tmp_path, log=_quiet)
+    assert "laplace-diag-lam10" not in ran and again["choice"]["name"] == "laplace-diag-lam1"  # failed: kept
+    with pytest.raises(RuntimeError, match="every candidate of the grid failed; the first: ValueError"):
+        tune_candidates(_cfg(grid={"lam": [1, 10]}, run={"lr": 0.5}), tmp_path / "all", log=_quiet)
+
+
 # --------------------------------------------------------------------------------------------------- no test data
 class Poisoned(Exception):
     pass
