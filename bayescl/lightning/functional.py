@@ -101,9 +101,9 @@ class FunctionalPriorCallback(LaplaceCallback):
             because validation data chose it where it matters most (``benchmarks/results/function-space-tuned``):
             split-MNIST class-IL 91.56 against at best 74.75 for the Hessian and 80.33 for k-center, split
             Fashion class-IL 73.02 against 46.77, domain-IL 95.42 against 90.16 (200 points per task); task-IL
-            98.84 against 98.81 (40 points). Permuted MNIST prefers the Hessian (93.79 against 87.60, all 10 tasks). The Hessian
-            score picks the least confident inputs, near the old task's boundaries, which leaves the bulk of each
-            old class unheld when new classes compete for the same outputs.
+            98.84 against 98.81 (40 points). Permuted MNIST prefers the Hessian (93.79 against 87.60, all 10
+            tasks). The Hessian score picks the least confident inputs, near the old task's boundaries, which
+            leaves the bulk of each old class unheld when new classes compete for the same outputs.
         tau: weight of the functional term, added to the gradients as :math:`\frac{\tau}{N_t}\nabla R`
             (1 = Bayesian; see the module docstring for FROMP's convention).
         output: ``"softmax"`` (FROMP) or ``"logits"``: the function the prior is on.
