@@ -315,21 +315,7 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
             f"{' (finished earlier, kept: --resume)' if kept else ''}")
     if all(c.get("failed") for c in candidates):
         raise RuntimeError(f"every candidate of the grid failed; the first: {candidates[0]['failed']}")
-    eligible = None if cfg.min_learned is None else {n for n, v in learned.items() if v >= cfg.min_learned}
-    best = choose(scores, eligible)
-    log(f"choice: {best} (validation accuracy {100 * scores[best]:.2f})")
-    if eligible is not None and not eligible:
-        log(f"  warning: no candidate learned every task to {100 * cfg.min_learned:g} % (min_learned); chosen "
-            "among all of them")
-    top = max(v for v in learned.values() if not math.isnan(v))
-    if cfg.min_learned is None and learned[best] < top - _LEARNED_GAP:
-        log(f"  warning: the choice learns some task to only {100 * learned[best]:.1f} % right after training it, "
-            f"where another candidate learns every task to {100 * top:.1f} %: it may score by not learning; "
-            "--min-learned makes such candidates ineligible")
-    unlearned = [n for n, v in scores.items() if v > scores[best] and n not in (eligible or set(scores))]
-    if unlearned:
-        log(f"  {len(unlearned)} candidate(s) scored higher but left a task below min_learned: "
-            f"{', '.join(unlearned)}")
+    best, eligible = _choose_learned(scores, learned, cfg.min_learned, log)
     whole = _tunes_whole_stream(cfg)
     stream = f"all {cfg.tune_tasks} tasks" if whole else f"the first {cfg.tune_tasks} tasks only"
     rule = "" if cfg.min_learned is None else (
@@ -355,6 +341,27 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
     chosen = next(c for c in candidates if c["name"] == best)
     return {"protocol": protocol, "grid": grid, "candidates": candidates,
             "choice": {k: chosen[k] for k in ("name", "strategy", "overrides", "val_score")}}
+
+
+def _choose_learned(scores: dict[str, float], learned: dict[str, float], min_learned: float | None,
+                    log) -> tuple[str, set[str] | None]:
+    """The choice (:func:`choose` among the candidates that learned every task to ``min_learned``, when given) and
+    the eligible set; logs the choice, and warns of a choice that may score by not learning."""
+    eligible = None if min_learned is None else {n for n, v in learned.items() if v >= min_learned}
+    best = choose(scores, eligible)
+    log(f"choice: {best} (validation accuracy {100 * scores[best]:.2f})")
+    if eligible is not None and not eligible:
+        log(f"  warning: no candidate learned every task to {100 * min_learned:g} % (min_learned); chosen among all "
+            "of them")
+    top = max(v for v in learned.values() if not math.isnan(v))
+    if min_learned is None and learned[best] < top - _LEARNED_GAP:
+        log(f"  warning: the choice learns some task to only {100 * learned[best]:.1f} % right after training it, "
+            f"where another candidate learns every task to {100 * top:.1f} %: it may score by not learning; "
+            "--min-learned makes such candidates ineligible")
+    skipped = [n for n, v in scores.items() if v > scores[best] and n not in (eligible or set(scores))]
+    if skipped:
+        log(f"  {len(skipped)} candidate(s) scored higher but left a task below min_learned: {', '.join(skipped)}")
+    return best, eligible
 
 
 def learned_min(val_matrices: list[list[list[float]]]) -> float:
