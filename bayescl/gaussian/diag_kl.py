@@ -12,6 +12,8 @@ For :math:`q = \mathcal N(\mu, e^{\ell})` and :math:`p = \mathcal N(\mu_p, 1/\la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -31,16 +33,48 @@ def add_diag_gaussian_kl_grad_(mu: Tensor, logvar: Tensor, prior_mean: Tensor, p
     in closed form, :math:`\nabla_\mu = \lambda_p(\mu - \mu_p)`, :math:`\nabla_\ell = \tfrac12(\lambda_p e^\ell - 1)`,
     and return the KL itself (unscaled; the value of :func:`diag_gaussian_kl`).
 
-    Fewer passes over the weights than autograd through :func:`diag_gaussian_kl`. ``log_precision_sum`` is
-    ``Σ log λ_p`` when the caller keeps it per prior (it is computed otherwise).
+    One tensor of :func:`add_diag_gaussian_kl_grads_`. ``log_precision_sum`` is ``Σ log λ_p`` when the caller keeps
+    it per prior (it is computed otherwise).
     """
-    for p in (mu, logvar):
+    kl = add_diag_gaussian_kl_grads_([mu], [logvar], [prior_mean], [prior_precision], scale,
+                                     None if log_precision_sum is None else [log_precision_sum])
+    assert kl is not None
+    return kl
+
+
+@torch.no_grad()
+def add_diag_gaussian_kl_grads_(mus: Sequence[Tensor], logvars: Sequence[Tensor], prior_means: Sequence[Tensor],
+                                prior_precisions: Sequence[Tensor], scale: float = 1.0,
+                                log_precision_sums: Sequence[Tensor] | None = None,
+                                value: bool = True) -> Tensor | None:
+    r""":func:`add_diag_gaussian_kl_grad_` for lists of tensors at once, fused (``torch._foreach_*``: a few passes
+    over memory for all of them, not a few Python calls per tensor); returns the summed KL, or ``None`` with
+    ``value=False`` (the gradient alone skips two of the passes).
+
+    Args:
+        mus, logvars: the variational parameters ``μ`` and ``ℓ`` (their ``.grad`` is added to; zeros where ``None``).
+        prior_means, prior_precisions: ``μ_p`` and ``λ_p`` per tensor (same shapes).
+        scale: the factor of the gradient (not of the returned KL).
+        log_precision_sums: ``Σ log λ_p`` per tensor when the caller keeps them (computed otherwise).
+        value: compute and return the KL.
+    """
+    for p in (*mus, *logvars):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    diff, var = mu - prior_mean, logvar.exp()
-    mu.grad.addcmul_(prior_precision, diff, value=scale)
-    logvar.grad.addcmul_(prior_precision, var, value=0.5 * scale).sub_(0.5 * scale)
-    if log_precision_sum is None:
-        log_precision_sum = torch.log(prior_precision).sum()
-    quad = torch.dot(prior_precision.reshape(-1), (var + diff * diff).reshape(-1))
-    return 0.5 * (quad - logvar.sum() - mu.numel() - log_precision_sum)
+    if not mus:
+        return torch.zeros(()) if value else None
+    mu_d, lv_d = [m.detach() for m in mus], [v.detach() for v in logvars]
+    diff, var = torch._foreach_sub(mu_d, list(prior_means)), torch._foreach_exp(lv_d)
+    torch._foreach_addcmul_([m.grad for m in mus], list(prior_precisions), diff, value=scale)
+    lv_grads = [v.grad for v in logvars]
+    torch._foreach_addcmul_(lv_grads, list(prior_precisions), var, value=0.5 * scale)
+    torch._foreach_add_(lv_grads, -0.5 * scale)
+    if not value:
+        return None
+    if log_precision_sums is None:
+        log_precision_sums = [torch.log(pp).sum() for pp in prior_precisions]
+    torch._foreach_addcmul_(var, diff, diff)  # var + diff², in place (var is ours)
+    total = torch.zeros((), dtype=mu_d[0].dtype, device=mu_d[0].device)
+    for pp, v, lv, lps in zip(prior_precisions, var, lv_d, log_precision_sums):
+        total = total + 0.5 * (torch.dot(pp.reshape(-1), v.reshape(-1)) - lv.sum() - lv.numel() - lps)
+    return total

@@ -18,7 +18,9 @@ Adding :class:`VCLCallback` to a Trainer makes the user's model Bayesian without
   as the Laplace prior term: in ``on_before_optimizer_step`` (once per optimizer step whatever
   ``accumulate_grad_batches`` is, after AMP unscaling, before clipping) its closed-form gradient,
   :math:`\nabla_\mu = \lambda_p(\mu-\mu_p)`, :math:`\nabla_\ell = \tfrac12(\lambda_p e^{\ell} - 1)`, divided by
-  :math:`N_t`, is added to the ``.grad`` of the variational parameters. The KL is logged as ``vcl/kl``.
+  :math:`N_t`, is added to the ``.grad`` of the variational parameters. The KL's value is computed (checked to be
+  finite, and logged as ``vcl/kl``, its epoch mean) at the steps Lightning logs (``log_every_n_steps``) and at each
+  epoch's first step; the other steps add the gradient alone.
   Only layers that receive a data gradient in the step get the KL term: a layer no task has used (the head of a
   future task) keeps its initialisation, and its posterior stays exactly the base prior.
 * **Maximum-likelihood start** (``ml_init=True``, the VCL protocol): during the first task's first ``ml_epochs``
@@ -178,6 +180,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         self._backup: dict[str, Tensor] | None = None
         self._finetuned_for: int | str | None = None  # the task (or "union") the layers are fine-tuned for
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._kl_epoch_unlogged = True  # no step of this epoch has computed the KL's value yet
 
     # ------------------------------------------------------------------ layers and names
     def include_layer(self, path: str) -> bool:
@@ -322,6 +325,7 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         set_stochastic(pl_module, not self.in_ml_phase(trainer.current_epoch))
+        self._kl_epoch_unlogged = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -346,9 +350,14 @@ class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallba
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        kl = self.add_prior_grad(pl_module, trainer.current_epoch, optimizer_param_ids(optimizer))
+        # the KL's value (logged, and checked to be finite) at the steps Lightning logs and at each epoch's first
+        # step; the other steps add its gradient alone (cheaper: the value costs two more passes over the weights)
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+        value = self._kl_epoch_unlogged or trainer.global_step % every == 0
+        kl = self.add_prior_grad(pl_module, trainer.current_epoch, optimizer_param_ids(optimizer), value=value)
         self.count_step()
         if kl is not None:
+            self._kl_epoch_unlogged = False
             pl_module.log("vcl/kl", kl, on_step=False, on_epoch=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bayescl.gaussian.diag import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
+from bayescl.gaussian.diag import DiagGaussian, diag_gaussian_kl
+from bayescl.gaussian.diag_kl import add_diag_gaussian_kl_grads_
 from bayescl.methods.variational import BayesLayer
 
 
@@ -28,8 +29,13 @@ def layer_names(path: str, layer: BayesLayer) -> list[str]:
 
 
 def has_data_grad(layer: BayesLayer) -> bool:
-    """Whether some variational parameter of ``layer`` has a non-zero ``.grad`` (the data used the layer)."""
-    for _, mu, lv in layer.variational_params():
+    """Whether some variational parameter of ``layer`` has a non-zero ``.grad`` (the data used the layer).
+
+    The bias gradients are looked at first: small, and non-zero whenever the layer was used by a loss that depends
+    on its output, so a used layer costs one small comparison; the weights only when they are all zero.
+    """
+    pairs = list(layer.variational_params())
+    for _, mu, lv in reversed(pairs):
         for p in (mu, lv):
             if p.grad is not None and bool(p.grad.ne(0).any()):
                 return True
@@ -69,11 +75,13 @@ class KLTermMixin:
         return total
 
     def _add_kl_grad(self, pl_module: nn.Module, scale: float, prior: DiagGaussian | None = None,
-                     touched: set[str] | None = None, only: set[int] | None = None) -> Tensor | None:
-        """Add ``scale · ∇KL`` to the .grad of the layers that got a data gradient; returns the KL (detached).
+                     touched: set[str] | None = None, only: set[int] | None = None,
+                     value: bool = True) -> Tensor | None:
+        """Add ``scale · ∇KL`` to the .grad of the layers that got a data gradient; returns the KL (detached), or
+        ``None`` with ``value=False`` (or when no layer got a data gradient).
 
         Raises:
-            ValueError: the KL is not finite (names the non-finite variational parameters).
+            ValueError: (with ``value``) the KL is not finite (names the non-finite variational parameters).
         """
         layers = self.layers(pl_module)
         paths = [p for p, layer in layers.items()
@@ -84,24 +92,25 @@ class KLTermMixin:
         if not paths:
             return None
         tensors = self._prior_tensors(next(iter(layers.values())).weight_mu, prior)
-        kl = 0.0
-        with torch.no_grad():
-            for p in paths:
-                for name, (_, mu, lv) in zip(layer_names(p, layers[p]), layers[p].variational_params()):
-                    pm, pp, log_pp = tensors[name]
-                    kl = kl + add_diag_gaussian_kl_grad_(mu, lv, pm, pp, scale, log_pp)
-            if not bool(torch.isfinite(kl)):
-                bad = [n for p in paths for n, (_, mu, lv) in zip(layer_names(p, layers[p]),
-                                                                   layers[p].variational_params())
-                       if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(lv).all()))]
-                raise ValueError(f"the VCL KL term is not finite ({float(kl)}); non-finite variational parameters: "
-                                 f"{bad or 'none (overflow in exp(logvar))'}. The posterior of the last finished "
-                                 "task is kept (callback.posterior(); apply_posterior() loads it into the layers).")
+        names, mus, lvs = [], [], []
+        for p in paths:
+            for name, (_, mu, lv) in zip(layer_names(p, layers[p]), layers[p].variational_params()):
+                names.append(name)
+                mus.append(mu)
+                lvs.append(lv)
+        pm, pp, log_pp = zip(*(tensors[n] for n in names))
+        kl = add_diag_gaussian_kl_grads_(mus, lvs, pm, pp, scale, log_pp, value=value)
+        if kl is not None and not bool(torch.isfinite(kl)):
+            bad = [n for n, mu, lv in zip(names, mus, lvs)
+                   if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(lv).all()))]
+            raise ValueError(f"the VCL KL term is not finite ({float(kl)}); non-finite variational parameters: "
+                             f"{bad or 'none (overflow in exp(logvar))'}. The posterior of the last finished "
+                             "task is kept (callback.posterior(); apply_posterior() loads it into the layers).")
         return kl
 
     @torch.no_grad()
     def add_prior_grad(self, pl_module: nn.Module, epoch: int | None = None,
-                       only: set[int] | None = None) -> Tensor | None:
+                       only: set[int] | None = None, value: bool = True) -> Tensor | None:
         """``.grad += ∇KL(q || q_{t−1}) / N_t`` on the layers with a data gradient (the documented mechanism).
 
         Args:
@@ -109,9 +118,14 @@ class KLTermMixin:
             epoch: the epoch within the task (``None``: not in the maximum-likelihood phase, see :meth:`in_ml_phase`).
             only: ``id`` of the parameters the optimizer about to step holds (``None``: all); a layer is included
                 when its weight mean is among them, so with several optimizers each layer gets its term once.
+            value: compute the KL's value too (and check that it is finite); ``False``: the gradient alone, cheaper.
 
         Returns:
-            The KL (detached), or ``None`` when no layer got a data gradient or in the maximum-likelihood phase.
+            The KL (detached), or ``None`` when no layer got a data gradient, in the maximum-likelihood phase, or
+            with ``value=False``.
+
+        Raises:
+            ValueError: (with ``value``) the KL is not finite; the posterior of the last finished task is kept.
         """
         self.ensure_server(pl_module)
         if epoch is not None and self.in_ml_phase(epoch):
@@ -119,7 +133,7 @@ class KLTermMixin:
                 if has_data_grad(layer):
                     self._touched.update(layer_names(path, layer))
             return None
-        return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched, only=only)
+        return self._add_kl_grad(pl_module, self.prior_term_scale(), touched=self._touched, only=only, value=value)
 
     def in_ml_phase(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` of the current task is a maximum-likelihood epoch (``ml_init``: the first

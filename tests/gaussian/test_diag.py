@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from bayescl.gaussian.diag import DiagGaussian, add_diag_gaussian_kl_grad_, diag_gaussian_kl
+from bayescl.gaussian.diag_kl import add_diag_gaussian_kl_grads_
 
 DT = torch.float64
 SHAPES = {"a": (3,), "b": (2, 2)}
@@ -78,6 +79,25 @@ def test_closed_form_kl_gradient_matches_autograd() -> None:
     kl2 = add_diag_gaussian_kl_grad_(mu, lv, pm, pp, log_precision_sum=torch.log(pp).sum())
     torch.testing.assert_close(kl2, ref.detach())
     torch.testing.assert_close(lv.grad, 1.25 * gl)
+
+
+def test_fused_kl_gradients_of_several_tensors_match_autograd() -> None:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    mus = [torch.randn(s, dtype=DT, generator=g).requires_grad_() for s in shapes]
+    lvs = [(torch.randn(s, dtype=DT, generator=g) - 2).requires_grad_() for s in shapes]
+    pms = [torch.randn(s, dtype=DT, generator=g) for s in shapes]
+    pps = [torch.rand(s, dtype=DT, generator=g) * 5 + 0.1 for s in shapes]
+    ref = sum(diag_gaussian_kl(m, v, pm, pp) for m, v, pm, pp in zip(mus, lvs, pms, pps))
+    grads = torch.autograd.grad(ref, [*mus, *lvs])
+    mus[1].grad = torch.ones_like(mus[1])  # an existing data gradient is added to
+    assert add_diag_gaussian_kl_grads_(mus, lvs, pms, pps, scale=0.5, value=False) is None  # gradient alone
+    for p, gr, extra in zip([*mus, *lvs], grads, [0, 1, 0, 0, 0, 0]):
+        torch.testing.assert_close(p.grad, extra + 0.5 * gr)
+    kl = add_diag_gaussian_kl_grads_(mus, lvs, pms, pps, scale=0.5)
+    torch.testing.assert_close(kl, ref.detach())
+    for p, gr, extra in zip([*mus, *lvs], grads, [0, 1, 0, 0, 0, 0]):
+        torch.testing.assert_close(p.grad, extra + gr)
 
 
 def test_kl_monte_carlo_and_sample_moments(flat, mvn) -> None:

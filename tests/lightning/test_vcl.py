@@ -222,6 +222,30 @@ def test_non_finite_kl_raises_and_keeps_posterior(make_trainer, make_module, fit
     assert bool(torch.isfinite(module.model.trunk[3].weight_logvar).all())
 
 
+def test_kl_value_at_logging_steps_only_and_divergence_still_stops_the_epoch(make_trainer, make_module):
+    """Between logging steps only the KL's gradient is added (its value costs two passes more); a NaN that appears
+    mid-epoch is still refused by the KL's own check, at the next logging step, not only when the task closes."""
+    s = _stream(n_train=160)
+    module = make_module()
+    cb = VCLCallback(ml_init=False, test_samples=2)
+    values = []
+    add = cb.add_prior_grad
+    cb.add_prior_grad = lambda *a, **k: (values.append(k.get("value")), add(*a, **k))[1]
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                with torch.no_grad():
+                    pl_module.model.trunk[3].weight_logvar[0, 0] = float("nan")
+
+    trainer = make_trainer(cb, 2, extra=[Poison()], log_every_n_steps=4)
+    with pytest.raises(ValueError, match="KL term is not finite.*model.trunk.3.weight"):
+        trainer.fit(module, _loader(s[0].train))
+    # epoch 0: steps 0..9, the value at steps 0, 4, 8; epoch 1: step 10 (its first), then 11 (no), 12 (raises)
+    assert values == [True, False, False, False, True, False, False, False, True, False, True, False, True]
+    assert "vcl/kl" in trainer.callback_metrics and cb.server is not None and cb.server.names == ()
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_train_samples_averages_the_step_and_unwraps(fit_task, vectorize):
     s = _stream()
