@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 import warnings
 
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads. `{' '.join(['python', *__import__('sys').argv])}`\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads. `{' '.join(['python', *sys.argv])}`\n")
     for spec in args.runs:
         scenario, model = spec.split(":")
         print("\n".join(run(scenario, model, args.root, args.epochs, args.seed)) + "\n", flush=True)
