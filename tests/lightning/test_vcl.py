@@ -246,6 +246,38 @@ def test_kl_value_at_logging_steps_only_and_divergence_still_stops_the_epoch(mak
     assert "vcl/kl" in trainer.callback_metrics and cb.server is not None and cb.server.names == ()
 
 
+def test_accumulated_gradients_get_one_kl_term_per_optimizer_step_value_or_not(make_trainer, make_module):
+    """Under ``accumulate_grad_batches`` the KL gradient is added once per optimizer step, the same closed form
+    whether the step also computes the KL's value (logging steps, each epoch's first) or not."""
+    s = _stream(n_train=96)
+    module = make_module()
+    cb = VCLCallback(ml_init=False, test_samples=2)
+    values, terms = [], []
+    add = cb.add_prior_grad
+    cb.add_prior_grad = lambda *a, **k: (values.append(k.get("value")), add(*a, **k))[1]
+    before = {}
+
+    class Before(pl.Callback):  # the accumulated data gradient, before bayescl's term
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            layer = pl_module.model.trunk[1]  # the variational layer swapped in at setup
+            before["g"] = (layer.weight_mu.grad.clone(), layer.weight_logvar.grad.clone())
+
+    class After(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            mu, lv = pl_module.model.trunk[1].weight_mu, pl_module.model.trunk[1].weight_logvar
+            gm, gl = torch.autograd.grad(diag_gaussian_kl(mu, lv, torch.zeros_like(mu), torch.ones_like(mu)), (mu, lv))
+            terms.append((mu.grad - before["g"][0], lv.grad - before["g"][1], gm / 96, gl / 96))
+
+    trainer = make_trainer(cb, 2, extra=[After()], accumulate_grad_batches=3, log_every_n_steps=3)
+    trainer.callbacks.insert(0, Before())
+    trainer.fit(module, _loader(s[0].train))  # 6 batches an epoch, 2 optimizer steps an epoch
+    assert trainer.global_step == 4 and values == [True, False, True, True]  # steps 0, 1 | 2 (epoch start), 3
+    assert len(terms) == 4
+    for got_mu, got_lv, want_mu, want_lv in terms:
+        torch.testing.assert_close(got_mu, want_mu)
+        torch.testing.assert_close(got_lv, want_lv)
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_train_samples_averages_the_step_and_unwraps(fit_task, vectorize):
     s = _stream()
