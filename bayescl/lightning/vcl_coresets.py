@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from bayescl._batches import move_inputs, split_batch
 from bayescl.methods.coresets import split_coreset, stack_dataset
-from bayescl.methods.variational import layer_posterior, predictive_samples, set_stochastic, tiled
+from bayescl.methods.variational import layer_posterior, raw_samples, set_stochastic, tiled
 
 
 class CoresetMixin:
@@ -85,7 +85,7 @@ class CoresetMixin:
             set_stochastic(pl_module, True)
             self.seed_noise(pl_module, 2, self.tasks_seen)
             try:
-                with predictive_samples(pl_module, 1):
+                with raw_samples(pl_module):
                     for _ in range(self.coreset_epochs):
                         for batch in loader:
                             inputs, y = split_batch(batch)

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from bayescl._checks import check_positive_int
 from bayescl._params import eval_mode
 from bayescl.methods.predictive import check_posterior_names, glm_logit_covariance, glm_samples, glm_supported
-from bayescl.methods.variational import is_stochastic, predictive_samples
+from bayescl.methods.variational import is_stochastic, raw_samples
 
 #: the methods :func:`mc_probs` samples
 METHODS = ("glm", "mc")
@@ -60,7 +60,7 @@ def _probs(model: nn.Module, weights: list[dict[str, Tensor]] | None, inputs: tu
         return torch.stack([torch.softmax(functional_call(model, w, inputs, strict=False), dim=-1) for w in weights])
     if not is_stochastic(model):
         return torch.softmax(model(*inputs), dim=-1).unsqueeze(0)
-    with predictive_samples(model, 1):
+    with raw_samples(model):
         return torch.stack([torch.softmax(model(*inputs), dim=-1) for _ in range(n_samples)])
 
 

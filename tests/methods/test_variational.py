@@ -17,6 +17,7 @@ from bayescl.methods.variational import (
     load_posterior,
     logical_names,
     predictive_samples,
+    raw_samples,
     set_stochastic,
     tiled,
     variational_layers,
@@ -171,15 +172,43 @@ def test_predictive_averages_probabilities():
     torch.manual_seed(1)
     out = m(x)
     torch.manual_seed(1)
-    with predictive_samples(m, 1):
-        probs = torch.stack([torch.softmax(m(x), -1) for _ in range(7)]).mean(0)
+    with raw_samples(m):
+        logits = [m(x) for _ in range(7)]
+    probs = torch.stack([torch.softmax(z, -1) for z in logits]).mean(0)
     assert torch.allclose(out, probs.log())
     assert torch.allclose(out.exp().sum(-1), torch.ones(5, dtype=torch.float64))
+    assert not torch.allclose(logits[0].exp().sum(-1), torch.ones(5, dtype=torch.float64))  # raw: plain logits
+    with predictive_samples(m, 1):  # one sample is log-probabilities too, not logits
+        torch.manual_seed(1)
+        assert torch.allclose(m(x), torch.log_softmax(logits[0], -1))
     m.train()
     assert not torch.allclose(m(x).exp().sum(-1), torch.ones(5, dtype=torch.float64))  # plain logits
     set_stochastic(m, False)
     m.eval()
-    assert torch.allclose(m(x), F.linear(x, m[0].weight_mu, m[0].bias_mu))
+    assert torch.allclose(m(x), torch.log_softmax(F.linear(x, m[0].weight_mu, m[0].bias_mu), -1))
+    with pytest.raises(ValueError, match="test_samples"):
+        predictive_samples(m, 0)
+
+
+def test_predictive_log_loss_stays_finite_where_a_sample_underflows():
+    """The average runs in log space: a class whose softmax underflows to 0 in every sample (logit gap ~ 1e3) still
+    gets a finite log-probability, the log-sum-exp of the samples' log-probabilities."""
+    torch.manual_seed(0)
+    m = convert(nn.Sequential(nn.Linear(2, 2)))
+    with torch.no_grad():
+        m[0].weight_mu.copy_(torch.tensor([[1000.0, 0.0], [0.0, 0.0]]))
+        m[0].bias_mu.zero_()
+        m[0].weight_logvar.fill_(-2.0)
+    enable_predictive(m, 5).eval()
+    x = torch.tensor([[1.0, 0.0]])
+    torch.manual_seed(3)
+    out = m(x)
+    torch.manual_seed(3)
+    with raw_samples(m):
+        ref = torch.logsumexp(torch.stack([torch.log_softmax(m(x).double(), -1) for _ in range(5)]), 0) - math.log(5)
+    assert torch.isfinite(out).all() and out[0, 1] < -500
+    assert torch.allclose(out.double(), ref, rtol=1e-5)
+    assert torch.isfinite(F.cross_entropy(out, torch.tensor([1])))
 
 
 def test_tiled_samples_equal_separate_passes_with_the_same_noise():
