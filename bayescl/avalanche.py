@@ -362,9 +362,16 @@ class VCLPlugin(PosteriorPlugin):
         """Back to one sample per example."""
         set_tiles(strategy.model, 1)
 
+    #: the KL's value (a sum over every layer, as costly as its gradient) is computed, and checked to be finite, on
+    #: each epoch's first iteration and every ``check_every`` iterations after it, as the Lightning callback does at
+    #: its logging steps; the gradient is added on every iteration.
+    check_every: int = 50
+
     def before_update(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        """Add ``∇KL(q || q_{t-1}) / N_t`` (none during the maximum-likelihood start)."""
-        self.callback.add_prior_grad(strategy.model, self._epoch(strategy))
+        """Add ``∇KL(q || q_{t-1}) / N_t`` (none during the maximum-likelihood start); the value on some iterations
+        (:attr:`check_every`)."""
+        value = int(strategy.clock.train_epoch_iterations) % self.check_every == 0
+        self.callback.add_prior_grad(strategy.model, self._epoch(strategy), value=value)
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         """Close the experience: the site ``q_t / q_{t-1}``."""

@@ -301,6 +301,42 @@ def test_vcl_plugin_adds_the_kl_gradient_in_before_update():
     assert checked == 8 and float(expected["trunk.1.weight_mu"].abs().max()) > 0
 
 
+def test_vcl_plugin_computes_the_kl_value_every_check_every_iterations_and_a_nan_still_stops_training(monkeypatch):
+    """The gradient on every iteration, the value (with its finiteness check) on each epoch's first iteration and
+    every ``check_every`` after it; a log-variance made NaN on a value-less iteration stops training on the next
+    iteration that computes the value, and the posterior of the finished experience survives."""
+    torch.manual_seed(0)
+    bm = tiny_benchmark()
+    plugin = VCLPlugin(ml_init=False, test_samples=2)
+    plugin.check_every = 2
+    calls = []
+    real = plugin.callback.add_prior_grad
+
+    def spy(model, epoch=None, only=None, value=True):
+        calls.append(value)
+        return real(model, epoch, only=only, value=value)
+
+    monkeypatch.setattr(plugin.callback, "add_prior_grad", spy)
+    strategy = naive(TinyMT(), [plugin], epochs=2)  # 48 examples, minibatch 16: 3 iterations per epoch
+    strategy.train(bm.train_stream[0])
+    assert calls == [True, False, True] * 2
+    kept = plugin.posterior()
+
+    class Poison(SupervisedPlugin):
+        def before_update(self, strategy, *args, **kwargs):
+            if strategy.clock.train_epoch_iterations == 1:
+                with torch.no_grad():
+                    strategy.model.trunk[1].weight_logvar[0, 0] = float("nan")
+
+    calls.clear()
+    strategy.plugins.insert(0, Poison())
+    with pytest.raises(ValueError, match="not finite"):
+        strategy.train(bm.train_stream[1])
+    assert calls == [True, False, True]  # the NaN went in at the 2nd iteration and was caught at the 3rd
+    after = plugin.posterior()
+    assert all(torch.equal(after.mean[n], kept.mean[n]) for n in kept.names)
+
+
 # --------------------------------------------------------------------------------------------------- streams
 def test_stream_from_task_incremental_benchmark():
     bm = tiny_benchmark(task_labels=(0, 1, 2), n_train=30, n_test=10)
