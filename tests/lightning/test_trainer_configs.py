@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from bayescl import ClassifierModule, LaplaceCallback, VCLCallback, synthetic_stream
+from bayescl.gaussian.diag import diag_gaussian_kl
 from bayescl.lightning.base import check_server_params
 
 N = 16  # training examples per task
@@ -235,15 +236,33 @@ class TwoOptimizers(Tiny):
                 torch.optim.SGD(self.net[2].parameters(), lr=self.lr))
 
 
-def test_manual_optimization_two_optimizers_one_term_per_parameter_per_step(make_trainer):
-    module, cb = TwoOptimizers(), LaplaceCallback(structure="diag")
+def dense_kl_term(cb, module) -> dict[str, torch.Tensor]:
+    """VCL's ∇KL(q || q_{t-1}) / N_t at the current variational parameters, by autograd of the closed form."""
+    prior = cb.posterior()
+    out = {}
+    for path in ("net.0", "net.2"):
+        layer = module.get_submodule(path)
+        for k in ("weight", "bias"):
+            mu, lv = (getattr(layer, f"{k}_{s}").detach().clone().requires_grad_(True) for s in ("mu", "logvar"))
+            kl = diag_gaussian_kl(mu, lv, prior.mean[f"{path}.{k}"], prior.precision[f"{path}.{k}"])
+            g_mu, g_lv = torch.autograd.grad(kl, (mu, lv))
+            out[f"{path}.{k}_mu"], out[f"{path}.{k}_logvar"] = g_mu * cb.prior_term_scale(), g_lv * cb.prior_term_scale()
+    return out
+
+
+@pytest.mark.parametrize("method", ["laplace", "vcl"])
+def test_manual_optimization_two_optimizers_one_term_per_parameter_per_step(make_trainer, method):
+    """Each optimizer's step adds the term of the parameters it holds, once; VCL's optimizers hold each layer's
+    means and log-variances (the layers are swapped in before ``configure_optimizers``)."""
+    module = TwoOptimizers()
+    cb = LaplaceCallback(structure="diag") if method == "laplace" else VCLCallback(ml_init=False, test_samples=2)
     module.cb = cb
     make_trainer(cb).fit(module, loader(0))
     term_at = []
 
     class Term(pl.Callback):  # the dense term at the weights the step sees
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            term_at.append(dense_term(cb, pl_module))
+            term_at.append((dense_term if method == "laplace" else dense_kl_term)(cb, pl_module))
 
     trainer = make_trainer(cb)
     trainer.callbacks.insert(0, Term())
@@ -254,6 +273,8 @@ def test_manual_optimization_two_optimizers_one_term_per_parameter_per_step(make
         for n in after:
             expected = term[n] if owner[n] == which else torch.zeros_like(term[n])
             torch.testing.assert_close(after[n] - before[n], expected, msg=f"{n} at optimizer {which}")
+    assert set(module.records[0][1]) == set(term_at[0])  # every parameter compared
+    assert all(float(t.abs().max()) > 0 for t in term_at[-1].values())  # zero at the first step: q = q_{t-1}
     assert list(cb.server.names) == ["task-0", "task-1"]
 
 
