@@ -13,9 +13,9 @@ cross-validated on the first :math:`T_{cv}` tasks only):
    .. math:: s = \frac1{|S|}\sum_{s\in S} \frac1{T_{cv}} \sum_{j<T_{cv}} V^{(s)}_{T_{cv}-1,\,j},
 
    with :math:`V` the validation accuracy matrix (rows: after training task :math:`i`; columns: task :math:`j`).
-3. Choice: the candidate with the highest score (the first in grid order on a tie). With ``min_learned = p`` only
-   the candidates that *learn* every task are eligible: each task's validation accuracy right after training it
-   (the diagonal :math:`V_{jj}`, every tune seed) must reach :math:`p`. Average accuracy alone rewards a recipe that
+3. Choice (:mod:`bayescl.harness.tune_choice`): the candidate with the highest score (the first in grid order on
+   a tie). With ``min_learned = p`` only the candidates that *learn* every task are eligible: each task's
+   validation accuracy right after training it (the diagonal :math:`V_{jj}`, every tune seed) must reach :math:`p`. Average accuracy alone rewards a recipe that
    holds the old tasks by not learning the new ones (on split-MNIST domain-IL a Kronecker Laplace at Adam 3e-5
    scores 82 % on validation while learning its last task to 44 %, below chance). If no candidate is eligible the
    best of all is chosen and the JSON says so.
@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -55,8 +54,9 @@ from bayescl.harness.avalanche_recipes import check_harness_recipe
 from bayescl.harness.bench import BenchConfig, _run_config, run_benchmark
 from bayescl.harness.recipes import _Loader, grid_variants, load_recipe
 from bayescl.harness.scenarios import Scenario, default_num_tasks
+from bayescl.harness.tune_choice import choose_learned, learned_min
 
-__all__ = ["METRIC", "TuneConfig", "choose", "parse_grid", "run_tune", "tune_candidates"]
+__all__ = ["METRIC", "TuneConfig", "parse_grid", "run_tune", "tune_candidates"]
 
 #: the per-seed number a candidate is scored by (mean over tune seeds)
 METRIC = "val_avg_accuracy"
@@ -65,8 +65,6 @@ PROTOCOL = "first-tasks validation (Chaudhry et al. 2019)"
 PROTOCOL_ALL = "all-tasks validation"
 #: the grid key that lists the run's learning rates (not a callback argument)
 LR = "lr"
-#: without ``min_learned``, warn when the choice learns some task this much worse than the best learner does
-_LEARNED_GAP = 0.05
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -205,23 +203,6 @@ def _check_candidates(grid_path: Path, names: list[str]) -> None:
             raise ValueError(f"candidate {n!r}: its callback does not take these arguments ({exc}).") from exc
 
 
-def choose(scores: dict[str, float], eligible: set[str] | None = None) -> str:
-    """The candidate with the highest validation score; the first in grid order on a tie (NaN never wins).
-
-    ``eligible`` restricts the choice to those candidates (when it holds at least one of them).
-
-    >>> choose({"a": 0.9, "b": 0.95, "c": 0.95})
-    'b'
-    >>> choose({"a": 0.9, "b": 0.95}, eligible={"a"})
-    'a'
-    """
-    if not scores:
-        raise ValueError("scores is empty; there is no candidate to choose.")
-    if eligible and eligible & set(scores):
-        scores = {k: v for k, v in scores.items() if k in eligible}
-    return max(scores, key=lambda k: (scores[k] == scores[k], scores[k] if scores[k] == scores[k] else 0.0))
-
-
 def _candidate_done(path: Path, cfg: BenchConfig) -> dict[str, Any] | None:
     """The candidate's finished (or failed) result on disk with the same configuration, else ``None``."""
     if not path.is_file():
@@ -315,7 +296,7 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
             f"{' (finished earlier, kept: --resume)' if kept else ''}")
     if all(c.get("failed") for c in candidates):
         raise RuntimeError(f"every candidate of the grid failed; the first: {candidates[0]['failed']}")
-    best, eligible = _choose_learned(scores, learned, cfg.min_learned, log)
+    best, eligible = choose_learned(scores, learned, cfg.min_learned, log)
     whole = _tunes_whole_stream(cfg)
     stream = f"all {cfg.tune_tasks} tasks" if whole else f"the first {cfg.tune_tasks} tasks only"
     rule = "" if cfg.min_learned is None else (
@@ -341,32 +322,6 @@ def tune_candidates(cfg: TuneConfig, out_dir: str | Path, log=print, command: st
     chosen = next(c for c in candidates if c["name"] == best)
     return {"protocol": protocol, "grid": grid, "candidates": candidates,
             "choice": {k: chosen[k] for k in ("name", "strategy", "overrides", "val_score")}}
-
-
-def _choose_learned(scores: dict[str, float], learned: dict[str, float], min_learned: float | None,
-                    log) -> tuple[str, set[str] | None]:
-    """The choice (:func:`choose` among the candidates that learned every task to ``min_learned``, when given) and
-    the eligible set; logs the choice, and warns of a choice that may score by not learning."""
-    eligible = None if min_learned is None else {n for n, v in learned.items() if v >= min_learned}
-    best = choose(scores, eligible)
-    log(f"choice: {best} (validation accuracy {100 * scores[best]:.2f})")
-    if eligible is not None and not eligible:
-        log(f"  warning: no candidate learned every task to {100 * min_learned:g} % (min_learned); chosen among all "
-            "of them")
-    top = max(v for v in learned.values() if not math.isnan(v))
-    if min_learned is None and learned[best] < top - _LEARNED_GAP:
-        log(f"  warning: the choice learns some task to only {100 * learned[best]:.1f} % right after training it, "
-            f"where another candidate learns every task to {100 * top:.1f} %: it may score by not learning; "
-            "--min-learned makes such candidates ineligible")
-    skipped = [n for n, v in scores.items() if v > scores[best] and n not in (eligible or set(scores))]
-    if skipped:
-        log(f"  {len(skipped)} candidate(s) scored higher but left a task below min_learned: {', '.join(skipped)}")
-    return best, eligible
-
-
-def learned_min(val_matrices: list[list[list[float]]]) -> float:
-    """The lowest validation accuracy of a task right after it was trained, over tasks and seeds (``V[s][j][j]``)."""
-    return min(float(V[j][j]) for V in val_matrices for j in range(len(V)))
 
 
 def _tunes_whole_stream(cfg: TuneConfig) -> bool:

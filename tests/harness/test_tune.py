@@ -12,7 +12,8 @@ from bayescl.harness import bench, tune
 from bayescl.harness.bench import BenchConfig
 from bayescl.harness.cli import main
 from bayescl.harness.report import load_results, markdown_table
-from bayescl.harness.tune import TuneConfig, choose, parse_grid, run_tune, tune_candidates
+from bayescl.harness.tune import TuneConfig, parse_grid, run_tune, tune_candidates
+from bayescl.harness.tune_choice import choose
 
 
 def _cfg(**kw) -> TuneConfig:
