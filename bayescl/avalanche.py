@@ -86,12 +86,12 @@ from bayescl.lightning.laplace import LaplaceCallback
 from bayescl.lightning.vcl import VCLCallback
 from bayescl.methods.variational import (
     convert,
-    enable_predictive,
     is_stochastic,
     set_stochastic,
     set_tiles,
     tile_batch,
 )
+from bayescl.methods.variational_predictive import enable_predictive
 
 __all__ = [
     "ExperienceBatches",

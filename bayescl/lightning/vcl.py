@@ -82,13 +82,13 @@ from bayescl.methods.coresets import CoresetMethod
 from bayescl.methods.variational import (
     BayesLayer,
     convert,
-    enable_predictive,
     layer_posterior,
     load_posterior,
     set_stochastic,
     variational_layers,
 )
 from bayescl.methods.variational_init import resolve_logvar_init
+from bayescl.methods.variational_predictive import enable_predictive
 
 
 class VCLCallback(CoresetMixin, KLTermMixin, VCLCheckpointMixin, PosteriorCallback):

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from bayescl._batches import move_inputs, split_batch
 from bayescl.methods.coresets import split_coreset, stack_dataset
-from bayescl.methods.variational import layer_posterior, raw_samples, set_stochastic, tiled
+from bayescl.methods.variational import layer_posterior, set_stochastic, tiled
+from bayescl.methods.variational_predictive import raw_samples
 
 
 class CoresetMixin:

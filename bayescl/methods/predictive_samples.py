@@ -28,7 +28,8 @@ from torch.func import functional_call
 from bayescl._checks import check_positive_int
 from bayescl._params import eval_mode
 from bayescl.methods.predictive import check_posterior_names, glm_logit_covariance, glm_samples, glm_supported
-from bayescl.methods.variational import is_stochastic, raw_samples
+from bayescl.methods.variational import is_stochastic
+from bayescl.methods.variational_predictive import raw_samples
 
 #: the methods :func:`mc_probs` samples
 METHODS = ("glm", "mc")

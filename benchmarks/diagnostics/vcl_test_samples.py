@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bayescl import ClassifierModule, VCLCallback, make_stream
 from bayescl._batches import split_batch
 from bayescl.harness.bench import default_model
-from bayescl.methods.variational import predictive_samples
+from bayescl.methods.variational_predictive import predictive_samples
 
 SAMPLES = (1, 3, 10, 30, 100)
 

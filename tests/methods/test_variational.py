@@ -12,17 +12,15 @@ from bayescl.methods.variational import (
     BayesConv2d,
     BayesLinear,
     convert,
-    enable_predictive,
     layer_posterior,
     load_posterior,
     logical_names,
-    predictive_samples,
-    raw_samples,
     set_stochastic,
     tiled,
     variational_layers,
 )
 from bayescl.methods.variational_init import DEFAULT_FAN_IN_RATIO, LogvarInit, resolve_logvar_init
+from bayescl.methods.variational_predictive import enable_predictive, predictive_samples, raw_samples
 
 
 def _random_linear(seed=0, n_in=4, n_out=3, dtype=torch.float64):
