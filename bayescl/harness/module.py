@@ -18,10 +18,11 @@ from bayescl._checks import check_positive_int, check_real
 from bayescl.harness.metrics import AccuracyMatrix
 
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ClassifierModule(pl.LightningModule):
-    """Cross-entropy training of ``model`` with Adam (or SGD); per-task test accuracy.
+    r"""Cross-entropy training of ``model`` with Adam (or SGD); per-task test accuracy.
 
     A new optimizer is built at every ``fit`` (Lightning calls ``configure_optimizers`` each time), so Adam's
     moment estimates do not carry over from one task to the next.
@@ -33,10 +34,13 @@ class ClassifierModule(pl.LightningModule):
         optimizer: ``"adam"`` (the protocol's) or ``"sgd"`` (with ``momentum``); a recipe sets it under
             ``module:``.
         momentum: SGD's momentum (unused by Adam).
+        lr_schedule: ``"constant"`` (the protocol's) or ``"cosine"``: within every ``fit`` (every task) the learning
+            rate falls from ``lr`` to 0 along a half cosine over the fit's optimizer steps,
+            :math:`\eta_k = \frac{\eta}{2}(1 + \cos(\pi k / K))` (``CosineAnnealingLR``, stepped every step).
     """
 
     def __init__(self, model: nn.Module, num_tasks: int, lr: float = 1e-3, optimizer: str = "adam",
-                 momentum: float = 0.9) -> None:
+                 momentum: float = 0.9, lr_schedule: str = "constant") -> None:
         super().__init__()
         self.model = model
         self.lr = check_real(lr, "lr", low=0.0, low_open=True)
@@ -44,6 +48,9 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError(f"optimizer={optimizer!r} is not valid; allowed: {', '.join(OPTIMIZERS)}.")
         self.optimizer = optimizer
         self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r} is not valid; allowed: {', '.join(LR_SCHEDULES)}.")
+        self.lr_schedule = lr_schedule
         self.num_tasks = check_positive_int(num_tasks, "num_tasks")
         self.stage = 0
         self.acc_matrix = AccuracyMatrix(num_tasks)
@@ -76,5 +83,11 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
-        return torch.optim.Adam(params, lr=self.lr)
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        else:
+            opt = torch.optim.Adam(params, lr=self.lr)
+        if self.lr_schedule == "constant":
+            return opt
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}

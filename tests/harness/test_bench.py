@@ -125,6 +125,37 @@ def test_cli_runs_a_grid_variant(tmp_path, capsys):
     assert doc["strategy"] == "diag-lam3" and doc["config"]["strategy"] == f"{grid}#diag-lam3"
 
 
+def test_cosine_lr_schedule_falls_from_lr_to_zero_within_every_fit():
+    """``lr_schedule="cosine"``: each fit (task) starts at ``lr`` and steps a half cosine to 0 over its optimizer
+    steps, in a real Trainer reused for two fits; ``"constant"`` keeps ``lr``; a bad value names the allowed ones."""
+    import math
+
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bayescl.harness.module import ClassifierModule
+
+    data = DataLoader(TensorDataset(torch.randn(24, 3), torch.randint(0, 2, (24,))), batch_size=4)  # 6 steps/epoch
+    seen = []
+
+    class Record(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    for schedule, want in [("cosine", [0.1 * (1 + math.cos(math.pi * k / 12)) / 2 for k in range(12)]),
+                           ("constant", [0.1] * 12)]:
+        seen.clear()
+        module = ClassifierModule(torch.nn.Linear(3, 2), 1, lr=0.1, lr_schedule=schedule)
+        for _ in range(2):  # a new Trainer per task, as the harness does
+            trainer = pl.Trainer(max_epochs=2, callbacks=[Record()], logger=False, enable_progress_bar=False,
+                                 enable_checkpointing=False, enable_model_summary=False)
+            trainer.fit(module, data)
+        assert seen == pytest.approx(want * 2, abs=1e-9), schedule
+    with pytest.raises(ValueError, match="lr_schedule='linear' is not valid; allowed: constant, cosine"):
+        ClassifierModule(torch.nn.Linear(2, 2), 1, lr_schedule="linear")
+
+
 def test_grid_variant_sets_the_module_optimizer(tmp_path, capsys):
     """A variant's ``module`` reaches ClassifierModule (SGD with its momentum, the run's lr) and a run trains with
     it; a ``module.lr`` is refused before any recipe of the command runs."""
