@@ -112,6 +112,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped tuning: keep the candidates and seeds that finished (same arguments) and "
                         "continue a stopped one after its last evaluated task")
+    p.add_argument("--no-final", action="store_true",
+                   help="score the candidates and print the choice, without the final run (no test data is read): "
+                        "for a grid that may not beat another grid's choice")
 
 
 def _bench_config(args: argparse.Namespace, strategy: str) -> Any:
@@ -154,21 +157,25 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from bayescl.harness.tune import TuneConfig, parse_grid, run_tune
+    from bayescl.harness.tune import TuneConfig, parse_grid, run_tune, tune_candidates
 
     command = "bayescl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cfg = TuneConfig(run=_bench_config(args, args.strategy or ""), grid=parse_grid(args.grid),
                      grid_file=args.grid_file, tune_tasks=args.tune_tasks, tune_seeds=args.tune_seeds,
                      tune_epochs=args.tune_epochs, name=args.name, min_learned=args.min_learned)
-    result = run_tune(cfg, out_dir=args.out, command=command)
+    tune = (tune_candidates(cfg, args.out, command=command) if args.no_final
+            else run_tune(cfg, out_dir=args.out, command=command)["tune"])
     print()
     print("| candidate | validation accuracy (%) | each task learned to (%) |\n|---|---|---|")
-    for c in result["tune"]["candidates"]:
-        chosen = " (chosen)" if c["name"] == result["tune"]["choice"]["name"] else ""
+    for c in tune["candidates"]:
+        chosen = " (chosen)" if c["name"] == tune["choice"]["name"] else ""
         if c.get("failed"):
             print(f"| {c['name']} | failed: {c['failed']} | – |")
         else:
             print(f"| {c['name']}{chosen} | {100 * c['val_score']:.2f} | {100 * c['val_learned_min']:.1f} |")
+    if args.no_final:
+        print("\n--no-final: the choice was not run on the whole stream; no test data was read.")
+        return 0
     _print_table(args)
     return 0
 

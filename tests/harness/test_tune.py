@@ -379,6 +379,31 @@ def test_cli_tune_with_a_grid_file(tmp_path, capsys):
     assert "laplace-diag with optimizer=sgd, lam=" in doc["description"]  # a variant's module is part of the choice
 
 
+def test_cli_tune_no_final_scores_the_candidates_and_reads_no_test_data(tmp_path, capsys, monkeypatch):
+    """``--no-final``: every candidate is scored and the choice printed; no final result is written and no test
+    loader is built (the run that would read test data never starts); ``--resume`` then runs the final alone."""
+    from bayescl.harness import bench
+
+    configs = []
+    real = bench.run_benchmark
+
+    def spy(cfg, *a, **k):
+        configs.append(cfg.evaluate_test)
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr("bayescl.harness.tune.run_benchmark", spy)
+    args = ["tune", "--scenario", "synthetic", "--strategy", "laplace-diag", "--grid", "lam=1,3", "--tune-tasks",
+            "1", "--num-tasks", "2", "--epochs", "1", "--out", str(tmp_path), "--no-progress", "--no-uncertainty",
+            "--no-report"]
+    assert main([*args, "--no-final"]) == 0
+    printed = capsys.readouterr().out
+    assert configs == [False, False] and "(chosen)" in printed and "--no-final" in printed
+    assert not (tmp_path / "synthetic" / "laplace-diag.json").exists()
+    assert len(list((tmp_path / "_tune" / "laplace-diag" / "synthetic").glob("laplace-diag-lam*.json"))) == 2
+    assert main([*args, "--resume"]) == 0  # the candidates are kept; only the final run trains
+    assert configs == [False, False, True] and (tmp_path / "synthetic" / "laplace-diag.json").exists()
+
+
 def test_cli_tune_lr_beside_a_grid_file_and_alone(tmp_path, capsys):
     """``--grid lr=...`` multiplies a grid file's variants; alone it tunes the base recipe's learning rate only."""
     grid = tmp_path / "g.yaml"
