@@ -15,13 +15,11 @@ samples, each with 2 draws of the samples. No test data is read.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
-import warnings
 
 import pytorch_lightning as pl
 import torch
+from _stream import fit_task, start
 
 from bayescl import ClassifierModule, LaplaceCallback, VCLCallback, make_stream
 from bayescl.harness.bench import default_model
@@ -41,9 +39,7 @@ def run(scenario: str, method: str, root: str | None, epochs: int, seed: int) ->
     rows = {s: [] for s in SAMPLES}
     t0 = time.perf_counter()
     for i, task in enumerate(stream):
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=[cb], accelerator="cpu", devices=1, logger=False,
-                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-        trainer.fit(module, task.train_dataloader(batch_size=64, seed=seed))
+        fit_task(module, cb, task, epochs, seed)
         if i == len(stream) - 1:
             break  # no future task left to tell apart
         posterior = posterior_for([cb], module)
@@ -76,9 +72,7 @@ def main(argv=None) -> None:
                                                   "split-mnist-domain:laplace:5"],
                     help="scenario:method:epochs triples (method: vcl or laplace, the callbacks' defaults)")
     args = ap.parse_args(argv)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads. `{' '.join(['python', *sys.argv])}`\n")
+    start()
     for spec in args.runs:
         scenario, method, epochs = spec.split(":")
         print("\n".join(run(scenario, method, args.root, int(epochs), args.seed)) + "\n", flush=True)

@@ -12,15 +12,13 @@ Carlo error). No test data is read.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
-import sys
 import time
-import warnings
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from _stream import fit_task, start
 
 from bayescl import ClassifierModule, VCLCallback, make_stream
 from bayescl._batches import split_batch
@@ -40,7 +38,7 @@ def score(module, cb, loaders, samples: int, draw: int) -> tuple[float, float]:
             for b, batch in enumerate(loader):
                 cb.seed_noise(module, 3, draw, li, b)
                 inputs, y = split_batch(batch)
-                logp = torch.log_softmax(module(*inputs), -1)  # log mean softmax (S > 1) or logits (S = 1)
+                logp = module(*inputs)  # log of the mean softmax over the samples (S = 1 included)
                 correct += int((logp.argmax(-1) == y).sum())
                 nll += float(F.nll_loss(logp, y, reduction="sum"))
                 n += len(y)
@@ -54,9 +52,7 @@ def run(scenario: str, model: str, root: str | None, epochs: int, seed: int) -> 
     cb = VCLCallback()
     t0 = time.perf_counter()
     for task in stream:
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=[cb], accelerator="cpu", devices=1, logger=False,
-                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-        trainer.fit(module, task.train_dataloader(batch_size=64, seed=seed))
+        fit_task(module, cb, task, epochs, seed)
     train_s = time.perf_counter() - t0
     loaders = [t.val_dataloader() for t in stream]
     lines = [f"## {scenario} ({model}, {len(stream)} tasks, {epochs} epochs, seed {seed}; training {train_s:.0f} s)",
@@ -84,9 +80,7 @@ def main(argv=None) -> None:
                                                   "split-fashion-task:cnn-bn"],
                     help="scenario:model pairs")
     args = ap.parse_args(argv)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads. `{' '.join(['python', *sys.argv])}`\n")
+    start()
     for spec in args.runs:
         scenario, model = spec.split(":")
         print("\n".join(run(scenario, model, args.root, args.epochs, args.seed)) + "\n", flush=True)
