@@ -3,12 +3,21 @@ bench`` fits it (a new Trainer per task, CPU, batch 64, the task's own seeded or
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
 
 import pytorch_lightning as pl
 import torch
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The diagnostic's argument parser with ``--root`` (the data) and ``--seed``; the caller adds ``--runs``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--root", default=None, help="data root (default: $BAYESCL_DATA, else ./data)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
 
 
 def start() -> None:

@@ -14,12 +14,11 @@ samples, each with 2 draws of the samples. No test data is read.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pytorch_lightning as pl
 import torch
-from _stream import fit_task, start
+from _stream import fit_task, parser, start
 
 from bayescl import ClassifierModule, LaplaceCallback, VCLCallback, make_stream
 from bayescl.harness.bench import default_model
@@ -65,9 +64,7 @@ def run(scenario: str, method: str, root: str | None, epochs: int, seed: int) ->
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = parser(__doc__)
     ap.add_argument("--runs", nargs="+", default=["permuted-mnist:vcl:3", "split-mnist-domain:vcl:5",
                                                   "split-mnist-domain:laplace:5"],
                     help="scenario:method:epochs triples (method: vcl or laplace, the callbacks' defaults)")

@@ -11,14 +11,13 @@ Carlo error). No test data is read.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from _stream import fit_task, start
+from _stream import fit_task, parser, start
 
 from bayescl import ClassifierModule, VCLCallback, make_stream
 from bayescl._batches import split_batch
@@ -72,10 +71,8 @@ def run(scenario: str, model: str, root: str | None, epochs: int, seed: int) -> 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=None)
+    ap = parser(__doc__)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", nargs="+", default=["split-mnist-domain:mlp", "split-mnist-task:mlp",
                                                   "split-fashion-task:cnn-bn"],
                     help="scenario:model pairs")
