@@ -15,10 +15,10 @@ cross-validated on the first :math:`T_{cv}` tasks only):
    with :math:`V` the validation accuracy matrix (rows: after training task :math:`i`; columns: task :math:`j`).
 3. Choice (:mod:`bayescl.harness.tune_choice`): the candidate with the highest score (the first in grid order on
    a tie). With ``min_learned = p`` only the candidates that *learn* every task are eligible: each task's
-   validation accuracy right after training it (the diagonal :math:`V_{jj}`, every tune seed) must reach :math:`p`. Average accuracy alone rewards a recipe that
-   holds the old tasks by not learning the new ones (on split-MNIST domain-IL a Kronecker Laplace at Adam 3e-5
-   scores 82 % on validation while learning its last task to 44 %, below chance). If no candidate is eligible the
-   best of all is chosen and the JSON says so.
+   validation accuracy right after training it (the diagonal :math:`V_{jj}`, every tune seed) must reach
+   :math:`p`. Average accuracy alone rewards a recipe that holds the old tasks by not learning the new ones (on
+   split-MNIST domain-IL a Kronecker Laplace at Adam 3e-5 scores 82 % on validation while learning its last task
+   to 44 %, below chance). If no candidate is eligible the best of all is chosen and the JSON says so.
 4. Final run: the chosen candidate over the whole stream for ``seeds`` seeds, tested on the test data exactly as
    ``bayescl bench`` does. Unlike Chaudhry et al., who report on the remaining tasks only, the final run covers the
    whole stream (tuning tasks included) so that its numbers compare with ``bayescl bench``'s; no test data chose

@@ -32,7 +32,7 @@ def choose(scores: dict[str, float], eligible: set[str] | None = None) -> str:
 
 
 def choose_learned(scores: dict[str, float], learned: dict[str, float], min_learned: float | None,
-                    log) -> tuple[str, set[str] | None]:
+                   log) -> tuple[str, set[str] | None]:
     """The choice (:func:`choose` among the candidates that learned every task to ``min_learned``, when given) and
     the eligible set; logs the choice, and warns of a choice that may score by not learning."""
     eligible = None if min_learned is None else {n for n, v in learned.items() if v >= min_learned}
