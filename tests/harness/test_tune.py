@@ -382,8 +382,6 @@ def test_cli_tune_with_a_grid_file(tmp_path, capsys):
 def test_cli_tune_no_final_scores_the_candidates_and_reads_no_test_data(tmp_path, capsys, monkeypatch):
     """``--no-final``: every candidate is scored and the choice printed; no final result is written and no test
     loader is built (the run that would read test data never starts); ``--resume`` then runs the final alone."""
-    from bayescl.harness import bench
-
     configs = []
     real = bench.run_benchmark
 
