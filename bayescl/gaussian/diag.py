@@ -336,6 +336,10 @@ class DiagGaussian:
         """The elementwise part of ``Λ`` per parameter, in the parameter's shape: here all of ``Λ``, ``λ``."""
         return dict(self._prec)
 
+    def precision_diagonal(self) -> dict[str, Tensor]:
+        """The diagonal of ``Λ`` per parameter, in the parameter's shape: here all of ``Λ``, ``λ``."""
+        return dict(self._prec)
+
     def data_spectrum(self, base_precision: float) -> tuple[Tensor, float]:
         """``(h, ‖μ‖²)``: the eigenvalues ``h_j = λ_j − τ₀ > 0`` of the data part ``H = Λ − τ₀ I`` (float64) and
         ``Σ μ_j²`` over those entries (the entries the data never touched are left out); see

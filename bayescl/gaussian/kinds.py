@@ -5,7 +5,7 @@ Both kinds share one interface, so callers call a method instead of testing the 
 ``divide``, ``temper``, ``with_mean``), densities (``kl``, ``log_prob``, ``sample``, ``quadratic``,
 ``quadratic_grad``), structure (``restrict``, ``extend``, ``to``), persistence (``state_dict``), and
 ``elementwise_precision()`` / ``blocks()`` (the elementwise part of ``Λ`` and its Kronecker blocks, none for a
-diagonal Gaussian), ``data_spectrum(τ₀)`` and ``with_base_precision(old, new)`` (the Laplace evidence).
+diagonal Gaussian), ``precision_diagonal()`` (the diagonal of ``Λ``), ``data_spectrum(τ₀)`` and ``with_base_precision(old, new)`` (the Laplace evidence).
 """
 
 from __future__ import annotations
@@ -25,6 +25,22 @@ def check_gaussian(q: object, name: str = "posterior") -> Gaussian:
     if not isinstance(q, (DiagGaussian, KronGaussian)):
         raise TypeError(f"{name} must be a DiagGaussian or KronGaussian, got {type(q).__name__}.")
     return q
+
+
+def mean_precision(q: Gaussian) -> float:
+    r"""The mean of the diagonal of ``q``'s precision over the entries where it is positive (0.0 if there are none).
+
+    For a curvature site (a task's summed Fisher or GGN) this is the scale of the task's curvature: a classifier
+    that fits its task with large margins has a Fisher :math:`p(1-p) \approx e^{-m}` near zero, one that does not
+    has a large one, and the mean tells them apart. Entries the task never touched (exact zeros) are left out, so
+    unused heads or inputs do not dilute it. Summed in float64.
+    """
+    total, count = 0.0, 0
+    for d in check_gaussian(q, "q").precision_diagonal().values():
+        pos = d[d > 0]
+        total += float(pos.double().sum())
+        count += pos.numel()
+    return total / count if count else 0.0
 
 
 def gaussian_from_state_dict(state: Mapping[str, Any]) -> Gaussian:

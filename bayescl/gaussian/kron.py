@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from bayescl._checks import as_enum, check_positive_int, check_real
 from bayescl._params import linear_layers
 from bayescl.gaussian.diag import elementwise_spectrum, spectrum_total
-from bayescl.gaussian.kron_block import to_block, widen
+from bayescl.gaussian.kron_block import from_block, to_block, widen
 from bayescl.gaussian.kron_density import KronDensities
 from bayescl.gaussian.kron_store import LayerParams
 from bayescl.gaussian.kron_terms import KronTerm, low_rank_factor, merge_terms, new_tag
@@ -246,6 +246,18 @@ class KronGaussian(KronDensities):
     def elementwise_precision(self) -> dict[str, Tensor]:
         """The elementwise part ``D`` of ``Λ`` per parameter, expanded to the parameter's shape."""
         return {n: self._diag_full(n) for n in self._eta}
+
+    def precision_diagonal(self) -> dict[str, Tensor]:
+        """The diagonal of ``Λ`` per parameter, in the parameter's shape: ``D`` plus, in a Kronecker layer's block,
+        ``Σ_i s_i diag(G_i) diag(A_i)ᵀ`` (the diagonal of ``s_i G_i ⊗ A_i``)."""
+        out = self.elementwise_precision()
+        for layer, spec in self._layers.items():
+            block = self.block(layer)
+            d = block.diag.clone()
+            for t in block.terms:
+                d = d + t.scale * torch.outer(torch.diagonal(t.G), torch.diagonal(t.A)).to(d.dtype)
+            out.update(from_block(spec, d, self._eta))
+        return out
 
     def data_spectrum(self, base_precision: float) -> tuple[Tensor, float]:
         """``(h, ‖μ‖²)``: the positive eigenvalues of the data part ``H = Λ − τ₀ I`` (float64) and the squared

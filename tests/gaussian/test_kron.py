@@ -343,3 +343,18 @@ def test_dense_factor_clips_float32_rounding_of_rank_deficient_factors() -> None
     r = torch.randn(2, 6, generator=g, dtype=torch.float64)
     torch.testing.assert_close(f.solve(r.float()).double(), torch.linalg.solve(ref, r.reshape(-1)).reshape(2, 6),
                                rtol=5e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("n_terms,iso", [(1, True), (3, False)])
+def test_precision_diagonal_and_mean_precision_match_dense(make, n_terms: int, iso: bool) -> None:
+    from bayescl.gaussian import DiagGaussian, mean_precision
+
+    q, _, lam = make(3, n_terms, iso)
+    diag = q.precision_diagonal()
+    torch.testing.assert_close(vec(diag), torch.diagonal(lam), rtol=1e-12, atol=1e-12)
+    assert mean_precision(q) == pytest.approx(torch.diagonal(lam).mean().item(), rel=1e-12)
+    # entries with zero precision (weights a task never touched) are left out of the mean
+    d = DiagGaussian.from_mean_precision({"a": torch.zeros(4, dtype=DT)},
+                                         {"a": torch.tensor([0.0, 2.0, 0.0, 4.0], dtype=DT)})
+    assert mean_precision(d) == pytest.approx(3.0)
+    assert mean_precision(DiagGaussian.zeros_like({"a": torch.zeros(3, dtype=DT)})) == 0.0

@@ -332,3 +332,39 @@ def test_kron_site_and_prior_cover_the_selected_parameters_only(make_trainer, sm
     assert q.layers["model.trunk.1"] == ("model.trunk.1.weight", None)
     A, G = q.terms["model.trunk.1"][-1].A, q.terms["model.trunk.1"][-1].G
     assert A.shape == (module.model.trunk[1].in_features,) * 2 and G.shape == (16, 16)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_normalize_makes_lam_each_sites_mean_precision(make_trainer, small_model, structure):
+    from bayescl.gaussian import mean_precision
+
+    stream = synthetic_stream(num_tasks=2, n_train=128, n_test=32)
+    torch.manual_seed(0)
+    base = ClassifierModule(small_model(), num_tasks=2)
+    runs = {}
+    for normalize in (False, True):
+        module = copy.deepcopy(base)
+        cb = LaplaceCallback(structure=structure, fisher="exact", lam=7.0, normalize=normalize)
+        for loader in loaders(stream):
+            make_trainer(cb).fit(module, loader)
+        runs[normalize] = cb
+    for name in ("task-0", "task-1"):
+        assert mean_precision(runs[True].server[name]) == pytest.approx(7.0, rel=1e-5)
+    # task 0 trains the same weights either way (no prior yet), so its curvature F is the same, only rescaled:
+    # raw = 7 F, normalised = 7 F / mean(F)
+    raw, site = runs[False].server["task-0"], runs[True].server["task-0"]
+    ratio = mean_precision(raw) / 7.0
+    assert ratio != pytest.approx(1.0, rel=0.1)
+    for n, d in site.precision_diagonal().items():
+        torch.testing.assert_close(d * ratio, raw.precision_diagonal()[n], rtol=1e-4, atol=1e-6)
+    with pytest.raises(TypeError, match="normalize"):
+        LaplaceCallback(normalize="yes")
+
+
+def test_normalize_warns_when_the_task_has_no_curvature(make_trainer, small_model):
+    stream = synthetic_stream(num_tasks=3, n_train=64, n_test=16)
+    module = ClassifierModule(small_model(), num_tasks=3)
+    cb = LaplaceCallback(fisher="exact", normalize=True, params=[r"heads\.2\."])  # a head task 0 never uses
+    with pytest.warns(UserWarning, match="nothing to normalise"):
+        make_trainer(cb).fit(module, loaders(stream)[0])
+    assert cb.tasks_seen == 1
