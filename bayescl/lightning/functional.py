@@ -114,10 +114,11 @@ class FunctionalPriorCallback(LaplaceCallback):
             the last: on split Fashion-MNIST class-IL validation picks ``1e-2`` (docs/defaults.md).
         weight_prior: also add the weight-space Laplace term of :class:`LaplaceCallback`.
         selection_batch_size: batch size of the passes over the task's data (scores, selection).
-        structure, fisher, prior_precision, lam, gamma, online, rank, rank_diagonal, params, mc_samples,
+        structure, fisher, prior_precision, lam, normalize, gamma, online, rank, rank_diagonal, params, mc_samples,
             dataloader, curvature_batch_size, max_batches, auto_end_task, seed, state_key_suffix, num_examples,
-            batchnorm, predictive_prior_precision: the weight posterior, as for :class:`LaplaceCallback` (``fisher`` defaults to ``"exact"``, the
-            GGN FROMP uses). ``dataloader`` also supplies the memorable points.
+            batchnorm, predictive_prior_precision: the weight posterior, as for :class:`LaplaceCallback`, except that
+            ``fisher`` defaults to ``"exact"`` (the GGN FROMP uses), ``lam`` to 1 and ``normalize`` to ``False``: the
+            kernels ``J Σ Jᵀ`` come from the Bayesian posterior. ``dataloader`` also supplies the memorable points.
 
     Raises:
         ValueError, TypeError: an argument out of range (the message names it and what is allowed).
@@ -139,6 +140,7 @@ class FunctionalPriorCallback(LaplaceCallback):
         fisher: str = "exact",
         prior_precision: float = 1e-4,
         lam: float = 1.0,
+        normalize: bool = False,
         gamma: float = 1.0,
         online: bool = False,
         rank: int | None = None,
@@ -155,9 +157,10 @@ class FunctionalPriorCallback(LaplaceCallback):
         batchnorm: str = "freeze",
         predictive_prior_precision: float | str = "marglik",
     ) -> None:
-        super().__init__(structure=structure, fisher=fisher, prior_precision=prior_precision, lam=lam, gamma=gamma,
-                         online=online, rank=rank, rank_diagonal=rank_diagonal, params=params, mc_samples=mc_samples,
-                         dataloader=dataloader, curvature_batch_size=curvature_batch_size, max_batches=max_batches,
+        super().__init__(structure=structure, fisher=fisher, prior_precision=prior_precision, lam=lam,
+                         normalize=normalize, gamma=gamma, online=online, rank=rank, rank_diagonal=rank_diagonal,
+                         params=params, mc_samples=mc_samples, dataloader=dataloader,
+                         curvature_batch_size=curvature_batch_size, max_batches=max_batches,
                          auto_end_task=auto_end_task, predictive_prior_precision=predictive_prior_precision, seed=seed,
                          state_key_suffix=state_key_suffix, num_examples=num_examples, batchnorm=batchnorm)
         self.memory_size = check_positive_int(memory_size, "memory_size")

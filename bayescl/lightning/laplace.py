@@ -77,14 +77,19 @@ class LaplaceCallback(PosteriorCallback):
         fisher: ``"mc"`` (labels sampled from the model), ``"exact"``, ``"empirical"`` or (diag only)
             ``"batch_squared"`` (Avalanche's EWC estimate, for comparison).
         prior_precision: base prior ``N(0, I/prior_precision)``.
-        lam: multiplier :math:`\lambda > 0` of each task's curvature (Ritter et al.). 1 is the Bayesian value, but
-            it holds old tasks too weakly; the default 100 was chosen on validation data over split-MNIST task-IL,
-            split-MNIST domain-IL and permuted MNIST (``benchmarks/results/defaults``, docs/defaults.md).
-        normalize: divide each task's curvature by its mean over the weights it touches
-            (:func:`~bayescl.gaussian.kinds.mean_precision`) before ``lam`` multiplies it, so ``lam`` is the mean
-            precision a task adds per weight, whatever the scale of its Fisher. That scale follows how confidently
-            the network fits the task, not how much the task matters: after training, the mean diagonal Fisher is
-            0.003 per weight on split MNIST's first task and 30 on a permuted-MNIST task (docs/defaults.md).
+        lam: multiplier :math:`\lambda > 0` of each task's curvature (Ritter et al.); with ``normalize`` (the default)
+            the mean precision a task adds per weight and per training example. 1 with ``normalize=False`` is the
+            Bayesian value, but it holds old tasks too weakly. The default 0.01 was chosen on validation data over
+            split-MNIST task-IL, split-MNIST domain-IL and permuted MNIST (``benchmarks/results/defaults``,
+            docs/defaults.md).
+        normalize: divide each task's curvature :math:`\sum_n F_n` (summed over its :math:`N_t` examples) by its
+            mean per example :math:`\bar F = \operatorname{mean}(\sum_n F_n) / N_t` over the weights the task
+            touches (:func:`~bayescl.gaussian.kinds.mean_precision`) before ``lam`` multiplies it. The site keeps
+            the Bayesian growth with :math:`N_t` but loses the scale of :math:`\bar F`, which follows how confidently
+            the network fits the task, not how much the task matters: after training, :math:`\bar F` is
+            :math:`4 \cdot 10^{-7}` per weight on split MNIST's first task and :math:`5 \cdot 10^{-4}` on
+            permuted MNIST's (``benchmarks/diagnostics/fisher_scale.py``), so a ``lam`` on the raw curvature means
+            a thousand times more on one than on the other. ``False``: the curvature as computed.
         temperature: :math:`T > 0`: the curvature is that of the tempered likelihood :math:`\operatorname{softmax}(f/T)`,
             which a confident optimum does not flatten to zero
             (:func:`~bayescl.curvature.common.check_temperature`); 1: the model's own likelihood.
@@ -120,8 +125,8 @@ class LaplaceCallback(PosteriorCallback):
         structure: str | Structure = Structure.DIAG,
         fisher: str | FisherType = FisherType.MC,
         prior_precision: float = 1e-4,
-        lam: float = 100.0,
-        normalize: bool = False,
+        lam: float = 0.01,
+        normalize: bool = True,
         temperature: float = 1.0,
         gamma: float = 1.0,
         online: bool = False,
@@ -260,7 +265,7 @@ class LaplaceCallback(PosteriorCallback):
             raise ValueError(f"the curvature of parameter {bad!r} is not finite; the site is refused and the "
                              "previous posterior kept.")
         if self.normalize:
-            scale = mean_precision(curv)
+            scale = mean_precision(curv) / float(self.num_examples or 1)  # the mean per-example curvature
             if scale > 0:
                 curv = curv.temper(1.0 / scale)
             else:

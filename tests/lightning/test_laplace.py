@@ -81,7 +81,7 @@ def test_sites_per_task_and_posterior_mean_is_last_optimum(make_trainer, small_m
 def test_forget_latest_task_restores_previous_posterior_exactly(make_trainer, small_model):
     stream = synthetic_stream(num_tasks=3, n_train=128, n_test=32)
     module = ClassifierModule(small_model(), num_tasks=3)
-    cb = LaplaceCallback(structure="diag", fisher="exact", lam=1.0)  # float32 tolerances set for lam = 1
+    cb = LaplaceCallback(structure="diag", fisher="exact", lam=1.0, normalize=False)  # float32 tolerances: raw lam = 1
     snapshots = []
     for loader in loaders(stream):
         make_trainer(cb).fit(module, loader)
@@ -335,7 +335,7 @@ def test_kron_site_and_prior_cover_the_selected_parameters_only(make_trainer, sm
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
-def test_normalize_makes_lam_each_sites_mean_precision(make_trainer, small_model, structure):
+def test_normalize_makes_lam_each_sites_mean_precision_per_example(make_trainer, small_model, structure):
     from bayescl.gaussian import mean_precision
 
     stream = synthetic_stream(num_tasks=2, n_train=128, n_test=32)
@@ -348,15 +348,17 @@ def test_normalize_makes_lam_each_sites_mean_precision(make_trainer, small_model
         for loader in loaders(stream):
             make_trainer(cb).fit(module, loader)
         runs[normalize] = cb
-    for name in ("task-0", "task-1"):
-        assert mean_precision(runs[True].server[name]) == pytest.approx(7.0, rel=1e-5)
-    # task 0 trains the same weights either way (no prior yet), so its curvature F is the same, only rescaled:
-    # raw = 7 F, normalised = 7 F / mean(F)
+    n = len(stream[0].train)
+    assert runs[True].num_examples == n == len(stream[1].train)
+    for name in ("task-0", "task-1"):  # mean precision per weight: lam per training example
+        assert mean_precision(runs[True].server[name]) == pytest.approx(7.0 * n, rel=1e-5)
+    # task 0 trains the same weights either way (no prior yet), so its curvature S = Σ_n F_n is the same, only
+    # rescaled: raw = 7 S, normalised = 7 S / mean(S / N)
     raw, site = runs[False].server["task-0"], runs[True].server["task-0"]
-    ratio = mean_precision(raw) / 7.0
+    ratio = mean_precision(raw) / (7.0 * n)
     assert ratio != pytest.approx(1.0, rel=0.1)
-    for n, d in site.precision_diagonal().items():
-        torch.testing.assert_close(d * ratio, raw.precision_diagonal()[n], rtol=1e-4, atol=1e-6)
+    for k, d in site.precision_diagonal().items():
+        torch.testing.assert_close(d * ratio, raw.precision_diagonal()[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(TypeError, match="normalize"):
         LaplaceCallback(normalize="yes")
 
