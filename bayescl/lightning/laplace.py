@@ -264,15 +264,16 @@ class LaplaceCallback(PosteriorCallback):
         if (bad := _is_finite(curv)) is not None:
             raise ValueError(f"the curvature of parameter {bad!r} is not finite; the site is refused and the "
                              "previous posterior kept.")
+        alpha = self.lam
         if self.normalize:
             scale = mean_precision(curv) / float(self.num_examples or 1)  # the mean per-example curvature
             if scale > 0:
-                curv = curv.temper(1.0 / scale)
+                alpha /= scale
             else:
                 rank_zero_warn("normalize=True: the task's curvature is zero on every weight, so there is nothing to "
                                "normalise; the site adds no precision.")
-        if self.lam != 1.0:
-            curv = curv.temper(self.lam)
+        if alpha != 1.0:
+            curv = curv.temper(alpha)
         old_sites = dict(server.items())
         try:
             if self.gamma != 1.0:
