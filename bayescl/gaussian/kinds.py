@@ -10,8 +10,10 @@ diagonal Gaussian), ``precision_diagonal()`` (the diagonal of ``Λ``), ``data_sp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+from torch import Tensor
 
 from bayescl.gaussian.diag import DiagGaussian
 from bayescl.gaussian.kron import KronGaussian
@@ -35,8 +37,14 @@ def mean_precision(q: Gaussian) -> float:
     has a large one, and the mean tells them apart. Entries the task never touched (exact zeros) are left out, so
     unused heads or inputs do not dilute it. Summed in float64.
     """
+    return mean_positive(check_gaussian(q, "q").precision_diagonal().values())
+
+
+def mean_positive(tensors: Iterable[Tensor]) -> float:
+    """The mean of the positive entries of ``tensors`` (0.0 if there are none), summed in float64: the scale of a
+    diagonal curvature given as tensors (:func:`mean_precision` of a Gaussian is this of its precision's diagonal)."""
     total, count = 0.0, 0
-    for d in check_gaussian(q, "q").precision_diagonal().values():
+    for d in tensors:
         pos = d[d > 0]
         total += float(pos.double().sum())
         count += pos.numel()

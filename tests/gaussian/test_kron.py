@@ -358,3 +358,13 @@ def test_precision_diagonal_and_mean_precision_match_dense(make, n_terms: int, i
                                          {"a": torch.tensor([0.0, 2.0, 0.0, 4.0], dtype=DT)})
     assert mean_precision(d) == pytest.approx(3.0)
     assert mean_precision(DiagGaussian.zeros_like({"a": torch.zeros(3, dtype=DT)})) == 0.0
+
+
+def test_mean_positive_averages_the_positive_entries_only() -> None:
+    """The strategy's normalising factor: positive entries of several tensors, zeros (untouched weights) left out;
+    0.0 when nothing is positive (a zero curvature stays zero rather than dividing by zero)."""
+    from bayescl.gaussian.kinds import mean_positive
+
+    assert mean_positive([torch.tensor([0.0, 2.0, 4.0]), torch.tensor([[0.0, 6.0]])]) == pytest.approx(4.0)
+    assert mean_positive([torch.zeros(3), torch.zeros(2, 2)]) == 0.0
+    assert mean_positive([]) == 0.0
