@@ -20,7 +20,8 @@ fills the accuracy matrix.
 ``--val-fraction`` (10 %) of each task's training examples (after ``--limit``) is held out; each candidate trains on
 the first ``--tune-tasks`` (3) tasks for every ``--tune-seeds`` seed and is scored by its mean validation accuracy over
 those tasks after the last of them (no test loader is built); the best (first on a tie) then runs over the whole
-stream for every ``--seeds`` seed and is tested, beside ``--compare-lam`` (1). The run's seed seeds the model, the data
+stream for every ``--seeds`` seed and is tested, beside ``--compare-lam`` (1). ``--normalize true|false`` sets
+the strategy's ``normalize`` in every run (default: the strategy's own default). The run's seed seeds the model, the data
 order, the validation split and the strategy's Monte Carlo labels. ``--resume`` keeps the finished runs of the file.
 
 Usage::
@@ -98,7 +99,7 @@ def worker(cfg: dict, result_path: Path) -> None:
             # the multi-head model leaves the other tasks' heads unused at every step
             strategy = DDPStrategy(find_unused_parameters=True, process_group_backend="gloo", timeout=timeout)
         elif kind == "posterior_server":
-            lam = {"lam": cfg["lam"]} if cfg.get("lam") is not None else {}  # else the strategy's default
+            lam = {k: cfg[k] for k in ("lam", "normalize") if cfg.get(k) is not None}  # else the strategy's defaults
             strategy = PosteriorServerStrategy(sync_every=cfg["sync_every"], prior=prev,
                                                gather_sites=cfg.get("gather_sites", True), seed=seed, **lam,
                                                process_group_backend="gloo", timeout=timeout)
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run this lam over the whole stream (default 1, the strategy's old default)")
     g.add_argument("--workers", type=int, default=2)
     g.add_argument("--lam-name", default="lam", help="file stem of the JSON and markdown written")
+    g.add_argument("--normalize", choices=("true", "false"), default=None,
+                   help="PosteriorServerStrategy(normalize=...) of every run (default: the strategy's default)")
     g.add_argument("--resume", action="store_true", help="keep the finished runs of the same file")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv

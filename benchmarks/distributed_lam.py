@@ -83,6 +83,10 @@ def run_lam(args: argparse.Namespace, argv: list[str], run_config: Callable[[dic
     base = {"kind": "posterior_server", "workers": args.workers, "sync_every": K, "limit": args.limit,
             "epochs": args.epochs, "batch_size": args.batch_size, "root": args.root, "timeout": 120,
             "val_fraction": args.val_fraction}
+    if getattr(args, "normalize", None) is not None:
+        base["normalize"] = args.normalize == "true"
+    strategy_args = f"sync_every={K}, lam=<candidate>" + (f", normalize={base['normalize']}" if "normalize" in base
+                                                          else "")
     command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distributed.py",
                         *(shlex.quote(a) for a in argv)])
     old = json.loads(json_path.read_text()) if args.resume and json_path.exists() else None
@@ -99,7 +103,7 @@ def run_lam(args: argparse.Namespace, argv: list[str], run_config: Callable[[dic
                      f"a seeded {args.val_fraction:.0%} of the training examples (seeded by the run's seed) is held "
                      f"out as validation (not trained on, in tuning and final runs alike); {args.epochs} epoch(s) per "
                      f"task, MultiHeadMLP 2x256, Adam 1e-3, batch {args.batch_size} per worker, "
-                     f"PosteriorServerStrategy(sync_every={K}, lam=<candidate>, seed=<run seed>), other arguments at "
+                     f"PosteriorServerStrategy({strategy_args}, seed=<run seed>), other arguments at "
                      f"their defaults, {args.workers} gloo CPU processes, one Trainer per task, the next task's prior "
                      "= the previous server. The run's seed seeds the model initialisation, the data order "
                      "(pl.seed_everything, hence DistributedSampler), the validation split and the strategy's MC "

@@ -102,10 +102,15 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
             next task is numbered after its largest :class:`SiteKey` task).
         prior_precision: base prior precision, also given to parameters absent from ``prior``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see :mod:`bayescl.curvature.diag`).
-        lam: multiplier :math:`\\lambda > 0` of the local curvature, as ``LaplaceCallback``'s ``lam``. 1 is the
-            Bayesian value, but it holds old tasks too weakly; the default 1000 was chosen on validation data
-            (split-MNIST task-IL, 2 gloo workers, ``sync_every=10``, grid 1 to 10000;
-            ``benchmarks/results/distributed/lam.md``).
+        lam: multiplier :math:`\\lambda > 0` of the local curvature, as ``LaplaceCallback``'s ``lam``. The default
+            0.3 (with ``normalize``) was chosen on validation data (split-MNIST task-IL, 2 gloo workers,
+            ``sync_every=10``, grid 0.001 to 3: ``benchmarks/results/distributed/lam-normalized.md``); on the raw
+            curvature (``normalize=False``) the same protocol chose 1000 (``lam.md``), and 1 is the Bayesian value.
+        normalize: divide each local curvature by its mean per example over the weights it touches before ``lam``
+            multiplies it, as ``LaplaceCallback(normalize=True)``: ``lam`` is then the mean precision a site adds per
+            weight and per example of the shard (:func:`~bayescl.lightning.strategy_sites.shard_curvature`). A
+            confident network's Fisher is thousands of times smaller than an unsure one's, so a ``lam`` on the raw
+            curvature means something different on every task.
         fisher_batches: at most this many of the last training batches are used for the Fisher at a sync.
         mc_samples: sampled labels per example for ``fisher="mc"``.
         recenter: restart every worker from the global mean after each sync.
@@ -137,7 +142,8 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         prior: DiagGaussian | PosteriorServer | None = None,
         prior_precision: float = 1e-4,
         fisher: str | FisherType = FisherType.MC,
-        lam: float = 1000.0,
+        lam: float = 0.3,
+        normalize: bool = True,
         fisher_batches: int = 2,
         mc_samples: int = 1,
         recenter: bool = True,
@@ -170,6 +176,9 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
             raise ValueError("fisher='batch_squared' is not valid here; allowed: 'mc', 'exact', 'empirical'.")
         self.fisher_batches = check_positive_int(fisher_batches, "fisher_batches")
         self.lam = check_real(lam, "lam", low=0.0, low_open=True)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}.")
+        self.normalize = normalize
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.recenter = bool(recenter)
         self._include = param_filter(params, "params")
@@ -340,10 +349,11 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         return self.damping if self.damping is not None else 1.0 / self.world
 
     def local_curvature(self, module: nn.Module) -> dict[str, Tensor]:
-        """``λ N_k / n_b ×`` the summed diagonal Fisher over the buffered batches (``n_b`` examples)."""
+        """``λ N_k / n_b ×`` the summed diagonal Fisher over the buffered batches (``n_b`` examples); with
+        ``normalize``, ``λ N_k ×`` that Fisher over its mean on the weights it touches."""
         return ops.shard_curvature(module, list(self._buffer), list(self.selected_params(module)), self.fisher,
                                    self.mc_samples, self.seed + 1_000_003 * self.global_rank + self.num_syncs,
-                                   self._shard_size or 1, self.lam)
+                                   self._shard_size or 1, self.lam, self.normalize)
 
     @torch.no_grad()
     def sync(self) -> DiagGaussian:

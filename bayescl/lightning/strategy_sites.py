@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from bayescl.curvature import FisherType, diag_fisher
 from bayescl.gaussian.diag import DiagGaussian
+from bayescl.gaussian.kinds import mean_positive
 from bayescl.gaussian.server import PosteriorServer
 from bayescl.gaussian.server import laplace_site as _laplace_site
 
@@ -158,10 +159,15 @@ def check_server(server: PosteriorServer, params: Mapping[str, Tensor], prior_pr
 
 
 def shard_curvature(module: nn.Module, batches: list[Any], params: list[str], fisher: FisherType, mc_samples: int,
-                    seed: int, shard: int, lam: float = 1.0) -> dict[str, Tensor]:
-    r"""``λ N_k / n_b ×`` the summed diagonal Fisher of ``params`` over ``batches`` (:math:`n_b` examples), i.e. the
-    Fisher of the shard of ``shard = N_k`` examples estimated from the batches, times ``lam``; ``seed`` seeds the
-    MC labels."""
+                    seed: int, shard: int, lam: float = 1.0, normalize: bool = False) -> dict[str, Tensor]:
+    r"""``λ N_k / n_b ×`` the summed diagonal Fisher :math:`F` of ``params`` over ``batches`` (:math:`n_b`
+    examples), i.e. the Fisher of the shard of ``shard = N_k`` examples estimated from the batches, times ``lam``;
+    ``seed`` seeds the MC labels.
+
+    With ``normalize``, as ``LaplaceCallback(normalize=True)``: the estimate is divided by its mean per example over
+    the weights it touches, :math:`\bar F / n_b` (:func:`~bayescl.gaussian.kinds.mean_positive`), so the result is
+    :math:`\lambda N_k F / \bar F` and its mean over the touched weights is :math:`\lambda N_k` (a zero Fisher
+    stays zero)."""
     if not batches:
         raise RuntimeError("no training batch since the last sync; cannot estimate the curvature.")
     ref = dict(module.named_parameters())[params[0]]
@@ -170,6 +176,9 @@ def shard_curvature(module: nn.Module, batches: list[Any], params: list[str], fi
         f = diag_fisher(module, batches, fisher=fisher, params=params, generator=g,
                         mc_samples=mc_samples if fisher is FisherType.MC else 1)
     scale = lam * float(shard) / sum(batch_size(b) for b in batches)
+    if normalize:
+        mean = mean_positive(f.values())
+        scale = lam * float(shard) / mean if mean > 0 else 0.0
     return {n: v * scale for n, v in f.items()}
 
 

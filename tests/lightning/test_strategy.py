@@ -59,8 +59,8 @@ def _trainer(strategy, devices):
 def _strategy(**kw):
     from bayescl.lightning.strategy import PosteriorServerStrategy
 
-    # lam=1: the references below are the unscaled Laplace site (the default lam is tested apart)
-    return PosteriorServerStrategy(sync_every=K, fisher="exact", lam=1.0, timeout=timedelta(seconds=30),
+    # lam=1 on the raw curvature: the references below are the unscaled Laplace site (the defaults are tested apart)
+    return PosteriorServerStrategy(sync_every=K, fisher="exact", lam=1.0, normalize=False, timeout=timedelta(seconds=30),
                                    process_group_backend="gloo", **kw)
 
 
@@ -199,7 +199,7 @@ def test_lam_scales_the_local_curvature_like_the_callbacks():
 
     local = {}
     for lam in (1.0, 30.0):  # the strategy's own path: its buffered batches, its shard size and its lam
-        strategy = PosteriorServerStrategy(fisher="exact", lam=lam)
+        strategy = PosteriorServerStrategy(fisher="exact", lam=lam, normalize=False)
         strategy._buffer.extend(batches)
         strategy._shard_size = 64
         local[lam] = strategy.local_curvature(module)

@@ -80,7 +80,7 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def workers(**kw) -> tuple[list[tuple[PosteriorServerStrategy, Tiny]], FakeGroup]:
     group, out = FakeGroup(), []
     for r in range(WORLD):
-        s = PosteriorServerStrategy(fisher="exact", num_examples=N_K, prior_precision=P0, lam=1.0,
+        s = PosteriorServerStrategy(fisher="exact", num_examples=N_K, prior_precision=P0, lam=1.0, normalize=False,
                                     cluster_environment=FixedEnv(r), **kw)  # lam=1: the unscaled Fisher below
         module = Tiny(seed=r)  # different weights on each worker: the sites differ
         s.connect(module)
