@@ -32,6 +32,13 @@ def as_enum(enum_cls: type[E], value: object, name: str) -> E:
     raise ValueError(f"{name}={value!r} is not valid; allowed: {allowed}.")
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (not merely truthy), else raise ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 def check_positive_int(value: object, name: str, *, allow_zero: bool = False) -> int:
     """Return ``value`` if it is an int > 0 (>= 0 with ``allow_zero``), else raise."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -42,7 +42,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl._checks import as_enum, check_bool, check_positive_int, check_real
 from bayescl.curvature import FisherType
 from bayescl.gaussian import Gaussian, laplace_site, mean_precision
 from bayescl.lightning.base import PosteriorCallback
@@ -166,9 +166,7 @@ class LaplaceCallback(PosteriorCallback):
             raise ValueError(f"fisher={self.fisher.value!r} is not available with structure="
                              f"{self.structure.value!r}; allowed: {allowed}.")
         self.lam = check_real(lam, "lam", low=0.0, low_open=True)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be True or False, got {normalize!r}.")
-        self.normalize = normalize
+        self.normalize = check_bool(normalize, "normalize")
         self.temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
         self.gamma = check_real(gamma, "gamma", low=0.0, high=1.0, low_open=True)
         self.online = bool(online)

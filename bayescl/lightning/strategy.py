@@ -74,7 +74,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from bayescl._checks import as_enum, check_positive_int, check_real
+from bayescl._checks import as_enum, check_bool, check_positive_int, check_real
 from bayescl._params import param_filter, select_params
 from bayescl.curvature import FisherType
 from bayescl.gaussian.diag import DiagGaussian
@@ -102,15 +102,10 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
             next task is numbered after its largest :class:`SiteKey` task).
         prior_precision: base prior precision, also given to parameters absent from ``prior``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"`` (see :mod:`bayescl.curvature.diag`).
-        lam: multiplier :math:`\\lambda > 0` of the local curvature, as ``LaplaceCallback``'s ``lam``. The default
-            0.3 (with ``normalize``) was chosen on validation data (split-MNIST task-IL, 2 gloo workers,
-            ``sync_every=10``, grid 0.001 to 3: ``benchmarks/results/distributed/lam-normalized.md``); on the raw
-            curvature (``normalize=False``) the same protocol chose 1000 (``lam.md``), and 1 is the Bayesian value.
+        lam: multiplier :math:`\\lambda > 0` of the local curvature, as ``LaplaceCallback``'s; 0.3 was chosen on
+            validation data (``benchmarks/results/distributed/lam-normalized.md``; raw curvature: 1000, ``lam.md``).
         normalize: divide each local curvature by its mean per example over the weights it touches before ``lam``
-            multiplies it, as ``LaplaceCallback(normalize=True)``: ``lam`` is then the mean precision a site adds per
-            weight and per example of the shard (:func:`~bayescl.lightning.strategy_sites.shard_curvature`). A
-            confident network's Fisher is thousands of times smaller than an unsure one's, so a ``lam`` on the raw
-            curvature means something different on every task.
+            multiplies it, as ``LaplaceCallback(normalize=True)`` (:func:`~.strategy_sites.shard_curvature`).
         fisher_batches: at most this many of the last training batches are used for the Fisher at a sync.
         mc_samples: sampled labels per example for ``fisher="mc"``.
         recenter: restart every worker from the global mean after each sync.
@@ -176,9 +171,7 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
             raise ValueError("fisher='batch_squared' is not valid here; allowed: 'mc', 'exact', 'empirical'.")
         self.fisher_batches = check_positive_int(fisher_batches, "fisher_batches")
         self.lam = check_real(lam, "lam", low=0.0, low_open=True)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be True or False, got {normalize!r}.")
-        self.normalize = normalize
+        self.normalize = check_bool(normalize, "normalize")
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.recenter = bool(recenter)
         self._include = param_filter(params, "params")
@@ -194,10 +187,7 @@ class PosteriorServerStrategy(StrategyCheckpointMixin, DDPStrategy):
         self._initial_prior = prior
         #: the posterior, as a prior times (task, worker) sites; identical on every rank after :meth:`end_task`
         self.server: PosteriorServer | None = None
-        self.tasks_seen = 0
-        self.num_syncs = 0
-        self.bytes_communicated = 0
-        self.bytes_gathered = 0
+        self.tasks_seen = self.num_syncs = self.bytes_communicated = self.bytes_gathered = 0
         #: max |η, λ| difference between the running posterior and prior × Σ gathered sites at the last end_task
         self.last_gather_drift = 0.0
         self._steps_since_sync = 0
