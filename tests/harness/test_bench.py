@@ -96,7 +96,7 @@ def test_grid_variant_overrides_its_base(tmp_path):
     base = load_recipe("vcl")
     assert r.name == "vcl-lv7" and r.data == base.data and r.description == base.description
     assert r.callbacks[0]["init_args"] == {**base.callbacks[0]["init_args"], "logvar_init": -7.0, "train_samples": 1}
-    assert base.callbacks[0]["init_args"]["logvar_init"] == -8.0  # the base recipe is not changed
+    assert base.callbacks[0]["init_args"]["logvar_init"] == -6.0  # the base recipe is not changed
     (cb,) = r.build_callbacks()
     assert cb.logvar_init == -7.0 and cb.train_samples == 1
     assert load_recipe(f"{grid}#sweep-naive").description == "plain"
