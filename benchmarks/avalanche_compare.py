@@ -171,7 +171,10 @@ def load_class(path: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def run_one(spec: dict[str, Any], benchmark, seed: int, args) -> dict[str, Any]:
+def run_one(spec: dict[str, Any], benchmark, seed: int, args, eval_stream: str = "test") -> dict[str, Any]:
+    """One seed of ``spec`` over ``benchmark``'s train stream; after every experience the model is evaluated on the
+    experiences seen so far of ``benchmark.<eval_stream>_stream`` (``"test"``; ``avalanche_tune.py`` passes
+    ``"valid"``)."""
     RNGManager.set_random_seeds(seed)
     torch.manual_seed(seed)
     model = make_model(args.setting)
@@ -196,9 +199,11 @@ def run_one(spec: dict[str, Any], benchmark, seed: int, args) -> dict[str, Any]:
         # (The first experience must not get the keyword: Avalanche passes it itself there.)
         strategy.train(exp, **({"reset_optimizer_state": True} if args.reset_optimizer and i > 0 else {}))
         fit += time.perf_counter() - t_fit
-        res = strategy.eval(benchmark.test_stream[: i + 1])
-        for j, te in enumerate(benchmark.test_stream[: i + 1]):
-            R[i, j] = res[f"Top1_Acc_Exp/eval_phase/test_stream/Task{te.task_label:03d}/Exp{j:03d}"]
+        stream = getattr(benchmark, f"{eval_stream}_stream")[: i + 1]
+        res = strategy.eval(stream)
+        for j, te in enumerate(stream):  # keyed by the experience's own stream, task label and index
+            R[i, j] = res[f"Top1_Acc_Exp/eval_phase/{te.origin_stream.name}_stream/Task{te.task_label:03d}/"
+                          f"Exp{te.current_experience:03d}"]
         print(f"  {spec['name']} seed {seed} exp {i + 1}/{T}: mean acc on seen "
               f"{100 * float(R[i, : i + 1].mean()):.2f} [{' '.join(f'{100 * float(a):.1f}' for a in R[i, : i + 1])}]",
               flush=True)

@@ -516,3 +516,41 @@ def test_avalanche_replay_recipe_keeps_a_fixed_memory_per_experience():
         strategy.train(exp)
         groups = init_args["plugins"][0].storage_policy.buffer_groups
         assert [len(g.buffer) for g in groups.values()] == [10] * (i + 1)
+
+
+def test_avalanche_tune_splits_every_experience_and_keeps_what_multi_head_models_need():
+    """benchmarks/avalanche_tune.py's validation split: each training experience is partitioned (seeded) into a
+    training and a validation copy with its task label, classes and index, and a multi-head model evaluates on the
+    validation copies under the metric key avalanche_compare.run_one reads."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import avalanche_tune as at
+    finally:
+        sys.path.pop(0)
+    bm = tiny_benchmark(task_labels=(0, 1, 2))
+    train, valid = at.split_streams(bm.train_stream, 0.25, seed=0)
+    again, _ = at.split_streams(bm.train_stream, 0.25, seed=0)
+    other, _ = at.split_streams(bm.train_stream, 0.25, seed=1)
+    for exp, tr, va, tr2, tr3 in zip(bm.train_stream, train, valid, again, other):
+        x = torch.stack([exp.dataset[i][0] for i in range(len(exp.dataset))])
+        xt = torch.stack([tr.dataset[i][0] for i in range(len(tr.dataset))])
+        xv = torch.stack([va.dataset[i][0] for i in range(len(va.dataset))])
+        assert (len(xt), len(xv)) == (36, 12)
+        both = torch.cat([xt, xv]).flatten(1)
+        assert torch.equal(both[torch.argsort(both[:, 0])], x.flatten(1)[torch.argsort(x.flatten(1)[:, 0])])
+        assert not any(bool((row == xv.flatten(1)).all(1).any()) for row in xt.flatten(1))  # disjoint
+        for part in (tr, va):
+            assert part.task_label == exp.task_label and part.current_experience == exp.current_experience
+            assert list(part.classes_in_this_experience) == list(exp.classes_in_this_experience)
+        xt2 = torch.stack([tr2.dataset[i][0] for i in range(len(tr2.dataset))])
+        xt3 = torch.stack([tr3.dataset[i][0] for i in range(len(tr3.dataset))])
+        assert torch.equal(xt, xt2) and not torch.equal(xt, xt3)
+    torch.manual_seed(0)
+    model = TinyMT()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     criterion=nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, device="cpu",
+                     evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
+    strategy.train(train[1])
+    res = strategy.eval(valid[:2])
+    assert {"Top1_Acc_Exp/eval_phase/train_stream/Task000/Exp000",
+            "Top1_Acc_Exp/eval_phase/train_stream/Task001/Exp001"} <= set(res)
