@@ -7,7 +7,7 @@ rest with every ``--tune-seeds`` seed and scores it by the mean accuracy over al
 last one (no test experience is evaluated). The best λ (the first on a tie) then runs with ``--seeds`` seeds, trained
 on the same 90 % and tested on the test stream. Model, optimizer and data are ``avalanche_compare.py``'s
 (``--setting``, Adam 1e-3, batch 64, 5 epochs per experience). Writes ``<out>/<scenario>-<family>.json`` and ``.md``
-after every finished run.
+after every finished run; ``--resume`` keeps the finished candidates of a file written under the same protocol.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/avalanche_tune.py --family ewc --setting domain \\
         --lambdas 1000 10000 100000 1000000 --tune-seeds 0 1 2 --seeds 3
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fix-si", action="store_true", help="patch Avalanche 0.6's SI no-op on CPU")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "avalanche-validated"))
+    p.add_argument("--resume", action="store_true", help="keep the finished candidates of the same protocol")
     args = p.parse_args(argv)
     if not 0.0 < args.val_fraction < 1.0:
         p.error(f"--val-fraction={args.val_fraction} must lie in (0, 1).")
@@ -126,7 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
         stem.with_suffix(".md").write_text(markdown(doc))
 
+    same = ("setting", "tune_seeds", "val_fraction", "epochs", "batch_size", "lr", "fix_si")
+    old = json.loads(stem.with_suffix(".json").read_text()) if args.resume and stem.with_suffix(".json").exists() \
+        else None
+    resumed = old is not None and all(old["config"].get(k) == doc["config"][k] for k in same)
+    if resumed:
+        doc["commands"] = old["commands"] + doc["commands"]
+    kept = {c["lam"]: c for c in old["candidates"]} if resumed else {}
     for lam in args.lambdas:
+        if lam in kept:
+            doc["candidates"].append(kept[lam])
+            print(f"{args.family} lam={lam:g}: kept (validation {100 * kept[lam]['val_score']:.2f})", flush=True)
+            continue
         spec = {"name": f"{args.family} lam={lam:g}", "class_path": class_path, "init_args": init_args(lam)}
         runs = [run_one(spec, split_benchmark(args.setting, args.root, args.val_fraction, s), s, args, "valid")
                 for s in args.tune_seeds]
