@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not 0.0 < args.val_fraction < 1.0:
         p.error(f"--val-fraction={args.val_fraction} must lie in (0, 1).")
+    if min(args.lambdas) <= 0 or args.seeds < 1:
+        p.error(f"--lambdas must be > 0 and --seeds >= 1; got {args.lambdas} and {args.seeds}.")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.fix_si:
