@@ -2,7 +2,13 @@
 holds a prior times one site per task or worker, and the fused prior gradient. Pure torch."""
 
 from bayescl.gaussian.diag import DiagGaussian
-from bayescl.gaussian.kinds import Gaussian, check_gaussian, gaussian_from_state_dict, mean_precision
+from bayescl.gaussian.kinds import (
+    Gaussian,
+    check_gaussian,
+    gaussian_from_state_dict,
+    mean_precision,
+    normalizing_factor,
+)
 from bayescl.gaussian.kron import KronGaussian
 from bayescl.gaussian.kron_block import BlockFactor, KronBlock
 from bayescl.gaussian.kron_terms import KronTerm
@@ -12,4 +18,4 @@ from bayescl.gaussian.tensors import MeanInit
 
 __all__ = ["BlockFactor", "DiagGaussian", "Gaussian", "KronBlock", "KronGaussian", "KronTerm", "MeanInit",
            "PosteriorServer", "PriorGradient", "check_gaussian", "gaussian_from_state_dict", "laplace_site",
-           "mean_precision"]
+           "mean_precision", "normalizing_factor"]

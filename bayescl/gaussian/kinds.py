@@ -40,6 +40,16 @@ def mean_precision(q: Gaussian) -> float:
     return mean_positive(check_gaussian(q, "q").precision_diagonal().values())
 
 
+def normalizing_factor(tensors: Iterable[Tensor], num_examples: float) -> float:
+    r""":math:`N / \bar S` for a curvature :math:`S` summed over :math:`N` examples, given as the tensors of its
+    diagonal (:math:`\bar S`: :func:`mean_positive`): the multiplier that leaves :math:`S` a mean precision of 1
+    per touched weight and per example, whatever the scale of the Fisher. ``normalize=True`` in
+    :class:`~bayescl.lightning.laplace.LaplaceCallback` and the strategy multiplies it by ``lam``. 0.0 when no entry
+    is positive (nothing to normalise)."""
+    mean = mean_positive(tensors)
+    return float(num_examples) / mean if mean > 0 else 0.0
+
+
 def mean_positive(tensors: Iterable[Tensor]) -> float:
     """The mean of the positive entries of ``tensors`` (0.0 if there are none), summed in float64: the scale of a
     diagonal curvature given as tensors (:func:`mean_precision` of a Gaussian is this of its precision's diagonal)."""

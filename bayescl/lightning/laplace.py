@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from bayescl._checks import as_enum, check_bool, check_positive_int, check_real
 from bayescl.curvature import FisherType
-from bayescl.gaussian import Gaussian, laplace_site, mean_precision
+from bayescl.gaussian import Gaussian, laplace_site, normalizing_factor
 from bayescl.lightning.base import PosteriorCallback
 from bayescl.lightning.distributed import is_distributed, rank_and_world, rank_share, sum_across_ranks
 from bayescl.lightning.structure import Structure, builders_for
@@ -84,7 +84,7 @@ class LaplaceCallback(PosteriorCallback):
             docs/defaults.md).
         normalize: divide each task's curvature :math:`\sum_n F_n` (summed over its :math:`N_t` examples) by its
             mean per example :math:`\bar F = \operatorname{mean}(\sum_n F_n) / N_t` over the weights the task
-            touches (:func:`~bayescl.gaussian.kinds.mean_precision`) before ``lam`` multiplies it. The site keeps
+            touches (:func:`~bayescl.gaussian.kinds.normalizing_factor`) before ``lam`` multiplies it. The site keeps
             the Bayesian growth with :math:`N_t` but loses the scale of :math:`\bar F`, which follows how confidently
             the network fits the task, not how much the task matters: after training, :math:`\bar F` is
             :math:`4 \cdot 10^{-7}` per weight on split MNIST's first task and :math:`5 \cdot 10^{-4}` on
@@ -264,9 +264,9 @@ class LaplaceCallback(PosteriorCallback):
                              "previous posterior kept.")
         alpha = self.lam
         if self.normalize:
-            scale = mean_precision(curv) / float(self.num_examples or 1)  # the mean per-example curvature
-            if scale > 0:
-                alpha /= scale
+            factor = normalizing_factor(curv.precision_diagonal().values(), self.num_examples or 1)
+            if factor > 0:
+                alpha *= factor
             else:
                 rank_zero_warn("normalize=True: the task's curvature is zero on every weight, so there is nothing to "
                                "normalise; the site adds no precision.")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bayescl.curvature import FisherType, diag_fisher
 from bayescl.gaussian.diag import DiagGaussian
-from bayescl.gaussian.kinds import mean_positive
+from bayescl.gaussian.kinds import normalizing_factor
 from bayescl.gaussian.server import PosteriorServer
 from bayescl.gaussian.server import laplace_site as _laplace_site
 
@@ -165,7 +165,7 @@ def shard_curvature(module: nn.Module, batches: list[Any], params: list[str], fi
     ``seed`` seeds the MC labels.
 
     With ``normalize``, as ``LaplaceCallback(normalize=True)``: the estimate is divided by its mean per example over
-    the weights it touches, :math:`\bar F / n_b` (:func:`~bayescl.gaussian.kinds.mean_positive`), so the result is
+    the weights it touches, :math:`\bar F / n_b` (:func:`~bayescl.gaussian.kinds.normalizing_factor`), so the result is
     :math:`\lambda N_k F / \bar F` and its mean over the touched weights is :math:`\lambda N_k` (a zero Fisher
     stays zero)."""
     if not batches:
@@ -175,10 +175,8 @@ def shard_curvature(module: nn.Module, batches: list[Any], params: list[str], fi
     with torch.enable_grad(), torch.inference_mode(False):
         f = diag_fisher(module, batches, fisher=fisher, params=params, generator=g,
                         mc_samples=mc_samples if fisher is FisherType.MC else 1)
-    scale = lam * float(shard) / sum(batch_size(b) for b in batches)
-    if normalize:
-        mean = mean_positive(f.values())
-        scale = lam * float(shard) / mean if mean > 0 else 0.0
+    scale = lam * (normalizing_factor(f.values(), shard) if normalize
+                   else float(shard) / sum(batch_size(b) for b in batches))
     return {n: v * scale for n, v in f.items()}
 
 

@@ -368,3 +368,16 @@ def test_mean_positive_averages_the_positive_entries_only() -> None:
     assert mean_positive([torch.tensor([0.0, 2.0, 4.0]), torch.tensor([[0.0, 6.0]])]) == pytest.approx(4.0)
     assert mean_positive([torch.zeros(3), torch.zeros(2, 2)]) == 0.0
     assert mean_positive([]) == 0.0
+
+
+def test_normalizing_factor_gives_one_per_example_per_touched_weight() -> None:
+    """N / mean of the positive entries: a curvature summed over N examples, times it, has mean N on the weights it
+    touches; 0.0 (not a division by zero) when it touches none."""
+    from bayescl.gaussian import normalizing_factor
+
+    s = [torch.tensor([0.0, 2.0, 4.0]), torch.tensor([[0.0, 6.0]])]  # mean of the positive entries: 4
+    f = normalizing_factor(s, 10)
+    assert f == pytest.approx(2.5)
+    scaled = torch.cat([(t * f).flatten() for t in s])
+    assert float(scaled[scaled > 0].mean()) == pytest.approx(10.0)
+    assert normalizing_factor([torch.zeros(3)], 10) == 0.0
