@@ -251,21 +251,26 @@ def ours_entry(path: Path) -> dict[str, Any]:
             "wall_seconds": doc["wall_seconds"], "per_seed": doc["per_seed"], "source": str(path)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
+    """The data and training options every run here shares (this script's and ``avalanche_tune.py``'s)."""
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data"), help="MNIST root (torchvision layout)")
     p.add_argument("--setting", choices=sorted(SETTINGS), default="task",
                    help="task: multi-head, task labels given; domain: one 2-way head; class: one 10-way head")
-    p.add_argument("--memory-per-task", type=int, default=200, help="examples per experience of the replay run")
-    p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--fix-si", action="store_true", help="patch Avalanche 0.6's SI no-op on CPU (see fix_si_on_cpu)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_protocol_arguments(p)
+    p.add_argument("--memory-per-task", type=int, default=200, help="examples per experience of the replay run")
+    p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--ewc-lambdas", type=float, nargs="+", default=[1e2, 1e3, 1e4])
     p.add_argument("--si-lambdas", type=float, nargs="+", default=[1.0, 10.0, 100.0],
                    help="Avalanche's SI clamps each importance to 1e-3 (clip_to), so it needs large values")
-    p.add_argument("--fix-si", action="store_true", help="patch Avalanche 0.6's SI no-op on CPU (see fix_si_on_cpu)")
     p.add_argument("--report-only", action="store_true", help="run nothing: rebuild the table from --merge/--ours")
     p.add_argument("--reset-optimizer", action="store_true",
                    help="reset Adam's state at every experience (bayescl's harness: a new optimizer per fit)")

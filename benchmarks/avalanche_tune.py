@@ -30,7 +30,7 @@ from avalanche.benchmarks.classic import SplitMNIST
 from avalanche.benchmarks.scenarios.validation_scenario import split_validation_random
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from avalanche_compare import PROTOCOL, ROOT, SETTINGS, fix_si_on_cpu, run_one
+from avalanche_compare import PROTOCOL, ROOT, SETTINGS, add_protocol_arguments, fix_si_on_cpu, run_one
 
 from bayescl.harness.metrics import mean_std
 
@@ -84,16 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=sorted(FAMILIES), required=True)
     p.add_argument("--lambdas", type=float, nargs="+", required=True, help="the candidate grid")
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="task")
-    p.add_argument("--root", default=str(ROOT.parent / "shared" / "data"), help="MNIST root (torchvision layout)")
+    add_protocol_arguments(p)
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1 of the tested run of the choice")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--fix-si", action="store_true", help="patch Avalanche 0.6's SI no-op on CPU")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "avalanche-validated"))
     p.add_argument("--resume", action="store_true", help="keep the finished candidates of the same protocol")
     args = p.parse_args(argv)
