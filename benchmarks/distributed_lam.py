@@ -83,10 +83,10 @@ def run_lam(args: argparse.Namespace, argv: list[str], run_config: Callable[[dic
     base = {"kind": "posterior_server", "workers": args.workers, "sync_every": K, "limit": args.limit,
             "epochs": args.epochs, "batch_size": args.batch_size, "root": args.root, "timeout": 120,
             "val_fraction": args.val_fraction}
-    if getattr(args, "normalize", None) is not None:
+    strategy_args = f"sync_every={K}, lam=<candidate>"
+    if args.normalize is not None:  # else the strategy's default, and the protocol does not name it
         base["normalize"] = args.normalize == "true"
-    strategy_args = f"sync_every={K}, lam=<candidate>" + (f", normalize={base['normalize']}" if "normalize" in base
-                                                          else "")
+        strategy_args += f", normalize={base['normalize']}"
     command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distributed.py",
                         *(shlex.quote(a) for a in argv)])
     old = json.loads(json_path.read_text()) if args.resume and json_path.exists() else None
