@@ -30,9 +30,9 @@ from bayescl import ClassifierModule, LaplaceCallback, MultiHeadMLP, make_stream
 
 METHODS = {
     "naive": None,
-    "diag": dict(structure="diag", lam=100.0),
-    "kron": dict(structure="kron", lam=100.0, online=True),
-    "kron rank 32": dict(structure="kron", lam=100.0, online=True, rank=32),
+    "diag": {"structure": "diag", "lam": 100.0},
+    "kron": {"structure": "kron", "lam": 100.0, "online": True},
+    "kron rank 32": {"structure": "kron", "lam": 100.0, "online": True, "rank": 32},
     "kron rank 16 + diag": {"structure": "kron", "lam": 100.0, "online": True, "rank": 16, "rank_diagonal": True},
     "kron rank 32 + diag": {"structure": "kron", "lam": 100.0, "online": True, "rank": 32, "rank_diagonal": True},
 }
@@ -117,8 +117,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     lines = ["# LaplaceCallback overhead (split-MNIST task-IL, MLP 2x256, batch 64, CPU)", "",
-             f"Command: `{res['command']}` — torch {res['torch']}, {res['threads']} threads, {args.rounds} rounds "
-             f"interleaved; naive step {base:.3f} ms, naive epoch {epoch:.2f} s.", "",
+             (f"Command: `{res['command']}` — torch {res['torch']}, {res['threads']} threads, {args.rounds} rounds "
+              f"interleaved; naive step {base:.3f} ms, naive epoch {epoch:.2f} s."), "",
              "| method | step (ms) | step / naive | curvature pass / epoch (batch 64) | (batch 512) |",
              "|---|---|---|---|---|"]
     for m, row in res["methods"].items():

@@ -113,7 +113,9 @@ def _check_ddp_data(loader: Any) -> None:
 @contextlib.contextmanager
 def _muted_logging(module: nn.Module) -> Iterator[None]:
     """``module.log`` and ``module.log_dict`` do nothing inside the block (instance attributes, removed after)."""
-    noop = lambda *args, **kwargs: None  # noqa: E731
+    def noop(*args: object, **kwargs: object) -> None:
+        return None
+
     module.__dict__["log"], module.__dict__["log_dict"] = noop, noop
     try:
         yield

@@ -19,9 +19,9 @@ from bayescl.gaussian.kinds import normalizing_factor
 from bayescl.gaussian.server import PosteriorServer
 from bayescl.gaussian.server import laplace_site as _laplace_site
 
-__all__ = ["all_gather", "all_gather_object", "all_reduce_sum", "batch_size", "broadcast_module", "check_server", "flatten_naturals",
-           "check_trainer", "laplace_site", "shard_curvature", "shard_size", "start_server", "to_cpu", "to_device",
-           "unflatten_naturals"]
+__all__ = ["all_gather", "all_gather_object", "all_reduce_sum", "batch_size", "broadcast_module", "check_server",
+           "check_trainer", "flatten_naturals", "laplace_site", "shard_curvature", "shard_size", "start_server",
+           "to_cpu", "to_device", "unflatten_naturals"]
 
 
 def _distributed(world: int) -> bool:

@@ -83,7 +83,7 @@ def test_small_task_is_stored_whole_with_a_warning():
     data = TensorDataset(torch.randn(5, 3), torch.arange(5))
     cb = ReplayCallback(memory_per_task=8)
     with pytest.warns(UserWarning, match="fewer than memory_per_task=8"):
-        x, y = cb.add_task_data(data)
+        _, y = cb.add_task_data(data)
     assert sorted(y.tolist()) == [0, 1, 2, 3, 4]
 
 
