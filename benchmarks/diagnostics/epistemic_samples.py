@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import time
 
-import pytorch_lightning as pl
 import torch
-from _stream import fit_task, parser, start
+from _stream import default_setup, fit_task, main_over_runs
 
-from bayescl import ClassifierModule, LaplaceCallback, VCLCallback, make_stream
-from bayescl.harness.bench import default_model
 from bayescl.methods.predictive_samples import posterior_for
 from bayescl.methods.uncertainty import evaluate_uncertainty
 
@@ -30,11 +27,7 @@ DRAWS = 2
 
 
 def run(scenario: str, method: str, root: str | None, epochs: int, seed: int) -> list[str]:
-    pl.seed_everything(seed, verbose=False)
-    stream = make_stream(scenario, root=root, seed=seed, val_fraction=0.1)
-    module = ClassifierModule(default_model(stream, "mlp"), num_tasks=len(stream))
-    cb = VCLCallback() if method == "vcl" else LaplaceCallback()
-    val = [t.val_dataloader() for t in stream]
+    stream, module, cb, val = default_setup(scenario, method, root, seed)
     rows = {s: [] for s in SAMPLES}
     t0 = time.perf_counter()
     for i, task in enumerate(stream):
@@ -64,15 +57,8 @@ def run(scenario: str, method: str, root: str | None, epochs: int, seed: int) ->
 
 
 def main(argv=None) -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--runs", nargs="+", default=["permuted-mnist:vcl:3", "split-mnist-domain:vcl:5",
-                                                  "split-mnist-domain:laplace:5"],
-                    help="scenario:method:epochs triples (method: vcl or laplace, the callbacks' defaults)")
-    args = ap.parse_args(argv)
-    start()
-    for spec in args.runs:
-        scenario, method, epochs = spec.split(":")
-        print("\n".join(run(scenario, method, args.root, int(epochs), args.seed)) + "\n", flush=True)
+    main_over_runs(__doc__, run, ["permuted-mnist:vcl:3", "split-mnist-domain:vcl:5", "split-mnist-domain:laplace:5"],
+                   argv)
 
 
 if __name__ == "__main__":

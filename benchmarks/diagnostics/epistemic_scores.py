@@ -24,12 +24,10 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from _stream import fit_task, parser, start
+from _stream import default_setup, fit_task, main_over_runs
 
-from bayescl import ClassifierModule, LaplaceCallback, VCLCallback, make_stream
 from bayescl._batches import split_batch
 from bayescl._params import eval_mode
-from bayescl.harness.bench import default_model
 from bayescl.methods.predictive import glm_logit_covariance, glm_samples
 from bayescl.methods.predictive_samples import posterior_for
 from bayescl.methods.uncertainty import decompose, stage_auroc
@@ -76,11 +74,7 @@ def stage_scores(module: pl.LightningModule, posterior, loaders) -> dict[str, li
 
 
 def run(scenario: str, method: str, root: str | None, epochs: int, seed: int) -> list[str]:
-    pl.seed_everything(seed, verbose=False)
-    stream = make_stream(scenario, root=root, seed=seed, val_fraction=0.1)
-    module = ClassifierModule(default_model(stream, "mlp"), num_tasks=len(stream))
-    cb = VCLCallback() if method == "vcl" else LaplaceCallback()
-    val = [t.val_dataloader() for t in stream]
+    stream, module, cb, val = default_setup(scenario, method, root, seed)
     rows = []
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -104,15 +98,8 @@ def run(scenario: str, method: str, root: str | None, epochs: int, seed: int) ->
 
 
 def main(argv=None) -> None:
-    ap = parser(__doc__)
-    ap.add_argument("--runs", nargs="+", default=["split-mnist-domain:laplace:5", "split-mnist-domain:vcl:5",
-                                                  "permuted-mnist:vcl:3"],
-                    help="scenario:method:epochs triples (method: vcl or laplace, the callbacks' defaults)")
-    args = ap.parse_args(argv)
-    start()
-    for spec in args.runs:
-        scenario, method, epochs = spec.split(":")
-        print("\n".join(run(scenario, method, args.root, int(epochs), args.seed)) + "\n", flush=True)
+    main_over_runs(__doc__, run, ["split-mnist-domain:laplace:5", "split-mnist-domain:vcl:5", "permuted-mnist:vcl:3"],
+                   argv)
 
 
 if __name__ == "__main__":
