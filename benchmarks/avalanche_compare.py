@@ -37,6 +37,7 @@ import shlex
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +183,12 @@ def run_one(spec: dict[str, Any], benchmark, seed: int, args, eval_stream: str =
     init_args = build(spec["init_args"])  # fresh plugins (and their buffers) for every seed
     plugins = list(init_args.pop("plugins", None) or [])
     if spec.get("bayescl_recipe"):
-        callback = load_recipe(spec["bayescl_recipe"]).build_callbacks()[0]
-        plugins.append(LaplacePlugin(callback=callback))
+        recipe = load_recipe(spec["bayescl_recipe"])
+        if spec.get("bayescl_init_args"):  # merged into the recipe's callback, as a tune grid merges its values
+            first = recipe.callbacks[0]
+            recipe = replace(recipe, callbacks=[{**first, "init_args": {**(first.get("init_args") or {}),
+                                                                         **spec["bayescl_init_args"]}}])
+        plugins.append(LaplacePlugin(callback=recipe.build_callbacks()[0]))
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     cls = load_class(spec["class_path"])
     strategy = cls(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size,

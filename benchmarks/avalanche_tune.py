@@ -1,4 +1,4 @@
-"""Avalanche's own EWC and SI with their λ chosen on validation data, not on test accuracy.
+"""Avalanche's own EWC and SI (and our ``LaplacePlugin``) with their λ chosen on validation data, not on test accuracy.
 
 ``benchmarks/avalanche_compare.py`` sweeps the baselines' λ and reports every row on the test stream, so the best row
 is a test-chosen number. This script holds out a seeded ``--val-fraction`` (10 %) of every training experience
@@ -34,10 +34,16 @@ from avalanche_compare import PROTOCOL, ROOT, SETTINGS, add_protocol_arguments, 
 
 from bayescl.harness.metrics import mean_std
 
+#: family -> λ -> the run's spec (``avalanche_compare.run_one``): Avalanche's EWC / SI, or Avalanche's Naive with our
+#: ``LaplacePlugin`` carrying ``LaplaceCallback()`` at that ``lam`` (its defaults otherwise).
 FAMILIES = {
-    "ewc": ("avalanche.training.EWC", lambda lam: {"ewc_lambda": lam, "mode": "separate"}),
-    "ewc-online": ("avalanche.training.EWC", lambda lam: {"ewc_lambda": lam, "mode": "online", "decay_factor": 0.9}),
-    "si": ("avalanche.training.SynapticIntelligence", lambda lam: {"si_lambda": lam}),
+    "ewc": lambda lam: {"class_path": "avalanche.training.EWC",
+                        "init_args": {"ewc_lambda": lam, "mode": "separate"}},
+    "ewc-online": lambda lam: {"class_path": "avalanche.training.EWC",
+                               "init_args": {"ewc_lambda": lam, "mode": "online", "decay_factor": 0.9}},
+    "si": lambda lam: {"class_path": "avalanche.training.SynapticIntelligence", "init_args": {"si_lambda": lam}},
+    "laplace": lambda lam: {"class_path": "avalanche.training.Naive", "init_args": {},
+                            "bayescl_recipe": "laplace-default", "bayescl_init_args": {"lam": lam}},
 }
 
 
@@ -63,7 +69,9 @@ def split_benchmark(setting: str, root: str, val_fraction: float, seed: int) -> 
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = [f"# Avalanche {doc['family']} on {doc['scenario']}: λ chosen on validation data", "",
+    who = ("LaplaceCallback() through LaplacePlugin in Avalanche's Naive" if doc["family"] == "laplace"
+           else f"Avalanche {doc['family']}")
+    lines = [f"# {who} on {doc['scenario']}: λ chosen on validation data", "",
              "Commands:", "", *[f"    {c}" for c in doc["commands"]], "", f"Protocol: {doc['protocol']}", "",
              "| λ | validation score (%) | per tune seed (%) |", "|---|---|---|"]
     for c in doc["candidates"]:
@@ -104,7 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{scenario}-{args.family}"
-    class_path, init_args = FAMILIES[args.family]
     doc: dict[str, Any] = {
         "scenario": scenario, "family": args.family, "config": vars(args),
         "commands": ["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/avalanche_tune.py "
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             doc["candidates"].append(kept[lam])
             print(f"{args.family} lam={lam:g}: kept (validation {100 * kept[lam]['val_score']:.2f})", flush=True)
             continue
-        spec = {"name": f"{args.family} lam={lam:g}", "class_path": class_path, "init_args": init_args(lam)}
+        spec = {"name": f"{args.family} lam={lam:g}", **FAMILIES[args.family](lam)}
         runs = [run_one(spec, split_benchmark(args.setting, args.root, args.val_fraction, s), s, args, "valid")
                 for s in args.tune_seeds]
         doc["candidates"].append({"lam": lam, "val_score": sum(r["avg_accuracy"] for r in runs) / len(runs),
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     best = max(doc["candidates"], key=lambda c: c["val_score"])  # max keeps the first on a tie
     doc["chosen"] = best["lam"]
-    spec = {"name": f"{args.family} lam={best['lam']:g}", "class_path": class_path, "init_args": init_args(best["lam"])}
+    spec = {"name": f"{args.family} lam={best['lam']:g}", **FAMILIES[args.family](best["lam"])}
     per_seed = [run_one(spec, split_benchmark(args.setting, args.root, args.val_fraction, s), s, args, "test")
                 for s in range(args.seeds)]
     doc["final"] = {"per_seed": per_seed, **{k: mean_std([r[k] for r in per_seed])

@@ -554,3 +554,32 @@ def test_avalanche_tune_splits_every_experience_and_keeps_what_multi_head_models
     res = strategy.eval(valid[:2])
     assert {"Top1_Acc_Exp/eval_phase/train_stream/Task000/Exp000",
             "Top1_Acc_Exp/eval_phase/train_stream/Task001/Exp001"} <= set(res)
+
+
+def test_avalanche_tune_laplace_family_passes_lam_to_the_callback_and_keeps_its_other_defaults(monkeypatch):
+    """avalanche_tune.py's ``laplace`` family: the λ of each candidate reaches ``LaplaceCallback`` through the spec's
+    ``bayescl_init_args`` (merged into the ``laplace-default`` recipe), and its other arguments stay the defaults."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import avalanche_compare as ac
+        import avalanche_tune as at
+    finally:
+        sys.path.pop(0)
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def plugin(callback):
+        built.append(callback)
+        raise Stop  # the spec is what is under test, not a training run
+
+    monkeypatch.setattr(ac, "LaplacePlugin", plugin)
+    for lam in (0.3, 7.0):
+        with pytest.raises(Stop):
+            ac.run_one({"name": "x", **at.FAMILIES["laplace"](lam)}, None, 0, SimpleNamespace(setting="task", lr=1e-3))
+    default = LaplaceCallback()
+    assert [cb.lam for cb in built] == [0.3, 7.0]
+    for cb in built:
+        assert isinstance(cb, LaplaceCallback)
+        assert (cb.normalize, cb.structure, cb.online) == (default.normalize, default.structure, default.online)
