@@ -54,7 +54,8 @@ from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 
-from bayescl.avalanche import LaplacePlugin
+from bayescl import VCLCallback
+from bayescl.avalanche import LaplacePlugin, VCLPlugin
 from bayescl.harness.metrics import mean_std, summarize
 from bayescl.harness.recipes import load_recipe
 
@@ -188,7 +189,9 @@ def run_one(spec: dict[str, Any], benchmark, seed: int, args, eval_stream: str =
             first = recipe.callbacks[0]
             recipe = replace(recipe, callbacks=[{**first, "init_args": {**(first.get("init_args") or {}),
                                                                          **spec["bayescl_init_args"]}}])
-        plugins.append(LaplacePlugin(callback=recipe.build_callbacks()[0]))
+        callback = recipe.build_callbacks()[0]
+        plugins.append(VCLPlugin(callback=callback) if isinstance(callback, VCLCallback)
+                       else LaplacePlugin(callback=callback))
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
     cls = load_class(spec["class_path"])
     strategy = cls(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=args.batch_size,

@@ -35,7 +35,8 @@ from avalanche_compare import PROTOCOL, ROOT, SETTINGS, add_protocol_arguments, 
 from bayescl.harness.metrics import mean_std
 
 #: family -> λ -> the run's spec (``avalanche_compare.run_one``): Avalanche's EWC / SI, or Avalanche's Naive with our
-#: ``LaplacePlugin`` carrying ``LaplaceCallback()`` at that ``lam`` (its defaults otherwise).
+#: ``LaplacePlugin`` carrying ``LaplaceCallback()`` at that ``lam``, or ``VCLPlugin`` carrying ``VCLCallback()`` with
+#: ``logvar_init="fan_in:<λ>"`` (their defaults otherwise; for ``vcl`` the "λ" is that fan-in ratio).
 FAMILIES = {
     "ewc": lambda lam: {"class_path": "avalanche.training.EWC",
                         "init_args": {"ewc_lambda": lam, "mode": "separate"}},
@@ -44,7 +45,13 @@ FAMILIES = {
     "si": lambda lam: {"class_path": "avalanche.training.SynapticIntelligence", "init_args": {"si_lambda": lam}},
     "laplace": lambda lam: {"class_path": "avalanche.training.Naive", "init_args": {},
                             "bayescl_recipe": "laplace-default", "bayescl_init_args": {"lam": lam}},
+    "vcl": lambda r: {"class_path": "avalanche.training.Naive", "init_args": {},
+                      "bayescl_recipe": "vcl-default", "bayescl_init_args": {"logvar_init": f"fan_in:{r:g}"}},
 }
+#: what the grid's values are, per family (the tables' first column)
+KNOB = {"laplace": "`lam`", "vcl": "r of `logvar_init=\"fan_in:r\"`"}
+WHO = {"laplace": "LaplaceCallback() through LaplacePlugin in Avalanche's Naive",
+       "vcl": "VCLCallback() through VCLPlugin in Avalanche's Naive"}
 
 
 def split_streams(train_stream, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -69,11 +76,11 @@ def split_benchmark(setting: str, root: str, val_fraction: float, seed: int) -> 
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    who = ("LaplaceCallback() through LaplacePlugin in Avalanche's Naive" if doc["family"] == "laplace"
-           else f"Avalanche {doc['family']}")
-    lines = [f"# {who} on {doc['scenario']}: λ chosen on validation data", "",
-             "Commands:", "", *[f"    {c}" for c in doc["commands"]], "", f"Protocol: {doc['protocol']}", "",
-             "| λ | validation score (%) | per tune seed (%) |", "|---|---|---|"]
+    knob = KNOB.get(doc["family"], "λ")
+    who = WHO.get(doc["family"], f"Avalanche {doc['family']}")
+    lines = [f"# {who} on {doc['scenario']}: {knob} chosen on validation data", "", "Commands:", "",
+             *[f"    {c}" for c in doc["commands"]], "", f"Protocol: {doc['protocol']}", "",
+             f"| {knob} | validation score (%) | per tune seed (%) |", "|---|---|---|"]
     for c in doc["candidates"]:
         mark = " **(chosen)**" if c["lam"] == doc.get("chosen") else ""
         lines.append(f"| {c['lam']:g}{mark} | {100 * c['val_score']:.2f} | "
@@ -82,7 +89,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f = doc["final"]
         n = len(f["per_seed"])
         pm = lambda d: f"{100 * d['mean']:.2f}" + (f" ± {100 * d['std']:.2f}" if n > 1 else "")
-        lines += ["", f"Test, λ = {doc['chosen']:g}, {n} seed(s): average accuracy {pm(f['avg_accuracy'])} %, "
+        lines += ["", f"Test, {knob} = {doc['chosen']:g}, {n} seed(s): average accuracy {pm(f['avg_accuracy'])} %, "
                   f"BWT {pm(f['bwt'])} (per seed: "
                   + ", ".join(f"{100 * r['avg_accuracy']:.2f}" for r in f["per_seed"]) + ")."]
     return "\n".join(lines) + "\n"

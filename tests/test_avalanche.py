@@ -556,9 +556,10 @@ def test_avalanche_tune_splits_every_experience_and_keeps_what_multi_head_models
             "Top1_Acc_Exp/eval_phase/train_stream/Task001/Exp001"} <= set(res)
 
 
-def test_avalanche_tune_laplace_family_passes_lam_to_the_callback_and_keeps_its_other_defaults(monkeypatch):
-    """avalanche_tune.py's ``laplace`` family: the λ of each candidate reaches ``LaplaceCallback`` through the spec's
-    ``bayescl_init_args`` (merged into the ``laplace-default`` recipe), and its other arguments stay the defaults."""
+def test_avalanche_tune_plugin_families_pass_their_value_to_the_callback_and_keep_its_other_defaults(monkeypatch):
+    """avalanche_tune.py's ``laplace`` and ``vcl`` families: each candidate's value reaches the callback through the
+    spec's ``bayescl_init_args`` (merged into the ``laplace-default`` / ``vcl-default`` recipe), the plugin matches the
+    callback, and the callback's other arguments stay the defaults."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     try:
         import avalanche_compare as ac
@@ -575,11 +576,18 @@ def test_avalanche_tune_laplace_family_passes_lam_to_the_callback_and_keeps_its_
         raise Stop  # the spec is what is under test, not a training run
 
     monkeypatch.setattr(ac, "LaplacePlugin", plugin)
+    monkeypatch.setattr(ac, "VCLPlugin", lambda callback: plugin(("vcl", callback)))
+    args = SimpleNamespace(setting="task", lr=1e-3)
     for lam in (0.3, 7.0):
         with pytest.raises(Stop):
-            ac.run_one({"name": "x", **at.FAMILIES["laplace"](lam)}, None, 0, SimpleNamespace(setting="task", lr=1e-3))
+            ac.run_one({"name": "x", **at.FAMILIES["laplace"](lam)}, None, 0, args)
     default = LaplaceCallback()
     assert [cb.lam for cb in built] == [0.3, 7.0]
     for cb in built:
         assert isinstance(cb, LaplaceCallback)
         assert (cb.normalize, cb.structure, cb.online) == (default.normalize, default.structure, default.online)
+    with pytest.raises(Stop):  # the vcl family: VCLPlugin, the "λ" is the fan-in ratio of the initial variances
+        ac.run_one({"name": "x", **at.FAMILIES["vcl"](3.0)}, None, 0, args)
+    kind, cb = built[-1]
+    assert kind == "vcl" and isinstance(cb, bayescl.VCLCallback) and cb.logvar_init == "fan_in:3"
+    assert cb.train_samples == bayescl.VCLCallback().train_samples
