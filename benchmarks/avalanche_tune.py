@@ -1,4 +1,7 @@
-"""Avalanche's own EWC and SI (and our ``LaplacePlugin``) with their λ chosen on validation data, not on test accuracy.
+"""Avalanche's EWC and SI, and our plugins' defaults, with their λ chosen on validation data, not on test accuracy.
+
+Families: ``ewc``, ``ewc-online``, ``si`` (Avalanche's own), ``laplace`` (``LaplaceCallback()`` in ``LaplacePlugin``,
+λ is its ``lam``) and ``vcl`` (``VCLCallback()`` in ``VCLPlugin``, λ is ``r`` of ``logvar_init="fan_in:r"``).
 
 ``benchmarks/avalanche_compare.py`` sweeps the baselines' λ and reports every row on the test stream, so the best row
 is a test-chosen number. This script holds out a seeded ``--val-fraction`` (10 %) of every training experience
